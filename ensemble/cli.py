@@ -1,0 +1,140 @@
+"""The `ensemble` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from ensemble.errors import EnsembleError
+
+app = typer.Typer(
+    help="Tethered ensembles: train many small models that merge and drift, over Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def progress_table(p: dict, epochs: int) -> Table:
+    t = Table(title=f"round {p['rounds']}   merges {p['merges']}   drifts {p['drifts']}   "
+                    f"publications {p['publications']}", title_justify="left")
+    for col in ("model", "epoch", "step", "loss", "val acc", "state"):
+        t.add_column(col, justify="right")
+    for m in p["models"]:
+        t.add_row(str(m["model"]), f"{min(m['epoch'] + 1, epochs)}/{epochs}", str(m["step"]),
+                  f"{m['loss']:.4f}", f"{m['val_acc']:.3f}",
+                  "running" if m["active"] else "done")
+    return t
+
+
+def summary_table(s: dict) -> Table:
+    t = Table(title=f"job {s['job']}: {s['models']} models on {s['data']} "
+                    f"({s['test_samples']} test samples)", title_justify="left")
+    for col in ("member", "test accuracy", "test NLL", "steps"):
+        t.add_column(col, justify="right")
+    for m in s["members"]:
+        t.add_row(str(m["model"]), f"{m['accuracy']:.4f}", f"{m['nll']:.4f}", str(m["steps"]))
+    t.add_section()
+    t.add_row("mean member", f"{s['mean_member']['accuracy']:.4f}",
+              f"{s['mean_member']['nll']:.4f}", "")
+    t.add_row("[bold]ensemble", f"[bold]{s['ensemble']['accuracy']:.4f}",
+              f"[bold]{s['ensemble']['nll']:.4f}", "")
+    t.caption = (f"merges {s['merges']}   drifts {s['drifts']}   rounds {s['rounds']}   "
+                 f"wall {s['wall_seconds']:.1f}s")
+    return t
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="YAML config; omit for the default job")]
+    = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a key, e.g. --set models.count=6 (repeatable)")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Join this Ray cluster (host:port) instead of starting a local one")] = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        help="Where results go [default: runs/<job>]")] = None,
+    quiet: Annotated[bool, typer.Option(help="No live progress display")] = False,
+) -> None:
+    """Train an ensemble: start (or join) Ray, coordinate merges and drifts, print a summary."""
+    from ensemble.config import load_config
+    from ensemble.rundir import local_ray_env, resolve_job
+
+    try:
+        cfg = resolve_job(load_config(config or default_config(), set_ or []))
+    except EnsembleError as e:
+        fail(str(e))
+    if address is None:
+        local_ray_env()
+    from ensemble.driver import run_job
+
+    target = run_dir or Path("runs") / cfg.job
+    try:
+        if quiet or not console.is_terminal:
+            summary = run_job(cfg, target, address)
+        else:
+            with Live(console=console, refresh_per_second=4, transient=True) as live:
+                summary = run_job(cfg, target, address,
+                                  on_progress=lambda p: live.update(
+                                      progress_table(p, cfg.train.epochs)))
+    except EnsembleError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"interrupted; what was recorded is in {target}/history.sqlite", code=130)
+    console.print(summary_table(summary))
+    console.print(f"run directory: {target}")
+
+
+def default_config() -> Path | None:
+    """configs/default.yaml when run from a checkout, else the built-in defaults."""
+    p = Path("configs/default.yaml")
+    return p if p.is_file() else None
+
+
+@app.command()
+def history(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/<job>")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+    = False,
+    kind: Annotated[str | None, typer.Option(help="Only 'merge' or 'drift'")] = None,
+) -> None:
+    """List what merged and drifted, and why: step, models, layer, compatibility."""
+    from ensemble.history import HistoryReader
+    from ensemble.rundir import open_run_dir
+
+    if kind not in (None, "merge", "drift"):
+        fail(f"--kind: expected 'merge' or 'drift', got {kind!r}")
+    try:
+        reader = HistoryReader(open_run_dir(run_dir) / "history.sqlite")
+        decisions = reader.decisions(kind)
+        job = reader.meta().get("job", "?")
+    except EnsembleError as e:
+        fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps([d.as_dict() for d in decisions], indent=1) + "\n")
+        return
+    t = Table(title=f"job {job}: {len(decisions)} decisions", title_justify="left")
+    for col in ("round", "kind", "models", "layer", "compat", "step", "epoch", "why"):
+        t.add_column(col)
+    for d in decisions:
+        t.add_row(str(d.round), d.kind, f"{d.model} & {d.partner}", d.layer,
+                  f"{d.compat:.4f}", str(d.step), str(d.epoch + 1), d.rule)
+    console.print(t)
+
+
+if __name__ == "__main__":
+    app()

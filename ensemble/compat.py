@@ -1,0 +1,70 @@
+"""Compatibility registry and the coordinator's preallocated tether bank.
+
+A compatibility function maps a layer's Gram matrix (M, M) to an (M, M) compatibility
+matrix. All three come from the same single matmul over the bank's (M, P) buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ensemble import maths
+
+CompatFn = Callable[[np.ndarray], np.ndarray]
+
+COMPAT: dict[str, CompatFn] = {
+    "dot": lambda g: g,  # the seed's sum(T_i * T_j)
+    "cosine": maths.cosine_from_gram,
+    "rbf": maths.rbf_from_gram,  # exp(-||T_i - T_j||^2 / h), h by the median heuristic
+}
+
+
+def get_compat(name: str) -> CompatFn:
+    if name not in COMPAT:
+        raise ValueError(f"unknown compatibility {name!r}; choose one of {sorted(COMPAT)}")
+    return COMPAT[name]
+
+
+class TetherBank:
+    """Latest tethers of every model, one preallocated (M, P) float32 buffer per layer.
+
+    Rows are written in place on each publication; no per-round restacking.
+    """
+
+    def __init__(self, count: int, shapes: dict[str, tuple[int, ...]]):
+        self.count = count
+        self.shapes = dict(shapes)
+        self.buffers = {
+            name: np.zeros((count, int(np.prod(s))), dtype=np.float32) for name, s in shapes.items()
+        }  # layer -> (M, P)
+        self._gram = {name: np.empty((count, count), dtype=np.float32) for name in shapes}
+
+    def write(self, model: int, tethers: dict[str, np.ndarray]) -> None:
+        for name, arr in tethers.items():
+            if name not in self.buffers:
+                raise ValueError(f"unknown layer {name!r}; layers are {sorted(self.buffers)}")
+            if tuple(arr.shape) != self.shapes[name]:
+                raise ValueError(
+                    f"layer {name!r}: tether shape {tuple(arr.shape)}, expected {self.shapes[name]}"
+                )
+            self.buffers[name][model] = arr.reshape(-1)
+
+    def row(self, model: int, layer: str) -> np.ndarray:
+        return self.buffers[layer][model].reshape(self.shapes[layer])
+
+    def tethers(self, model: int) -> dict[str, np.ndarray]:
+        return {name: self.row(model, name).copy() for name in self.buffers}
+
+    def gram(self, layer: str) -> np.ndarray:
+        """(M, M) Gram of the layer, into a preallocated output."""
+        return maths.gram(self.buffers[layer], out=self._gram[layer])
+
+    def compat(self, layer: str, fn: str, rows: np.ndarray, normalize: str = "none"):
+        """Compatibility and squared distances among `rows` (model ids), each (k, k)."""
+        g = self.gram(layer)[np.ix_(rows, rows)].astype(np.float64)
+        c = get_compat(fn)(g)
+        if normalize == "zscore":
+            c = maths.zscore_offdiag(c)
+        return c, maths.sq_dist_from_gram(g)

@@ -1,0 +1,221 @@
+"""Job configuration: frozen pydantic models loaded from YAML, with --set overrides.
+
+Every field carries a one-line reason. Unknown keys are rejected; every error names the
+field path and the bad value (see `ConfigError`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ensemble.errors import ConfigError
+
+JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(Section):
+    count: int = Field(8, ge=1, le=4096)  # ensemble size M
+
+
+class ModelConfig(Section):
+    preset: str = "seed-dtnn"  # named hidden-layer layout, see ensemble.model.PRESETS
+    layers: list[int] | None = None  # explicit hidden sizes; overrides the preset when set
+
+    @field_validator("layers")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(n < 1 for n in v)):
+            raise ValueError(f"hidden sizes must be a non-empty list of positive ints, got {v}")
+        return v
+
+
+class DataConfig(Section):
+    name: str = "digits"  # dataset registry name, see ensemble.data.DATASETS
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)  # held out for per-epoch validation
+    test_fraction: float = Field(0.25, gt=0, lt=0.5)  # held out for the final summary
+    shard: bool = False  # True: each model trains on its own slice instead of its own shuffle
+    data_file: str = "data_input.txt"  # text dataset: whitespace-separated floats
+    labels_file: str = "labels_input.txt"  # text dataset: one integer label per sample
+    samples: int = Field(3200, ge=2)  # text/synthetic: declared number of samples
+    features: int = Field(128, ge=1)  # text/synthetic: declared width of one sample
+    classes: int = Field(10, ge=2)  # text/synthetic: labels lie in [0, classes)
+    create_missing: bool = False  # text: write random files when absent, as the seed does
+
+
+class TrainConfig(Section):
+    epochs: int = Field(20, ge=1)  # passes over each model's training data
+    batch_size: int = Field(32, ge=1)  # the seed's batch size
+    lr: float = Field(1e-3, gt=0)  # Adam learning rate, the seed's default
+
+
+class TetherConfig(Section):
+    init: Literal["uniform", "ones", "normal"] = "normal"  # uniform is the seed's U[0,1)
+    std: float = Field(0.1, ge=0)  # spread of the `normal` init around 1
+    min: float = 0.0  # drift clips tethers into [min, max]
+    max: float = 2.0
+
+
+class CompatConfig(Section):
+    fn: str = "cosine"  # registry name, see ensemble.compat.COMPAT
+    normalize: Literal["none", "zscore"] = "zscore"  # zscore: thresholds in standard deviations
+
+
+class PolicyConfig(Section):
+    name: str = "threshold"  # registry name, see ensemble.policy.POLICIES
+    merge_above: float = 1.0  # merge when compat > merge_above
+    drift_below: float = -1.0  # drift when compat < drift_below
+    alpha: float = Field(0.5, gt=0, le=1)  # merge rate; 0.5 is the seed's plain average
+    eta: float = Field(0.1, gt=0, le=1)  # drift rate, T_i += eta * (T_i - T_j)
+    max_merges_per_epoch: int = Field(5, ge=0)  # per model, the seed's cap
+    layers: list[str] | None = None  # layers to coordinate; None means all
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PolicyConfig:
+        if self.drift_below > self.merge_above:
+            raise ValueError(
+                f"drift_below ({self.drift_below}) must be <= merge_above ({self.merge_above})"
+            )
+        return self
+
+
+class TriggerConfig(Section):
+    name: Literal["plateau", "every_k_steps"] = "plateau"  # when a worker publishes
+    loss_threshold: float = Field(0.1, ge=0)  # plateau: |loss - previous loss| below this
+    grad_threshold: float = Field(0.1, ge=0)  # plateau: gradient norm below this
+    k: int = Field(10, ge=1)  # every_k_steps: publish every k steps
+    cooldown_steps: int = Field(10, ge=0)  # min steps between publications of one model
+    poll_steps: int = Field(10, ge=1)  # fetch pending instructions at least this often
+
+
+class CoordinatorConfig(Section):
+    round_every: int | None = Field(None, ge=1)  # publications per round; None: one per model
+
+
+class Config(Section):
+    job: str | None = None  # run name; None picks "<data>-<timestamp>"
+    seed: int = 0  # seeds data splits, inits and shuffles
+    models: ModelsConfig = ModelsConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    tether: TetherConfig = TetherConfig()
+    compat: CompatConfig = CompatConfig()
+    policy: PolicyConfig = PolicyConfig()
+    trigger: TriggerConfig = TriggerConfig()
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+
+    @field_validator("job")
+    @classmethod
+    def _job_name(cls, v: str | None) -> str | None:
+        if v is not None and not JOB_NAME.match(v):
+            raise ValueError(
+                f"job name {v!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+                "and start with a letter or digit"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _registries(self) -> Config:
+        # Late imports: the registries import torch, and config must stay importable alone.
+        from ensemble.compat import COMPAT
+        from ensemble.data import DATASETS
+        from ensemble.model import PRESETS
+        from ensemble.policy import POLICIES
+
+        for path, value, names in [
+            ("model.preset", self.model.preset, PRESETS),
+            ("data.name", self.data.name, DATASETS),
+            ("compat.fn", self.compat.fn, COMPAT),
+            ("policy.name", self.policy.name, POLICIES),
+        ]:
+            if value not in names:
+                raise ValueError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
+        if self.tether.min >= self.tether.max:
+            raise ValueError(f"tether.min ({self.tether.min}) must be < tether.max")
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        where = f"{loc}: " if loc else ""
+        value = "" if e["type"] in ("missing",) or loc == "" else f" (got {e['input']!r})"
+        if e["type"] == "extra_forbidden" or not loc:
+            value = ""
+        parts.append(f"{where}{msg}{value}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Apply one `--set a.b.c=value`; the key must name a field of Config."""
+    node_model: type[BaseModel] = Config
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = node_model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(
+                f"--set {key}: {where} has no key {part!r}; valid keys: {sorted(fields)}"
+            )
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        annotation = fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node_model = annotation
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=3' -> ('a.b', 3); the value is parsed as YAML so numbers and lists work."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load YAML (or the built-in defaults when path is None) and apply overrides."""
+    source = str(path) if path else "built-in defaults"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: expected a mapping of config keys, got {type(tree).__name__}")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,162 @@
+"""The coordinator: latest tethers in, merge/drift instructions out, everything recorded.
+
+Plain Python. The driver runs it as a named Ray actor (`ray.remote(Coordinator)`); tests
+and benchmarks can drive it in-process. Tethers change only through instructions, so the
+coordinator applies each instruction to its own bank when it decides it: the bank always
+equals what every worker holds once it has applied its mailbox.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ensemble import maths
+from ensemble.compat import TetherBank
+from ensemble.config import Config, dump_config
+from ensemble.history import HistoryWriter
+from ensemble.policy import Instruction, LayerView, PolicyParams, make_policy
+
+
+@dataclass(frozen=True)
+class TetherReport:
+    """Worker -> coordinator: one model's tethers and training state at a step."""
+
+    model: int
+    step: int
+    epoch: int
+    loss: float
+    grad_norm: float
+    tethers: dict[str, np.ndarray]  # layer -> (out, in) float32
+
+
+def policy_params(cfg: Config) -> PolicyParams:
+    p = cfg.policy
+    return PolicyParams(p.merge_above, p.drift_below, p.alpha, p.eta, p.max_merges_per_epoch)
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, job: str, shapes: dict[str, tuple[int, int]], run_dir: str):
+        self.cfg = cfg
+        self.count = cfg.models.count
+        self.bank = TetherBank(self.count, shapes)
+        self.layers = list(cfg.policy.layers or shapes)
+        self.policy = make_policy(cfg.policy.name, policy_params(cfg))
+        self.history = HistoryWriter(Path(run_dir) / "history.sqlite", job, dump_config(cfg))
+        self.known = np.zeros(self.count, dtype=bool)  # has published at least once
+        self.active = np.ones(self.count, dtype=bool)  # still training
+        self.mailbox: dict[int, list[Instruction]] = {m: [] for m in range(self.count)}
+        self.step = [0] * self.count
+        self.epoch = [0] * self.count
+        self.loss = [math.nan] * self.count
+        self.val_acc = [math.nan] * self.count
+        self.merges_in_epoch: dict[tuple[int, int], int] = {}  # (model, epoch) -> merges
+        self.since_round = 0
+        self.rounds = self.merges = self.drifts = self.publications = 0
+
+    # --- worker-facing -------------------------------------------------------------------
+    def publish(self, report: TetherReport) -> list[Instruction]:
+        """Record a publication, maybe run a round, and return the model's pending mail."""
+        m = report.model
+        self.history.publication(m, report.step, report.epoch, report.loss, report.grad_norm)
+        self.publications += 1
+        self.step[m], self.epoch[m], self.loss[m] = report.step, report.epoch, report.loss
+        if not self.mailbox[m]:  # with mail pending, the bank is already ahead of the report
+            self.bank.write(m, report.tethers)
+        self.known[m] = True
+        self.since_round += 1
+        if self.policy.coordinates and self.since_round >= self.round_every():
+            self.run_round()
+        return self.poll(m)
+
+    def poll(self, model: int) -> list[Instruction]:
+        out, self.mailbox[model] = self.mailbox[model], []
+        return out
+
+    def record_metrics(self, model: int, epoch: int, split: str, loss: float, acc: float):
+        self.history.metrics(model, epoch, split, loss, acc)
+        if split == "val":
+            self.val_acc[model] = acc
+
+    def record_event(self, kind: str, model: int | None = None, step: int | None = None,
+                     **detail):
+        self.history.event(kind, model, step, **detail)
+
+    def finish(self, model: int, step: int) -> list[Instruction]:
+        """The model stops training: no further decisions involve it; hand over its mail."""
+        self.active[model] = False
+        self.step[model] = step
+        self.history.event("finished", model, step)
+        return self.poll(model)
+
+    # --- decisions -----------------------------------------------------------------------
+    def round_every(self) -> int:
+        return self.cfg.coordinator.round_every or max(2, int(self.active.sum()))
+
+    def run_round(self) -> list[Instruction]:
+        self.since_round = 0
+        rows = np.flatnonzero(self.known & self.active)
+        if len(rows) < 2:
+            return []
+        views = {}
+        for layer in self.layers:
+            c, sq = self.bank.compat(layer, self.cfg.compat.fn, rows, self.cfg.compat.normalize)
+            views[layer] = LayerView(rows, c, sq)
+        merges = {int(m): self.merges_in_epoch.get((int(m), self.epoch[m]), 0) for m in rows}
+        decided = self.policy.decide(views, merges)
+        # Attach the partner's pre-round tether, then apply everything to the bank.
+        pre = {(i.partner, i.layer): self.bank.row(i.partner, i.layer).copy() for i in decided}
+        lo, hi = self.cfg.tether.min, self.cfg.tether.max
+        out, records = [], []
+        for ins in decided:
+            ins = Instruction(**{**ins.__dict__, "partner_tether": pre[(ins.partner, ins.layer)]})
+            mine = pre.get((ins.model, ins.layer), None)
+            if mine is None:
+                mine = self.bank.row(ins.model, ins.layer).copy()
+            new = apply_instruction(mine, ins, lo, hi)
+            key = (ins.model, self.epoch[ins.model])
+            if ins.kind == "merge":
+                self.merges_in_epoch[key] = self.merges_in_epoch.get(key, 0) + 1
+            records.append((ins.kind, ins.model, ins.partner, ins.layer, ins.rate, ins.compat,
+                            ins.rule, self.cfg.policy.merge_above, self.cfg.policy.drift_below,
+                            self.step[ins.model], self.epoch[ins.model],
+                            self.merges_in_epoch.get(key, 0)))
+            out.append((ins, new))
+        for ins, new in out:
+            self.bank.write(ins.model, {ins.layer: new})
+            self.mailbox[ins.model].append(ins)
+        compat = {layer: (rows.tolist(), v.compat.tolist()) for layer, v in views.items()}
+        self.history.round(rows.tolist(), compat, records)
+        self.rounds += 1
+        self.merges += sum(1 for i in decided if i.kind == "merge") // 2
+        self.drifts += sum(1 for i in decided if i.kind == "drift") // 2
+        return [ins for ins, _ in out]
+
+    # --- observers -----------------------------------------------------------------------
+    def progress(self) -> dict:
+        return {
+            "rounds": self.rounds, "merges": self.merges, "drifts": self.drifts,
+            "publications": self.publications,
+            "models": [
+                {"model": m, "step": self.step[m], "epoch": self.epoch[m], "loss": self.loss[m],
+                 "val_acc": self.val_acc[m], "active": bool(self.active[m])}
+                for m in range(self.count)
+            ],
+        }
+
+    def tethers(self, model: int) -> dict[str, np.ndarray]:
+        return self.bank.tethers(model)
+
+    def close(self) -> None:
+        self.history.close()
+
+
+def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float) -> np.ndarray:
+    """The one place merge/drift maths meets an instruction; workers call it too."""
+    assert ins.partner_tether is not None and ins.partner_tether.shape == tether.shape
+    if ins.kind == "merge":
+        return maths.merge(tether, ins.partner_tether, ins.rate)
+    return maths.drift(tether, ins.partner_tether, ins.rate, lo, hi)

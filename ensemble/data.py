@@ -1,0 +1,151 @@
+"""Dataset registry: digits (sklearn, offline), the seed's synthetic noise, and text files.
+
+Every loader returns a `Dataset` of float32 features and int64 labels, split into
+train/val/test by a seeded, stratified split where the labels allow it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.config import DataConfig
+from ensemble.errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray  # (N, F) float32
+    y_train: np.ndarray  # (N,) int64
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+
+    @property
+    def features(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+def split(name: str, x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int, classes: int,
+          standardise: bool) -> Dataset:
+    from sklearn.model_selection import train_test_split
+
+    strat = y if np.bincount(y).min() >= 3 else None
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        x, y, test_size=cfg.test_fraction, random_state=seed, stratify=strat
+    )
+    strat = y_rest if strat is not None else None
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=cfg.val_fraction / (1 - cfg.test_fraction),
+        random_state=seed, stratify=strat,
+    )
+    if standardise:  # statistics of the training split only
+        mu, sd = x_train.mean(0), x_train.std(0)
+        sd = np.where(sd > 0, sd, 1.0)
+        x_train, x_val, x_test = ((a - mu) / sd for a in (x_train, x_val, x_test))
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
+    return Dataset(name, f32(x_train), i64(y_train), f32(x_val), i64(y_val), f32(x_test),
+                   i64(y_test), classes)
+
+
+def load_digits(cfg: DataConfig, seed: int) -> Dataset:
+    """sklearn's bundled 8x8 handwritten digits (1797 samples, 64 features), standardised."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    return split("digits", d.data.astype(np.float64), d.target.astype(np.int64), cfg, seed, 10,
+                 standardise=True)
+
+
+def seed_noise(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's default data: U[0,1) features and uniformly random labels."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((cfg.samples, cfg.features), dtype=np.float32)
+    y = rng.integers(0, cfg.classes, cfg.samples)
+    return x, y
+
+
+def load_synthetic(cfg: DataConfig, seed: int) -> Dataset:
+    x, y = seed_noise(cfg, seed)
+    return split("synthetic", x, y, cfg, seed, cfg.classes, standardise=False)
+
+
+def read_numbers(path: Path, expected: int, what: str) -> np.ndarray:
+    """Whitespace-separated floats from `path`, exactly `expected` of them, all finite."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file not found")
+    text = path.read_text()
+    tokens = text.split()
+    if not tokens:
+        raise DataError(f"{path}: {what} file is empty; expected {expected} numbers")
+    try:
+        values = np.array([float(t) for t in tokens], dtype=np.float64)
+    except ValueError:
+        bad = next(i for i, t in enumerate(tokens) if not _is_float(t))
+        raise DataError(
+            f"{path}: {what} value #{bad + 1} is {tokens[bad]!r}, not a number"
+        ) from None
+    if len(values) != expected:
+        raise DataError(f"{path}: {what} file has {len(values)} numbers, expected {expected}")
+    if not np.all(np.isfinite(values)):
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise DataError(f"{path}: {what} value #{bad + 1} is {tokens[bad]!r}; expected finite")
+    return values
+
+
+def _is_float(t: str) -> bool:
+    try:
+        float(t)
+        return True
+    except ValueError:
+        return False
+
+
+def write_numbers(path: Path, values: np.ndarray) -> None:
+    path.write_text(" ".join(map(str, np.asarray(values).reshape(-1).tolist())))
+
+
+def load_text(cfg: DataConfig, seed: int) -> Dataset:
+    """The seed's files: data (samples x features floats) and labels (samples ints)."""
+    data_path, labels_path = Path(cfg.data_file), Path(cfg.labels_file)
+    if cfg.create_missing and not (data_path.exists() and labels_path.exists()):
+        x, y = seed_noise(cfg, seed)  # as the seed does when its files are absent
+        if not data_path.exists():
+            write_numbers(data_path, x)
+        if not labels_path.exists():
+            write_numbers(labels_path, y)
+    x = read_numbers(data_path, cfg.samples * cfg.features, "data").reshape(
+        cfg.samples, cfg.features
+    )
+    raw = read_numbers(labels_path, cfg.samples, "labels")
+    if np.any(raw != np.round(raw)):
+        bad = int(np.flatnonzero(raw != np.round(raw))[0])
+        raise DataError(f"{labels_path}: label #{bad + 1} is {raw[bad]}, expected an integer")
+    y = raw.astype(np.int64)
+    out = (y < 0) | (y >= cfg.classes)
+    if out.any():
+        bad = int(np.flatnonzero(out)[0])
+        raise DataError(
+            f"{labels_path}: label #{bad + 1} is {y[bad]}, expected 0..{cfg.classes - 1}"
+        )
+    return split("text", x, y, cfg, seed, cfg.classes, standardise=False)
+
+
+DATASETS: dict[str, Callable[[DataConfig, int], Dataset]] = {
+    "digits": load_digits,
+    "synthetic": load_synthetic,
+    "text": load_text,
+}
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    if cfg.name not in DATASETS:
+        raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[cfg.name](cfg, seed)

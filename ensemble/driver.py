@@ -1,0 +1,163 @@
+"""The driver: start or join Ray, spawn the coordinator and workers, collect the summary.
+
+Import this module only after deciding where Ray runs: for a local instance the caller
+sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 first (see `local_ray_env`), which Ray reads at
+import time to bind to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from safetensors.numpy import save_file
+
+from ensemble.config import Config, dump_config
+from ensemble.coordinator import Coordinator
+from ensemble.data import load_dataset
+from ensemble.errors import ConfigError, EnsembleError
+from ensemble.metrics import ensemble_probs, scores
+from ensemble.model import layer_names
+from ensemble.rundir import claim_run_dir
+from ensemble.training import MemberResult, model_sizes
+from workers.worker import Worker
+
+NAMESPACE = "tether-ensemble"
+
+
+@dataclass
+class JobHandles:
+    coordinator: object
+    workers: list
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join `address`, or start a loopback-only local instance. True if we started it."""
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True,
+                 logging_level="WARNING")
+        return False
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "call local_ray_env() first"
+    ray.init(address="local", namespace=NAMESPACE, num_cpus=num_cpus or os.cpu_count(),
+             include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    return True
+
+
+def worker_cpus(cfg: Config) -> float:
+    """Logical CPUs per worker: share the cluster's CPUs, at most one each."""
+    total = float(ray.cluster_resources().get("CPU", 0))
+    need = cfg.models.count
+    per = min(1.0, math.floor(total / need * 100) / 100)
+    if per < 0.01:
+        raise EnsembleError(
+            f"models.count={need} does not fit: the cluster has {total:g} CPUs "
+            f"(at least 0.01 CPU per worker)"
+        )
+    return per
+
+
+def run_job(cfg: Config, run_dir: Path, address: str | None = None,
+            on_progress: Callable[[dict], None] | None = None,
+            poll_seconds: float = 0.5) -> dict:
+    """Run one ensemble job to completion and return its summary dict."""
+    data = load_dataset(cfg.data, cfg.seed)  # bad data fails before anything is created
+    sizes = model_sizes(cfg, data)
+    names = layer_names(len(sizes) - 1)
+    unknown = set(cfg.policy.layers or []) - set(names)
+    if unknown:
+        raise ConfigError(f"policy.layers: unknown layers {sorted(unknown)}; model has {names}")
+    shapes = {n: (o, i) for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)}
+    run_dir = claim_run_dir(run_dir, cfg.job)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    started = start_ray(address)
+    t0 = time.time()
+    handles = None
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        coordinator = (
+            ray.remote(Coordinator)
+            .options(name=cfg.job, namespace=NAMESPACE, num_cpus=0, max_concurrency=1,
+                     scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+            .remote(cfg, cfg.job, shapes, str(run_dir.resolve()))
+        )
+        data_ref = ray.put(data)
+        cpus = worker_cpus(cfg)
+        cfg_dict = cfg.model_dump(mode="json")
+        workers = [
+            Worker.options(num_cpus=cpus).remote(m, cfg_dict, data_ref, coordinator)
+            for m in range(cfg.models.count)
+        ]
+        handles = JobHandles(coordinator, workers)
+        results = _wait_for(handles, on_progress, poll_seconds)
+        progress = ray.get(coordinator.progress.remote())
+        ray.get(coordinator.close.remote())
+        summary = summarise(cfg, data, results, progress, time.time() - t0)
+        save_members(run_dir, results)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    except BaseException:
+        if handles is not None:
+            for w in handles.workers:
+                ray.kill(w, no_restart=True)
+            try:  # keep what was recorded: close the history cleanly
+                ray.get(handles.coordinator.close.remote(), timeout=10)
+            except Exception:
+                pass
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _wait_for(h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:
+    pending = {w.run.remote(): i for i, w in enumerate(h.workers)}
+    results: dict[int, MemberResult] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll_seconds)
+        for ref in done:
+            results[pending.pop(ref)] = ray.get(ref)
+        if on_progress is not None:
+            on_progress(ray.get(h.coordinator.progress.remote()))
+    return [results[i] for i in sorted(results)]
+
+
+def summarise(cfg: Config, data, results: list[MemberResult], progress: dict,
+              wall: float) -> dict:
+    probs = [r.test_probs for r in results]
+    members = [{"model": r.model, "steps": r.steps, **scores(p, data.y_test),
+                "blocked_fraction": r.blocked_seconds / max(r.train_seconds, 1e-9)}
+               for r, p in zip(results, probs, strict=True)]
+    return {
+        "job": cfg.job,
+        "models": cfg.models.count,
+        "data": data.name,
+        "test_samples": int(len(data.y_test)),
+        "ensemble": scores(ensemble_probs(probs), data.y_test),
+        "members": members,
+        "mean_member": {k: float(np.mean([m[k] for m in members])) for k in ("accuracy", "nll")},
+        "rounds": progress["rounds"],
+        "merges": progress["merges"],
+        "drifts": progress["drifts"],
+        "publications": progress["publications"],
+        "wall_seconds": round(wall, 3),
+    }
+
+
+def save_members(run_dir: Path, results: list[MemberResult]) -> None:
+    out = run_dir / "models"
+    tmp = run_dir / "models.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for r in results:
+        save_file(r.weights, str(tmp / f"model_{r.model}.safetensors"))
+    tmp.rename(out)

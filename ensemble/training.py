@@ -1,0 +1,160 @@
+"""One model's training loop, plain Python. Talks to the coordinator through a `Link`.
+
+The loop never waits on a round trip per step: it keeps at most one call in flight, checks
+it without blocking at each step boundary, and applies instructions when they arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ensemble.config import Config
+from ensemble.coordinator import TetherReport, apply_instruction
+from ensemble.data import Dataset
+from ensemble.model import TetheredMLP, hidden_sizes
+from ensemble.policy import Instruction
+from ensemble.triggers import make_trigger
+
+
+class Link(Protocol):
+    """How a trainer reaches the coordinator; Ray's version lives in workers/."""
+
+    def call(self, method: str, *args: Any) -> Any: ...  # start a call, return a handle
+    def ready(self, handle: Any) -> bool: ...  # non-blocking
+    def get(self, handle: Any) -> Any: ...  # blocking
+    def tell(self, method: str, *args: Any) -> None: ...  # fire and forget
+
+
+class DirectLink:
+    """In-process link to a plain Coordinator object (tests, benchmarks)."""
+
+    def __init__(self, coordinator):
+        self.c = coordinator
+
+    def call(self, method, *args):
+        return getattr(self.c, method)(*args)
+
+    def ready(self, handle):
+        return True
+
+    def get(self, handle):
+        return handle
+
+    def tell(self, method, *args):
+        getattr(self.c, method)(*args)
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    """What a finished worker hands back to the driver."""
+
+    model: int
+    steps: int
+    test_probs: np.ndarray  # (N_test, C) float32
+    weights: dict[str, np.ndarray]  # state_dict as numpy, tethers included
+    blocked_seconds: float  # time spent in calls to the coordinator (0 for a DirectLink)
+    train_seconds: float
+
+
+def model_sizes(cfg: Config, data: Dataset) -> list[int]:
+    return [data.features, *hidden_sizes(cfg.model.preset, cfg.model.layers), data.classes]
+
+
+def member_seed(cfg: Config, model: int) -> int:
+    return cfg.seed * 100_003 + model
+
+
+class Trainer:
+    def __init__(self, model: int, cfg: Config, data: Dataset):
+        self.id = model
+        self.cfg = cfg
+        self.data = data
+        seed = member_seed(cfg, model)
+        self.model = TetheredMLP(model_sizes(cfg, data), cfg.tether.init, cfg.tether.std, seed)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.trigger = make_trigger(cfg.trigger)
+        self.gen = torch.Generator().manual_seed(seed)
+        x, y = data.x_train, data.y_train
+        if cfg.data.shard:  # a disjoint slice per model
+            x, y = x[model :: cfg.models.count], y[model :: cfg.models.count]
+        self.x, self.y = torch.tensor(x), torch.tensor(y)  # own, writable copies
+        self.step = 0
+        self.applied = 0
+
+    def batches(self):
+        perm = torch.randperm(len(self.x), generator=self.gen)
+        bs = self.cfg.train.batch_size
+        for i in range(0, len(perm), bs):
+            idx = perm[i : i + bs]
+            yield self.x[idx], self.y[idx]
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, float]:
+        self.model.train()
+        loss = F.cross_entropy(self.model(xb), yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads))
+        self.opt.step()
+        self.step += 1
+        return float(loss.detach()), grad_norm
+
+    def apply(self, instructions: list[Instruction]) -> None:
+        """Apply instructions in the order decided, at a step boundary."""
+        lo, hi = self.cfg.tether.min, self.cfg.tether.max
+        for ins in instructions:
+            assert ins.model == self.id, (ins.model, self.id)
+            buf = self.model.layers[ins.layer].tether
+            new = apply_instruction(buf.numpy(), ins, lo, hi)
+            buf.copy_(torch.from_numpy(new))
+            self.applied += 1
+
+    @torch.no_grad()
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        return torch.softmax(self.model(torch.from_numpy(x)), dim=1).numpy()
+
+    @torch.no_grad()
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        self.model.eval()
+        logits = self.model(torch.from_numpy(x))
+        yt = torch.from_numpy(y)
+        return float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).float().mean())
+
+    def report(self, epoch: int, loss: float, grad_norm: float) -> TetherReport:
+        return TetherReport(self.id, self.step, epoch, loss, grad_norm, self.model.export_tethers())
+
+    def run(self, link: Link) -> MemberResult:
+        """Train every epoch, publishing on trigger and applying instructions as they come."""
+        t0 = time.perf_counter()
+        inflight, last_call = None, 0
+        poll_steps = self.cfg.trigger.poll_steps
+        for epoch in range(self.cfg.train.epochs):
+            for xb, yb in self.batches():
+                loss, grad_norm = self.train_step(xb, yb)
+                if inflight is not None and link.ready(inflight):
+                    self.apply(link.get(inflight))
+                    inflight = None
+                fired = self.trigger.check(self.step, loss, grad_norm)
+                if inflight is None:
+                    if fired:
+                        inflight = link.call("publish", self.report(epoch, loss, grad_norm))
+                        last_call = self.step
+                    elif self.step - last_call >= poll_steps:
+                        inflight = link.call("poll", self.id)
+                        last_call = self.step
+            for split, (x, y) in {"train": (self.data.x_train, self.data.y_train),
+                                  "val": (self.data.x_val, self.data.y_val)}.items():
+                link.tell("record_metrics", self.id, epoch, split, *self.evaluate(x, y))
+        if inflight is not None:
+            self.apply(link.get(inflight))
+        self.apply(link.get(link.call("finish", self.id, self.step)))
+        return MemberResult(self.id, self.step, self.predict_proba(self.data.x_test),
+                            self.model.weights(), getattr(link, "blocked", 0.0),
+                            time.perf_counter() - t0)
