@@ -30,44 +30,68 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def progress_table(p: dict, epochs: int) -> Table:
-    t = Table(title=f"round {p['rounds']}   merges {p['merges']}   drifts {p['drifts']}   "
-                    f"publications {p['publications']}", title_justify="left")
+    t = Table(
+        title=f"round {p['rounds']}   merges {p['merges']}   drifts {p['drifts']}   "
+        f"publications {p['publications']}",
+        title_justify="left",
+    )
     for col in ("model", "epoch", "step", "loss", "val acc", "state"):
         t.add_column(col, justify="right")
     for m in p["models"]:
-        t.add_row(str(m["model"]), f"{min(m['epoch'] + 1, epochs)}/{epochs}", str(m["step"]),
-                  f"{m['loss']:.4f}", f"{m['val_acc']:.3f}",
-                  "running" if m["active"] else "done")
+        t.add_row(
+            str(m["model"]),
+            f"{min(m['epoch'] + 1, epochs)}/{epochs}",
+            str(m["step"]),
+            f"{m['loss']:.4f}",
+            f"{m['val_acc']:.3f}",
+            "running" if m["active"] else "done",
+        )
     return t
 
 
 def summary_table(s: dict) -> Table:
-    t = Table(title=f"job {s['job']}: {s['models']} models on {s['data']} "
-                    f"({s['test_samples']} test samples)", title_justify="left")
+    t = Table(
+        title=f"job {s['job']}: {s['models']} models on {s['data']} "
+        f"({s['test_samples']} test samples)",
+        title_justify="left",
+    )
     for col in ("member", "test accuracy", "test NLL", "steps"):
         t.add_column(col, justify="right")
     for m in s["members"]:
         t.add_row(str(m["model"]), f"{m['accuracy']:.4f}", f"{m['nll']:.4f}", str(m["steps"]))
     t.add_section()
-    t.add_row("mean member", f"{s['mean_member']['accuracy']:.4f}",
-              f"{s['mean_member']['nll']:.4f}", "")
-    t.add_row("[bold]ensemble", f"[bold]{s['ensemble']['accuracy']:.4f}",
-              f"[bold]{s['ensemble']['nll']:.4f}", "")
-    t.caption = (f"merges {s['merges']}   drifts {s['drifts']}   rounds {s['rounds']}   "
-                 f"wall {s['wall_seconds']:.1f}s")
+    t.add_row(
+        "mean member", f"{s['mean_member']['accuracy']:.4f}", f"{s['mean_member']['nll']:.4f}", ""
+    )
+    t.add_row(
+        "[bold]ensemble",
+        f"[bold]{s['ensemble']['accuracy']:.4f}",
+        f"[bold]{s['ensemble']['nll']:.4f}",
+        "",
+    )
+    t.caption = (
+        f"merges {s['merges']}   drifts {s['drifts']}   rounds {s['rounds']}   "
+        f"wall {s['wall_seconds']:.1f}s"
+    )
     return t
 
 
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Argument(help="YAML config; omit for the default job")]
-    = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a key, e.g. --set models.count=6 (repeatable)")] = None,
-    address: Annotated[str | None, typer.Option(
-        help="Join this Ray cluster (host:port) instead of starting a local one")] = None,
-    run_dir: Annotated[Path | None, typer.Option(
-        help="Where results go [default: runs/<job>]")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config; omit for the default job")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key, e.g. --set models.count=6 (repeatable)"),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Join this Ray cluster (host:port) instead of starting a local one"),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Where results go [default: runs/<job>]")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No live progress display")] = False,
 ) -> None:
     """Train an ensemble: start (or join) Ray, coordinate merges and drifts, print a summary."""
@@ -88,9 +112,12 @@ def run(
             summary = run_job(cfg, target, address)
         else:
             with Live(console=console, refresh_per_second=4, transient=True) as live:
-                summary = run_job(cfg, target, address,
-                                  on_progress=lambda p: live.update(
-                                      progress_table(p, cfg.train.epochs)))
+                summary = run_job(
+                    cfg,
+                    target,
+                    address,
+                    on_progress=lambda p: live.update(progress_table(p, cfg.train.epochs)),
+                )
     except EnsembleError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -108,8 +135,7 @@ def default_config() -> Path | None:
 @app.command()
 def history(
     run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/<job>")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
-    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
     kind: Annotated[str | None, typer.Option(help="Only 'merge' or 'drift'")] = None,
 ) -> None:
     """List what merged and drifted, and why: step, models, layer, compatibility."""
@@ -131,8 +157,16 @@ def history(
     for col in ("round", "kind", "models", "layer", "compat", "step", "epoch", "why"):
         t.add_column(col)
     for d in decisions:
-        t.add_row(str(d.round), d.kind, f"{d.model} & {d.partner}", d.layer,
-                  f"{d.compat:.4f}", str(d.step), str(d.epoch + 1), d.rule)
+        t.add_row(
+            str(d.round),
+            d.kind,
+            f"{d.model} & {d.partner}",
+            d.layer,
+            f"{d.compat:.4f}",
+            str(d.step),
+            str(d.epoch + 1),
+            d.rule,
+        )
     console.print(t)
 
 

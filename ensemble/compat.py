@@ -13,6 +13,7 @@ import numpy as np
 from ensemble import maths
 
 CompatFn = Callable[[np.ndarray], np.ndarray]
+SAME_TOL = 1e-10  # squared distance below which two tethers are one (already merged)
 
 COMPAT: dict[str, CompatFn] = {
     "dot": lambda g: g,  # the seed's sum(T_i * T_j)
@@ -64,7 +65,7 @@ class TetherBank:
     def compat(self, layer: str, fn: str, rows: np.ndarray, normalize: str = "none"):
         """Compatibility and squared distances among `rows` (model ids), each (k, k)."""
         g = self.gram(layer)[np.ix_(rows, rows)].astype(np.float64)
-        c = get_compat(fn)(g)
+        c, sq = get_compat(fn)(g), maths.sq_dist_from_gram(g)
         if normalize == "zscore":
-            c = maths.zscore_offdiag(c)
-        return c, maths.sq_dist_from_gram(g)
+            c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
+        return c, sq

@@ -76,6 +76,7 @@ class PolicyConfig(Section):
     alpha: float = Field(0.5, gt=0, le=1)  # merge rate; 0.5 is the seed's plain average
     eta: float = Field(0.1, gt=0, le=1)  # drift rate, T_i += eta * (T_i - T_j)
     max_merges_per_epoch: int = Field(5, ge=0)  # per model, the seed's cap
+    max_drifts_per_epoch: int = Field(5, ge=0)  # per model; drift feeds on itself otherwise
     layers: list[str] | None = None  # layers to coordinate; None means all
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ equals what every worker holds once it has applied its mailbox.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,9 @@ class TetherReport:
 
 def policy_params(cfg: Config) -> PolicyParams:
     p = cfg.policy
-    return PolicyParams(p.merge_above, p.drift_below, p.alpha, p.eta, p.max_merges_per_epoch)
+    return PolicyParams(
+        p.merge_above, p.drift_below, p.alpha, p.eta, p.max_merges_per_epoch, p.max_drifts_per_epoch
+    )
 
 
 class Coordinator:
@@ -53,7 +55,7 @@ class Coordinator:
         self.epoch = [0] * self.count
         self.loss = [math.nan] * self.count
         self.val_acc = [math.nan] * self.count
-        self.merges_in_epoch: dict[tuple[int, int], int] = {}  # (model, epoch) -> merges
+        self.per_epoch: dict[tuple[str, int, int], int] = {}  # (kind, model, epoch) -> count
         self.since_round = 0
         self.rounds = self.merges = self.drifts = self.publications = 0
 
@@ -81,8 +83,7 @@ class Coordinator:
         if split == "val":
             self.val_acc[model] = acc
 
-    def record_event(self, kind: str, model: int | None = None, step: int | None = None,
-                     **detail):
+    def record_event(self, kind: str, model: int | None = None, step: int | None = None, **detail):
         self.history.event(kind, model, step, **detail)
 
     def finish(self, model: int, step: int) -> list[Instruction]:
@@ -105,25 +106,37 @@ class Coordinator:
         for layer in self.layers:
             c, sq = self.bank.compat(layer, self.cfg.compat.fn, rows, self.cfg.compat.normalize)
             views[layer] = LayerView(rows, c, sq)
-        merges = {int(m): self.merges_in_epoch.get((int(m), self.epoch[m]), 0) for m in rows}
-        decided = self.policy.decide(views, merges)
-        # Attach the partner's pre-round tether, then apply everything to the bank.
-        pre = {(i.partner, i.layer): self.bank.row(i.partner, i.layer).copy() for i in decided}
+        counts = {
+            (kind, int(m)): self.per_epoch.get((kind, int(m), self.epoch[m]), 0)
+            for m in rows
+            for kind in ("merge", "drift")
+        }
+        decided = self.policy.decide(views, counts)
+        # Every instructed model is also a partner: snapshot pre-round rows, then apply.
+        pre = {(i.model, i.layer): self.bank.row(i.model, i.layer).copy() for i in decided}
         lo, hi = self.cfg.tether.min, self.cfg.tether.max
         out, records = [], []
         for ins in decided:
-            ins = Instruction(**{**ins.__dict__, "partner_tether": pre[(ins.partner, ins.layer)]})
-            mine = pre.get((ins.model, ins.layer), None)
-            if mine is None:
-                mine = self.bank.row(ins.model, ins.layer).copy()
-            new = apply_instruction(mine, ins, lo, hi)
-            key = (ins.model, self.epoch[ins.model])
-            if ins.kind == "merge":
-                self.merges_in_epoch[key] = self.merges_in_epoch.get(key, 0) + 1
-            records.append((ins.kind, ins.model, ins.partner, ins.layer, ins.rate, ins.compat,
-                            ins.rule, self.cfg.policy.merge_above, self.cfg.policy.drift_below,
-                            self.step[ins.model], self.epoch[ins.model],
-                            self.merges_in_epoch.get(key, 0)))
+            ins = replace(ins, partner_tether=pre[(ins.partner, ins.layer)])
+            new = apply_instruction(pre[(ins.model, ins.layer)], ins, lo, hi)
+            key = (ins.kind, ins.model, self.epoch[ins.model])
+            self.per_epoch[key] = self.per_epoch.get(key, 0) + 1
+            records.append(
+                (
+                    ins.kind,
+                    ins.model,
+                    ins.partner,
+                    ins.layer,
+                    ins.rate,
+                    ins.compat,
+                    ins.rule,
+                    self.cfg.policy.merge_above,
+                    self.cfg.policy.drift_below,
+                    self.step[ins.model],
+                    self.epoch[ins.model],
+                    self.per_epoch.get(("merge", ins.model, self.epoch[ins.model]), 0),
+                )
+            )
             out.append((ins, new))
         for ins, new in out:
             self.bank.write(ins.model, {ins.layer: new})
@@ -138,11 +151,19 @@ class Coordinator:
     # --- observers -----------------------------------------------------------------------
     def progress(self) -> dict:
         return {
-            "rounds": self.rounds, "merges": self.merges, "drifts": self.drifts,
+            "rounds": self.rounds,
+            "merges": self.merges,
+            "drifts": self.drifts,
             "publications": self.publications,
             "models": [
-                {"model": m, "step": self.step[m], "epoch": self.epoch[m], "loss": self.loss[m],
-                 "val_acc": self.val_acc[m], "active": bool(self.active[m])}
+                {
+                    "model": m,
+                    "step": self.step[m],
+                    "epoch": self.epoch[m],
+                    "loss": self.loss[m],
+                    "val_acc": self.val_acc[m],
+                    "active": bool(self.active[m]),
+                }
                 for m in range(self.count)
             ],
         }

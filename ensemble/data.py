@@ -32,18 +32,29 @@ class Dataset:
         return int(self.x_train.shape[1])
 
 
-def split(name: str, x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int, classes: int,
-          standardise: bool) -> Dataset:
+def split(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: DataConfig,
+    seed: int,
+    classes: int,
+    standardise: bool,
+) -> Dataset:
     from sklearn.model_selection import train_test_split
 
-    strat = y if np.bincount(y).min() >= 3 else None
+    n = len(y)
+    n_test = int(np.ceil(n * cfg.test_fraction))
+    n_val = int(np.ceil(n * cfg.val_fraction))
+    if n - n_test - n_val < 1:
+        raise DataError(f"{name}: {n} samples are too few to split into train/val/test")
+    # Stratify when every split can hold every class; otherwise a plain seeded shuffle.
+    strat = min(n_test, n_val) >= classes and np.bincount(y, minlength=classes).min() >= 3
     x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=cfg.test_fraction, random_state=seed, stratify=strat
+        x, y, test_size=n_test, random_state=seed, stratify=y if strat else None
     )
-    strat = y_rest if strat is not None else None
     x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=cfg.val_fraction / (1 - cfg.test_fraction),
-        random_state=seed, stratify=strat,
+        x_rest, y_rest, test_size=n_val, random_state=seed, stratify=y_rest if strat else None
     )
     if standardise:  # statistics of the training split only
         mu, sd = x_train.mean(0), x_train.std(0)
@@ -51,8 +62,9 @@ def split(name: str, x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int, c
         x_train, x_val, x_test = ((a - mu) / sd for a in (x_train, x_val, x_test))
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
-    return Dataset(name, f32(x_train), i64(y_train), f32(x_val), i64(y_val), f32(x_test),
-                   i64(y_test), classes)
+    return Dataset(
+        name, f32(x_train), i64(y_train), f32(x_val), i64(y_val), f32(x_test), i64(y_test), classes
+    )
 
 
 def load_digits(cfg: DataConfig, seed: int) -> Dataset:
@@ -60,8 +72,15 @@ def load_digits(cfg: DataConfig, seed: int) -> Dataset:
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    return split("digits", d.data.astype(np.float64), d.target.astype(np.int64), cfg, seed, 10,
-                 standardise=True)
+    return split(
+        "digits",
+        d.data.astype(np.float64),
+        d.target.astype(np.int64),
+        cfg,
+        seed,
+        10,
+        standardise=True,
+    )
 
 
 def seed_noise(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,5 +166,7 @@ DATASETS: dict[str, Callable[[DataConfig, int], Dataset]] = {
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.name not in DATASETS:
-        raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose one of {sorted(DATASETS)}")
+        raise DataError(
+            f"data.name: unknown dataset {cfg.name!r}; choose one of {sorted(DATASETS)}"
+        )
     return DATASETS[cfg.name](cfg, seed)

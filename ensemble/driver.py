@@ -43,12 +43,17 @@ class JobHandles:
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Join `address`, or start a loopback-only local instance. True if we started it."""
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True,
-                 logging_level="WARNING")
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, logging_level="WARNING")
         return False
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "call local_ray_env() first"
-    ray.init(address="local", namespace=NAMESPACE, num_cpus=num_cpus or os.cpu_count(),
-             include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    ray.init(
+        address="local",
+        namespace=NAMESPACE,
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level="WARNING",
+    )
     return True
 
 
@@ -65,9 +70,13 @@ def worker_cpus(cfg: Config) -> float:
     return per
 
 
-def run_job(cfg: Config, run_dir: Path, address: str | None = None,
-            on_progress: Callable[[dict], None] | None = None,
-            poll_seconds: float = 0.5) -> dict:
+def run_job(
+    cfg: Config,
+    run_dir: Path,
+    address: str | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+    poll_seconds: float = 0.5,
+) -> dict:
     """Run one ensemble job to completion and return its summary dict."""
     data = load_dataset(cfg.data, cfg.seed)  # bad data fails before anything is created
     sizes = model_sizes(cfg, data)
@@ -86,10 +95,16 @@ def run_job(cfg: Config, run_dir: Path, address: str | None = None,
         here = ray.get_runtime_context().get_node_id()
         coordinator = (
             ray.remote(Coordinator)
-            .options(name=cfg.job, namespace=NAMESPACE, num_cpus=0, max_concurrency=1,
-                     scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+            .options(
+                name=cfg.job,
+                namespace=NAMESPACE,
+                num_cpus=0,
+                max_concurrency=1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+            )
             .remote(cfg, cfg.job, shapes, str(run_dir.resolve()))
         )
+        unwrap(lambda: ray.get(coordinator.progress.remote()))  # surfaces __init__ errors
         data_ref = ray.put(data)
         cpus = worker_cpus(cfg)
         cfg_dict = cfg.model_dump(mode="json")
@@ -98,7 +113,11 @@ def run_job(cfg: Config, run_dir: Path, address: str | None = None,
             for m in range(cfg.models.count)
         ]
         handles = JobHandles(coordinator, workers)
-        results = _wait_for(handles, on_progress, poll_seconds)
+        # Barrier: every worker constructed before any trains, so they overlap in time.
+        nodes = ray.get([w.node_id.remote() for w in workers])
+        for m, node in enumerate(nodes):
+            coordinator.record_event.remote("started", m, 0, node=node)
+        results = unwrap(lambda: _wait_for(handles, on_progress, poll_seconds))
         progress = ray.get(coordinator.progress.remote())
         ray.get(coordinator.close.remote())
         summary = summarise(cfg, data, results, progress, time.time() - t0)
@@ -119,6 +138,19 @@ def run_job(cfg: Config, run_dir: Path, address: str | None = None,
             ray.shutdown()
 
 
+def unwrap(call):
+    """Run `call`; re-raise a user error raised inside an actor as itself, not wrapped."""
+    try:
+        return call()
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None)
+        while cause is not None and not isinstance(cause, EnsembleError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if isinstance(cause, EnsembleError):
+            raise cause from None
+        raise
+
+
 def _wait_for(h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:
     pending = {w.run.remote(): i for i, w in enumerate(h.workers)}
     results: dict[int, MemberResult] = {}
@@ -131,12 +163,17 @@ def _wait_for(h: JobHandles, on_progress, poll_seconds: float) -> list[MemberRes
     return [results[i] for i in sorted(results)]
 
 
-def summarise(cfg: Config, data, results: list[MemberResult], progress: dict,
-              wall: float) -> dict:
+def summarise(cfg: Config, data, results: list[MemberResult], progress: dict, wall: float) -> dict:
     probs = [r.test_probs for r in results]
-    members = [{"model": r.model, "steps": r.steps, **scores(p, data.y_test),
-                "blocked_fraction": r.blocked_seconds / max(r.train_seconds, 1e-9)}
-               for r, p in zip(results, probs, strict=True)]
+    members = [
+        {
+            "model": r.model,
+            "steps": r.steps,
+            **scores(p, data.y_test),
+            "blocked_fraction": r.blocked_seconds / max(r.train_seconds, 1e-9),
+        }
+        for r, p in zip(results, probs, strict=True)
+    ]
     return {
         "job": cfg.job,
         "models": cfg.models.count,

@@ -85,16 +85,20 @@ class HistoryWriter:
 
     def __init__(self, path: str | Path, job: str, config_yaml: str):
         self.path = Path(path)
-        fresh = not self.path.exists()
         self.conn = _connect(self.path)
-        if fresh:
+        empty = self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        if empty:  # new, or created empty by a reader that raced us
             with self.conn:
                 self.conn.executescript(SCHEMA)
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self.conn.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
-                    [("job", job), ("schema_version", str(SCHEMA_VERSION)),
-                     ("config", config_yaml), ("created", str(time.time()))],
+                    [
+                        ("job", job),
+                        ("schema_version", str(SCHEMA_VERSION)),
+                        ("config", config_yaml),
+                        ("created", str(time.time())),
+                    ],
                 )
         else:
             check_schema(self.conn, self.path)
@@ -107,8 +111,12 @@ class HistoryWriter:
                 (model, step, epoch, loss, grad_norm, time.time()),
             )
 
-    def round(self, models: list[int], compat: dict[str, tuple[list[int], list[list[float]]]],
-              rows: list[tuple]) -> int:
+    def round(
+        self,
+        models: list[int],
+        compat: dict[str, tuple[list[int], list[list[float]]]],
+        rows: list[tuple],
+    ) -> int:
         """One decision round: the compat matrices it saw and the instructions it gave.
 
         rows: (kind, model, partner, layer, rate, compat, rule, merge_above, drift_below,
@@ -124,8 +132,11 @@ class HistoryWriter:
             for layer, (ids, mat) in compat.items():
                 self.conn.executemany(
                     "INSERT INTO compat VALUES (?, ?, ?, ?, ?)",
-                    [(rid, layer, ids[a], ids[b], mat[a][b])
-                     for a in range(len(ids)) for b in range(a + 1, len(ids))],
+                    [
+                        (rid, layer, ids[a], ids[b], mat[a][b])
+                        for a in range(len(ids))
+                        for b in range(a + 1, len(ids))
+                    ],
                 )
             self.conn.executemany(
                 "INSERT INTO instructions (round, kind, model, partner, layer, rate, compat,"

@@ -39,16 +39,21 @@ def rbf_from_gram(g: np.ndarray) -> np.ndarray:
     return np.exp(-sq / median_bandwidth(sq))
 
 
-def zscore_offdiag(c: np.ndarray) -> np.ndarray:
-    """Standardise off-diagonal entries (mean 0, sd 1); the diagonal is left at 0."""
+def zscore_offdiag(c: np.ndarray, same: np.ndarray | None = None) -> np.ndarray:
+    """Standardise off-diagonal entries (mean 0, sd 1); the diagonal is left at 0.
+
+    `same` (bool, (M, M)) marks pairs whose tethers are identical (already merged): they
+    are left out of the mean and sd, so one merged pair does not squash everyone else.
+    """
     m = c.shape[0]
     out = np.zeros_like(c, dtype=np.float64)
     if m < 2:
         return out
     mask = ~np.eye(m, dtype=bool)
-    vals = c[mask]
+    stats = mask & ~same if same is not None else mask
+    vals = c[stats] if stats.any() else c[mask]
     sd = float(vals.std())
-    out[mask] = (vals - vals.mean()) / sd if sd > 0 else 0.0
+    out[mask] = (c[mask] - vals.mean()) / sd if sd > 0 else 0.0
     return out
 
 

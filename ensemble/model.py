@@ -69,8 +69,9 @@ class TetheredMLP(nn.Module):
         self.names = layer_names(len(sizes) - 1)
         self.layers = nn.ModuleDict(
             {
-                name: TetheredLinear(n_in, n_out, init_tether((n_out, n_in), tether_init,
-                                                             tether_std, gen))
+                name: TetheredLinear(
+                    n_in, n_out, init_tether((n_out, n_in), tether_init, tether_std, gen)
+                )
                 for name, n_in, n_out in zip(self.names, sizes[:-1], sizes[1:], strict=True)
             }
         )

@@ -11,8 +11,9 @@ from typing import Literal
 
 import numpy as np
 
+from ensemble.compat import SAME_TOL
+
 Kind = Literal["merge", "drift"]
-SAME_TOL = 1e-10  # squared distance below which two tethers are already one
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,11 @@ class PolicyParams:
     alpha: float
     eta: float
     max_merges_per_epoch: int
+    max_drifts_per_epoch: int
 
 
 class Policy:
-    """Base: `decide` maps per-layer views and merge counts to instructions."""
+    """Base: `decide` maps per-layer views and per-epoch counts to instructions."""
 
     name = "base"
     coordinates = True  # False: the coordinator skips compatibility entirely
@@ -60,57 +62,76 @@ class Policy:
     def __init__(self, params: PolicyParams):
         self.p = params
 
-    def decide(self, layers: dict[str, LayerView], merges: dict[int, int]) -> list[Instruction]:
-        """merges: model -> merges already made this epoch. Must not mutate its inputs."""
+    def decide(
+        self, layers: dict[str, LayerView], counts: dict[tuple[str, int], int]
+    ) -> list[Instruction]:
+        """counts: (kind, model) -> instructions of that kind already this epoch.
+
+        Must not mutate its inputs."""
         raise NotImplementedError
 
 
 def _pair(kind: Kind, i: int, j: int, layer: str, rate: float, c: float, rule: str):
     """Both partners receive the instruction, each naming the other."""
-    return [Instruction(kind, i, j, layer, rate, c, rule), Instruction(kind, j, i, layer, rate, c, rule)]
+    return [
+        Instruction(kind, i, j, layer, rate, c, rule),
+        Instruction(kind, j, i, layer, rate, c, rule),
+    ]
+
+
+class _Budget:
+    """Per-epoch caps: counts (kind, model) already spent, plus what this round adds."""
+
+    def __init__(self, counts: dict[tuple[str, int], int], caps: dict[str, int]):
+        self.counts = dict(counts)
+        self.caps = caps
+
+    def allows(self, kind: str, i: int, j: int) -> bool:
+        cap = self.caps[kind]
+        return self.counts.get((kind, i), 0) < cap and self.counts.get((kind, j), 0) < cap
+
+    def spend(self, kind: str, i: int, j: int) -> None:
+        for m in (i, j):
+            self.counts[(kind, m)] = self.counts.get((kind, m), 0) + 1
 
 
 class ThresholdPolicy(Policy):
     """Merge above `merge_above`, drift below `drift_below`, nothing in between.
 
     Per layer, each model takes at most one partner: greedy matching, most compatible pairs
-    first for merges, least compatible first for drifts. Merges respect the per-epoch cap.
+    first for merges, then least compatible first for drifts. Both respect per-epoch caps.
     Pairs whose tethers are already identical are not merged again.
     """
 
     name = "threshold"
 
-    def decide(self, layers, merges):
+    def decide(self, layers, counts):
         p = self.p
-        counts = dict(merges)
+        budget = _Budget(counts, {"merge": p.max_merges_per_epoch, "drift": p.max_drifts_per_epoch})
         out: list[Instruction] = []
         for layer, v in layers.items():
-            k = len(v.models)
-            iu, ju = np.triu_indices(k, k=1)
+            iu, ju = np.triu_indices(len(v.models), k=1)
             vals = v.compat[iu, ju]
             matched: set[int] = set()
-            for idx in np.argsort(-vals, kind="stable"):
-                a, b, c = int(iu[idx]), int(ju[idx]), float(vals[idx])
-                if c <= p.merge_above:
-                    break
-                i, j = int(v.models[a]), int(v.models[b])
-                if i in matched or j in matched or v.sq_dist[a, b] <= SAME_TOL:
-                    continue
-                if max(counts.get(i, 0), counts.get(j, 0)) >= p.max_merges_per_epoch:
-                    continue
-                matched |= {i, j}
-                counts[i] = counts.get(i, 0) + 1
-                counts[j] = counts.get(j, 0) + 1
-                out += _pair("merge", i, j, layer, p.alpha, c, f"compat {c:.4g} > merge_above")
-            for idx in np.argsort(vals, kind="stable"):
-                a, b, c = int(iu[idx]), int(ju[idx]), float(vals[idx])
-                if c >= p.drift_below:
-                    break
-                i, j = int(v.models[a]), int(v.models[b])
-                if i in matched or j in matched:
-                    continue
-                matched |= {i, j}
-                out += _pair("drift", i, j, layer, p.eta, c, f"compat {c:.4g} < drift_below")
+            passes = [
+                ("merge", np.argsort(-vals, kind="stable"), p.alpha),
+                ("drift", np.argsort(vals, kind="stable"), p.eta),
+            ]
+            for kind, order, rate in passes:
+                for idx in order:
+                    a, b, c = int(iu[idx]), int(ju[idx]), float(vals[idx])
+                    if (c <= p.merge_above) if kind == "merge" else (c >= p.drift_below):
+                        break  # sorted: no later pair passes either
+                    i, j = int(v.models[a]), int(v.models[b])
+                    if i in matched or j in matched or not budget.allows(kind, i, j):
+                        continue
+                    if kind == "merge" and v.sq_dist[a, b] <= SAME_TOL:
+                        continue
+                    matched |= {i, j}
+                    budget.spend(kind, i, j)
+                    sign = ">" if kind == "merge" else "<"
+                    bound = "merge_above" if kind == "merge" else "drift_below"
+                    out += _pair(kind, i, j, layer, rate, c, f"compat {c:.4g} {sign} {bound}")
         return out
 
 
@@ -123,9 +144,8 @@ class SeedPolicy(Policy):
 
     name = "seed"
 
-    def decide(self, layers, merges):
-        p = self.p
-        counts = dict(merges)
+    def decide(self, layers, counts):
+        budget = _Budget(counts, {"merge": self.p.max_merges_per_epoch})
         out: list[Instruction] = []
         for layer, v in layers.items():
             matched: set[int] = set()
@@ -133,13 +153,12 @@ class SeedPolicy(Policy):
             for a in range(k):
                 for b in range(a + 1, k):
                     i, j, c = int(v.models[a]), int(v.models[b]), float(v.compat[a, b])
-                    if i in matched or j in matched or c <= p.merge_above:
+                    if i in matched or j in matched or c <= self.p.merge_above:
                         continue
-                    if max(counts.get(i, 0), counts.get(j, 0)) >= p.max_merges_per_epoch:
+                    if not budget.allows("merge", i, j):
                         continue
                     matched |= {i, j}
-                    counts[i] = counts.get(i, 0) + 1
-                    counts[j] = counts.get(j, 0) + 1
+                    budget.spend("merge", i, j)
                     out += _pair("merge", i, j, layer, 0.5, c, f"seed: compat {c:.4g} > threshold")
         return out
 
@@ -150,7 +169,7 @@ class NoPolicy(Policy):
     name = "none"
     coordinates = False
 
-    def decide(self, layers, merges):
+    def decide(self, layers, counts):
         return []
 
 

@@ -7,6 +7,7 @@ it without blocking at each step boundary, and applies instructions when they ar
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -118,13 +119,13 @@ class Trainer:
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         self.model.eval()
-        return torch.softmax(self.model(torch.from_numpy(x)), dim=1).numpy()
+        return torch.softmax(self.model(torch.as_tensor(np.array(x))), dim=1).numpy()
 
     @torch.no_grad()
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         self.model.eval()
-        logits = self.model(torch.from_numpy(x))
-        yt = torch.from_numpy(y)
+        logits = self.model(torch.as_tensor(np.array(x)))
+        yt = torch.as_tensor(np.array(y))
         return float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).float().mean())
 
     def report(self, epoch: int, loss: float, grad_norm: float) -> TetherReport:
@@ -132,6 +133,15 @@ class Trainer:
 
     def run(self, link: Link) -> MemberResult:
         """Train every epoch, publishing on trigger and applying instructions as they come."""
+        gen = self.steps(link)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                return done.value
+
+    def steps(self, link: Link) -> Generator[int, None, MemberResult]:
+        """`run`, one training step per `next()`; lets tests interleave trainers in-process."""
         t0 = time.perf_counter()
         inflight, last_call = None, 0
         poll_steps = self.cfg.trigger.poll_steps
@@ -149,12 +159,34 @@ class Trainer:
                     elif self.step - last_call >= poll_steps:
                         inflight = link.call("poll", self.id)
                         last_call = self.step
-            for split, (x, y) in {"train": (self.data.x_train, self.data.y_train),
-                                  "val": (self.data.x_val, self.data.y_val)}.items():
+                yield self.step
+            for split, (x, y) in {
+                "train": (self.data.x_train, self.data.y_train),
+                "val": (self.data.x_val, self.data.y_val),
+            }.items():
                 link.tell("record_metrics", self.id, epoch, split, *self.evaluate(x, y))
         if inflight is not None:
             self.apply(link.get(inflight))
         self.apply(link.get(link.call("finish", self.id, self.step)))
-        return MemberResult(self.id, self.step, self.predict_proba(self.data.x_test),
-                            self.model.weights(), getattr(link, "blocked", 0.0),
-                            time.perf_counter() - t0)
+        return MemberResult(
+            self.id,
+            self.step,
+            self.predict_proba(self.data.x_test),
+            self.model.weights(),
+            getattr(link, "blocked", 0.0),
+            time.perf_counter() - t0,
+        )
+
+
+def interleave(trainers: list[Trainer], link: Link) -> list[MemberResult]:
+    """Run trainers round-robin, one step each in turn, in this process (no Ray)."""
+    gens = {t.id: t.steps(link) for t in trainers}
+    results: dict[int, MemberResult] = {}
+    while gens:
+        for model, gen in list(gens.items()):
+            try:
+                next(gen)
+            except StopIteration as done:
+                results[model] = done.value
+                del gens[model]
+    return [results[m] for m in sorted(results)]

@@ -1,0 +1,38 @@
+"""Shared fixtures. Ray is told to bind to loopback and skip auth before anything imports it."""
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local instances bind to 127.0.0.1
+os.environ["RAY_AUTH_MODE"] = "disabled"  # local test instances only
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ensemble.config import load_config  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY = [
+    "models.count=4",
+    "model.layers=[16, 16]",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "trigger.name=every_k_steps",
+    "trigger.k=2",
+    "trigger.cooldown_steps=0",
+    "compat.normalize=zscore",
+    "compat.fn=cosine",
+    "policy.merge_above=0.9",
+    "policy.drift_below=-0.9",
+]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return load_config(None, TINY + [f"job=tiny-{tmp_path.name}"])

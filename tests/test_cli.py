@@ -1,0 +1,136 @@
+"""The `ensemble` command end to end, as a user runs it, plus its bad-input paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ensemble.history import HistoryReader
+
+ENSEMBLE = [sys.executable, "-m", "ensemble.cli"]
+
+
+def cli(*args, cwd=None, timeout=240):
+    return subprocess.run(
+        [*ENSEMBLE, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
+
+
+def assert_clean_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    text = " ".join(proc.stderr.split())  # rich may wrap long lines
+    assert text.startswith("error:"), proc.stderr
+    for f in fragments:
+        assert f in text, (f, proc.stderr)
+
+
+@pytest.mark.ray
+def test_run_then_history(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "job"
+    sets = [a for o in tiny_overrides + ["job=cli-e2e"] for a in ("--set", o)]
+    proc = cli("run", *sets, "--run-dir", str(run_dir), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ensemble" in proc.stdout and "merges" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["job"] == "cli-e2e"
+
+    proc = cli("history", str(run_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(proc.stdout)
+    recorded = HistoryReader(run_dir / "history.sqlite").decisions()
+    assert listed == [d.as_dict() for d in recorded]
+    assert len(listed) == summary["merges"] + summary["drifts"]
+
+    table = cli("history", str(run_dir))
+    assert table.returncode == 0 and f"{len(listed)} decisions" in table.stdout
+
+    again = cli("run", *sets, "--run-dir", str(run_dir), "--quiet")
+    assert_clean_error(again, str(run_dir), "already holds job 'cli-e2e'")
+    assert json.loads((run_dir / "summary.json").read_text()) == summary  # untouched
+
+
+def test_bad_config_is_one_clean_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy:\n  name: greedy\n")
+    assert_clean_error(
+        cli("run", str(bad), "--run-dir", str(tmp_path / "r")), "policy.name: unknown name 'greedy'"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_set_key(tmp_path):
+    assert_clean_error(
+        cli("run", "--set", "train.epoch=3", "--run-dir", str(tmp_path / "r")),
+        "--set train.epoch",
+        "no key 'epoch'",
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_data_file_leaves_no_run_dir(tmp_path):
+    (tmp_path / "d.txt").write_text("1 2 oops")
+    (tmp_path / "l.txt").write_text("0 1 2")
+    proc = cli(
+        "run",
+        "--set",
+        "data.name=text",
+        "--set",
+        f"data.data_file={tmp_path}/d.txt",
+        "--set",
+        f"data.labels_file={tmp_path}/l.txt",
+        "--run-dir",
+        str(tmp_path / "r"),
+    )
+    assert_clean_error(proc, "d.txt: data value #3 is 'oops', not a number")
+    assert not (tmp_path / "r").exists()
+
+
+def test_history_of_missing_or_non_run_dir(tmp_path):
+    assert_clean_error(cli("history", str(tmp_path / "nope")), "run directory does not exist")
+    assert_clean_error(cli("history", str(tmp_path)), "not a run directory")
+    (tmp_path / "history.sqlite").write_text("not sqlite at all")
+    assert_clean_error(cli("history", str(tmp_path)), "not a history database")
+
+
+def test_help_lists_commands():
+    proc = cli("--help")
+    assert proc.returncode == 0 and "run" in proc.stdout and "history" in proc.stdout
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_cleanly_and_keeps_history(tmp_path, tiny_overrides):
+    import signal
+    import sqlite3
+    import time
+
+    run_dir = tmp_path / "job"
+    sets = [a for o in tiny_overrides + ["train.epochs=400"] for a in ("--set", o)]
+    proc = subprocess.Popen(
+        [*ENSEMBLE, "run", *sets, "--run-dir", str(run_dir), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen, deadline = 0, time.time() + 180
+    while seen < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if (run_dir / "history.sqlite").exists():
+            try:
+                seen = HistoryReader(run_dir / "history.sqlite").count("publications")
+            except (sqlite3.Error, ValueError):
+                pass  # schema not written yet
+    assert seen >= 5, proc.stderr.read() if proc.poll() is not None else "no publications"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (run_dir / "summary.json").exists()  # not mistaken for a finished run
+    h = HistoryReader(run_dir / "history.sqlite")
+    assert h.count("publications") >= seen

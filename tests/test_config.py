@@ -1,0 +1,86 @@
+"""Config loading: defaults, overrides, and errors that name the field and the value."""
+
+import pytest
+from pydantic import ValidationError
+
+from ensemble.config import load_config
+from ensemble.errors import ConfigError
+
+
+def test_builtin_defaults_are_the_default_job():
+    cfg = load_config()
+    assert (cfg.models.count, cfg.train.epochs, cfg.data.name) == (8, 20, "digits")
+
+
+def test_default_yaml_loads(tmp_path):
+    cfg = load_config("configs/default.yaml")
+    assert cfg.policy.name == "threshold"
+
+
+def test_set_overrides_are_typed(tmp_path):
+    cfg = load_config(
+        None, ["models.count=6", "train.epochs=10", "model.layers=[8, 4]", "policy.merge_above=0.9"]
+    )
+    assert cfg.models.count == 6 and cfg.train.epochs == 10
+    assert cfg.model.layers == [8, 4] and cfg.policy.merge_above == 0.9
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.models.count = 3
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("models:\n  cout: 3\n", r"models\.cout: unknown key"),
+        ("bogus: 1\n", r"bogus: unknown key"),
+        ("models:\n  count: many\n", r"models\.count: .*integer.*'many'"),
+        ("train:\n  lr: -1\n", r"train\.lr: .*greater than 0.*-1"),
+        ("policy:\n  alpha: 1.5\n", r"policy\.alpha: .*1\.5"),
+        (
+            "policy:\n  merge_above: 0.1\n  drift_below: 0.5\n",
+            r"drift_below \(0\.5\) must be <= merge_above \(0\.1\)",
+        ),
+        ("policy:\n  name: greedy\n", r"policy\.name: unknown name 'greedy'.*'none', 'seed'"),
+        ("compat:\n  fn: l2\n", r"compat\.fn: unknown name 'l2'.*'cosine', 'dot', 'rbf'"),
+        ("data:\n  name: mnist\n", r"data\.name: unknown name 'mnist'.*'digits'"),
+        ("model:\n  preset: big\n", r"model\.preset: unknown name 'big'.*'seed-dtnn'"),
+        ("tether:\n  min: 2\n  max: 1\n", r"tether\.min \(2\.0\) must be < tether\.max"),
+        ("job: ../../etc\n", r"job: job name '\.\./\.\./etc' must be"),
+        ("- 1\n- 2\n", r"expected a mapping"),
+        ("models: [\n", r"not valid YAML"),
+    ],
+)
+def test_bad_config_names_field_and_value(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("models.size=3", r"--set models\.size: models has no key 'size'.*'count'"),
+        ("modles.count=3", r"the config has no key 'modles'"),
+        ("models.count.x=3", r"models\.count is not a section"),
+        ("models.count", r"expected dotted\.key=value"),
+        ("models.count=0", r"models\.count: .*greater than or equal to 1.*0"),
+    ],
+)
+def test_bad_set_override(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_default_yaml_equals_builtin_defaults():
+    """`ensemble run` outside a checkout (no configs/) runs the same default job."""
+    assert load_config("configs/default.yaml") == load_config()

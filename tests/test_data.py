@@ -1,0 +1,89 @@
+"""Datasets: digits splits and the seed's text files, with every bad-file case."""
+
+import numpy as np
+import pytest
+
+from ensemble.config import DataConfig
+from ensemble.data import load_dataset
+from ensemble.errors import DataError
+
+
+def test_digits_split_is_fixed_by_seed_and_standardised():
+    a = load_dataset(DataConfig(), seed=3)
+    b = load_dataset(DataConfig(), seed=3)
+    c = load_dataset(DataConfig(), seed=4)
+    total = len(a.y_train) + len(a.y_val) + len(a.y_test)
+    assert total == 1797 and a.features == 64 and a.classes == 10
+    np.testing.assert_array_equal(a.y_test, b.y_test)
+    assert not np.array_equal(a.y_test, c.y_test)
+    np.testing.assert_allclose(a.x_train.mean(0), 0, atol=1e-5)
+    assert set(np.unique(a.y_test)) == set(range(10))
+
+
+def test_synthetic_is_the_seed_noise():
+    d = load_dataset(DataConfig(name="synthetic"), seed=0)
+    assert d.features == 128 and d.x_train.min() >= 0 and d.x_train.max() < 1
+
+
+def text_cfg(tmp_path, **kw):
+    base = dict(
+        name="text",
+        data_file=str(tmp_path / "data.txt"),
+        labels_file=str(tmp_path / "labels.txt"),
+        samples=20,
+        features=3,
+        classes=4,
+    )
+    return DataConfig(**{**base, **kw})
+
+
+def write(tmp_path, data=None, labels=None):
+    rng = np.random.default_rng(0)
+    data = " ".join(map(str, rng.random(60))) if data is None else data
+    labels = " ".join(str(i % 4) for i in range(20)) if labels is None else labels
+    (tmp_path / "data.txt").write_text(data)
+    (tmp_path / "labels.txt").write_text(labels)
+
+
+def test_text_files_load(tmp_path):
+    write(tmp_path)
+    d = load_dataset(text_cfg(tmp_path), seed=0)
+    assert d.features == 3 and len(d.y_train) + len(d.y_val) + len(d.y_test) == 20
+
+
+def test_text_missing_files_created_when_asked(tmp_path):
+    d = load_dataset(text_cfg(tmp_path, create_missing=True), seed=0)
+    assert (tmp_path / "data.txt").is_file() and (tmp_path / "labels.txt").is_file()
+    again = load_dataset(text_cfg(tmp_path), seed=0)
+    np.testing.assert_array_equal(d.x_test, again.x_test)
+
+
+@pytest.mark.parametrize(
+    "data, labels, message",
+    [
+        ("", None, r"data\.txt: data file is empty; expected 60 numbers"),
+        ("1 2 x 4", None, r"data\.txt: data value #3 is 'x', not a number"),
+        ("1 2 3", None, r"data\.txt: data file has 3 numbers, expected 60"),
+        (" ".join(["nan"] * 60), None, r"data\.txt: data value #1 is 'nan'; expected finite"),
+        (None, " ".join(["1"] * 19 + ["9"]), r"labels\.txt: label #20 is 9, expected 0\.\.3"),
+        (None, " ".join(["1"] * 19 + ["-1"]), r"label #20 is -1, expected 0\.\.3"),
+        (None, " ".join(["1.5"] * 20), r"labels\.txt: label #1 is 1\.5, expected an integer"),
+        (None, "1 2", r"labels\.txt: labels file has 2 numbers, expected 20"),
+    ],
+)
+def test_bad_text_files_name_the_file_and_problem(tmp_path, data, labels, message):
+    write(tmp_path, data, labels)
+    with pytest.raises(DataError, match=message):
+        load_dataset(text_cfg(tmp_path), seed=0)
+
+
+def test_missing_text_file(tmp_path):
+    with pytest.raises(DataError, match=r"data\.txt: data file not found"):
+        load_dataset(text_cfg(tmp_path), seed=0)
+
+
+def test_too_few_samples_to_split(tmp_path):
+    (tmp_path / "data.txt").write_text("1 2 3 4 5 6")
+    (tmp_path / "labels.txt").write_text("0 1")
+    with pytest.raises(DataError, match="text: 2 samples are too few to split"):
+        load_dataset(text_cfg(tmp_path, samples=2), seed=0)

@@ -1,0 +1,60 @@
+"""The history file: schema, version checks, records."""
+
+import sqlite3
+
+import pytest
+
+from ensemble.errors import RunDirError
+from ensemble.history import SCHEMA_VERSION, HistoryReader, HistoryWriter
+
+
+def test_writer_initialises_a_file_a_reader_created_empty(tmp_path):
+    path = tmp_path / "history.sqlite"
+    sqlite3.connect(path).close()  # e.g. a reader that opened it before the writer
+    w = HistoryWriter(path, "j", "job: j\n")
+    w.publication(0, 1, 0, 2.3, 0.5)
+    w.close()
+    assert HistoryReader(path).count("publications") == 1
+
+
+def test_publications_are_idempotent_per_model_and_step(tmp_path):
+    w = HistoryWriter(tmp_path / "h.sqlite", "j", "")
+    for _ in range(3):
+        w.publication(0, 5, 0, 1.0, 1.0)
+    w.publication(1, 5, 0, 1.0, 1.0)
+    assert HistoryReader(tmp_path / "h.sqlite").count("publications") == 2
+
+
+def test_round_records_compat_and_pairs(tmp_path):
+    w = HistoryWriter(tmp_path / "h.sqlite", "j", "")
+    rows = [
+        ("merge", 0, 2, "fc1", 0.5, 0.9, "r", 0.8, 0.2, 10, 1, 1),
+        ("merge", 2, 0, "fc1", 0.5, 0.9, "r", 0.8, 0.2, 12, 1, 1),
+    ]
+    rid = w.round(
+        [0, 1, 2], {"fc1": ([0, 1, 2], [[1, 0.3, 0.9], [0.3, 1, 0.4], [0.9, 0.4, 1]])}, rows
+    )
+    h = HistoryReader(tmp_path / "h.sqlite")
+    (d,) = h.decisions()
+    assert (d.round, d.kind, d.model, d.partner, d.compat, d.step) == (rid, "merge", 0, 2, 0.9, 10)
+    assert h.count("compat") == 3 and h.count("instructions") == 2
+    assert h.decisions("drift") == []
+
+
+def test_other_schema_version_is_refused_clearly(tmp_path):
+    path = tmp_path / "h.sqlite"
+    HistoryWriter(path, "j", "").close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(RunDirError, match=f"schema version {SCHEMA_VERSION + 1}.*reads version"):
+        HistoryReader(path)
+    with pytest.raises(RunDirError, match="schema version"):
+        HistoryWriter(path, "j", "")
+
+
+def test_foreign_sqlite_file_is_not_a_history(tmp_path):
+    path = tmp_path / "h.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    with pytest.raises(RunDirError, match="not a tether-ensemble history"):
+        HistoryReader(path)

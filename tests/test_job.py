@@ -1,0 +1,54 @@
+"""A real job on a real local Ray instance, with tiny models."""
+
+import json
+
+import numpy as np
+import pytest
+import ray
+from safetensors.numpy import load_file
+
+from ensemble.driver import NAMESPACE, run_job
+from ensemble.history import HistoryReader
+
+pytestmark = pytest.mark.ray
+
+
+def test_ray_job_writes_run_dir_and_consistent_history(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    seen = []
+
+    def on_progress(p):
+        if not seen:  # the coordinator is a named actor other processes can find
+            seen.append(ray.get_actor(tiny_cfg.job, namespace=NAMESPACE) is not None)
+        seen.append(p["publications"])
+
+    summary = run_job(tiny_cfg, run_dir, on_progress=on_progress, poll_seconds=0.2)
+
+    assert seen[0] is True
+    assert not ray.is_initialized()  # the local instance we started is shut down
+    assert {p.name for p in run_dir.iterdir()} == {
+        "config.yaml",
+        "history.sqlite",
+        "summary.json",
+        "models",
+    }
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == summary
+    for key in ("job", "models", "ensemble", "members", "merges", "drifts", "wall_seconds"):
+        assert key in summary
+    assert summary["models"] == 4 and len(summary["members"]) == 4
+    assert 0 <= summary["ensemble"]["nll"] and 0 <= summary["ensemble"]["accuracy"] <= 1
+    assert summary["ensemble"]["accuracy"] > 0.5  # 2 epochs on digits is far above chance
+
+    h = HistoryReader(run_dir / "history.sqlite")
+    decisions = h.decisions()
+    assert summary["merges"] == sum(d.kind == "merge" for d in decisions)
+    assert summary["drifts"] == sum(d.kind == "drift" for d in decisions)
+    assert summary["merges"] + summary["drifts"] > 0
+    assert h.count("publications") == summary["publications"]
+    assert h.meta()["job"] == tiny_cfg.job
+    assert len(h.events("finished")) == 4
+
+    weights = load_file(str(run_dir / "models" / "model_0.safetensors"))
+    assert weights["layers.fc1.tether"].shape == weights["layers.fc1.linear.weight"].shape
+    assert np.isfinite(weights["layers.out.tether"]).all()
