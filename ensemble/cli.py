@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
 
 from ensemble.errors import EnsembleError
@@ -112,11 +113,19 @@ def run(
             summary = run_job(cfg, target, address)
         else:
             with Live(console=console, refresh_per_second=4, transient=True) as live:
+                shown: dict = {"status": "", "table": None}
+
+                def show(**kw):
+                    shown.update(kw)
+                    table = [shown["table"]] if shown["table"] is not None else []
+                    live.update(Group(Spinner("dots", text=shown["status"]), *table))
+
                 summary = run_job(
                     cfg,
                     target,
                     address,
-                    on_progress=lambda p: live.update(progress_table(p, cfg.train.epochs)),
+                    on_progress=lambda p: show(table=progress_table(p, cfg.train.epochs)),
+                    on_status=lambda message: show(status=f"{cfg.job}: {message}"),
                 )
     except EnsembleError as e:
         fail(str(e))

@@ -76,8 +76,13 @@ def run_job(
     address: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
     poll_seconds: float = 0.5,
+    on_status: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """Run one ensemble job to completion and return its summary dict."""
+    """Run one ensemble job to completion and return its summary dict.
+
+    on_progress gets the coordinator's progress dict while training; on_status gets a line
+    for each phase before that (starting Ray, the coordinator, the workers).
+    """
     data = load_dataset(cfg.data, cfg.seed)  # bad data fails before anything is created
     sizes = model_sizes(cfg, data)
     names = layer_names(len(sizes) - 1)
@@ -88,7 +93,8 @@ def run_job(
     run_dir = claim_run_dir(run_dir, cfg.job)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
-    started = start_ray(address)
+    on_status(f"joining Ray at {address}" if address else "starting a local Ray instance")
+    start_ray(address)
     t0 = time.time()
     handles = None
     try:
@@ -104,9 +110,11 @@ def run_job(
             )
             .remote(cfg, cfg.job, shapes, str(run_dir.resolve()))
         )
+        on_status("starting the coordinator")
         unwrap(lambda: ray.get(coordinator.progress.remote()))  # surfaces __init__ errors
         data_ref = ray.put(data)
         cpus = worker_cpus(cfg)
+        on_status(f"starting {cfg.models.count} workers ({cpus:g} CPU each)")
         cfg_dict = cfg.model_dump(mode="json")
         workers = [
             Worker.options(num_cpus=cpus).remote(m, cfg_dict, data_ref, coordinator)
@@ -117,6 +125,7 @@ def run_job(
         nodes = ray.get([w.node_id.remote() for w in workers])
         for m, node in enumerate(nodes):
             coordinator.record_event.remote("started", m, 0, node=node)
+        on_status("training")
         results = unwrap(lambda: _wait_for(handles, on_progress, poll_seconds))
         progress = ray.get(coordinator.progress.remote())
         ray.get(coordinator.close.remote())
@@ -134,8 +143,7 @@ def run_job(
                 pass
         raise
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()  # stops an instance we started; only disconnects from a joined one
 
 
 def unwrap(call):

@@ -52,3 +52,23 @@ def test_ray_job_writes_run_dir_and_consistent_history(tiny_cfg, tmp_path):
     weights = load_file(str(run_dir / "models" / "model_0.safetensors"))
     assert weights["layers.fc1.tether"].shape == weights["layers.fc1.linear.weight"].shape
     assert np.isfinite(weights["layers.out.tether"]).all()
+
+
+def test_joins_an_existing_cluster_and_leaves_it_running(tiny_cfg, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 2, "include_dashboard": False},
+    )
+    try:
+        summary = run_job(tiny_cfg, tmp_path / "run", address=cluster.address)
+        assert summary["models"] == 4
+        assert (tmp_path / "run" / "summary.json").is_file()
+        # the cluster is someone else's: still up for the next driver
+        ray.init(address=cluster.address)
+        assert ray.cluster_resources().get("CPU") == 2
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
