@@ -1,0 +1,1 @@
+"""Benchmarks of tether-ensemble: `python -m benchmarks --help`. Results in results/."""
