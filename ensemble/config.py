@@ -101,6 +101,18 @@ class CoordinatorConfig(Section):
     round_every: int | None = Field(None, ge=1)  # publications per round; None: one per model
 
 
+class HistoryConfig(Section):
+    generations: str = "all"  # tether snapshots to keep per model: all | every:K | last:N
+
+    @field_validator("generations")
+    @classmethod
+    def _retention(cls, v: str) -> str:
+        from ensemble.history.writer import parse_retention
+
+        parse_retention(v)
+        return v
+
+
 class Config(Section):
     job: str | None = None  # run name; None picks "<data>-<timestamp>"
     seed: int = 0  # seeds data splits, inits and shuffles
@@ -113,6 +125,7 @@ class Config(Section):
     policy: PolicyConfig = PolicyConfig()
     trigger: TriggerConfig = TriggerConfig()
     coordinator: CoordinatorConfig = CoordinatorConfig()
+    history: HistoryConfig = HistoryConfig()
 
     @field_validator("job")
     @classmethod

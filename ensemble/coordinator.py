@@ -43,11 +43,18 @@ def policy_params(cfg: Config) -> PolicyParams:
 class Coordinator:
     def __init__(self, cfg: Config, job: str, shapes: dict[str, tuple[int, int]], run_dir: str):
         self.cfg = cfg
+        self.job = job
         self.count = cfg.models.count
         self.bank = TetherBank(self.count, shapes)
         self.layers = list(cfg.policy.layers or shapes)
         self.policy = make_policy(cfg.policy.name, policy_params(cfg))
-        self.history = HistoryWriter(Path(run_dir) / "history.sqlite", job, dump_config(cfg))
+        self.history = HistoryWriter(
+            Path(run_dir) / "history.sqlite",
+            job,
+            dump_config(cfg),
+            retention=cfg.history.generations,
+        )
+        self.generation = [-1] * self.count  # latest tether generation snapshotted
         self.known = np.zeros(self.count, dtype=bool)  # has published at least once
         self.active = np.ones(self.count, dtype=bool)  # still training
         self.mailbox: dict[int, list[Instruction]] = {m: [] for m in range(self.count)}
@@ -68,7 +75,9 @@ class Coordinator:
         self.step[m], self.epoch[m], self.loss[m] = report.step, report.epoch, report.loss
         if not self.mailbox[m]:  # with mail pending, the bank is already ahead of the report
             self.bank.write(m, report.tethers)
-        self.known[m] = True
+        if not self.known[m]:  # generation 0: the tethers a model starts with
+            self.known[m] = True
+            self.snapshot(m, None)
         self.since_round += 1
         if self.policy.coordinates and self.since_round >= self.round_every():
             self.run_round()
@@ -142,11 +151,19 @@ class Coordinator:
             self.bank.write(ins.model, {ins.layer: new})
             self.mailbox[ins.model].append(ins)
         compat = {layer: (rows.tolist(), v.compat.tolist()) for layer, v in views.items()}
-        self.history.round(rows.tolist(), compat, records)
+        round_id = self.history.round(rows.tolist(), compat, records)
+        for m in sorted({ins.model for ins in decided}):  # a new generation per changed model
+            self.snapshot(m, round_id)
         self.rounds += 1
         self.merges += sum(1 for i in decided if i.kind == "merge") // 2
         self.drifts += sum(1 for i in decided if i.kind == "drift") // 2
         return [ins for ins, _ in out]
+
+    def snapshot(self, model: int, round_id: int | None) -> None:
+        self.generation[model] += 1
+        self.history.generation(
+            model, self.generation[model], round_id, self.step[model], self.bank.tethers(model)
+        )
 
     # --- observers -----------------------------------------------------------------------
     def progress(self) -> dict:

@@ -22,16 +22,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.numpy import save_file
 
 from ensemble.config import Config, dump_config
-from ensemble.coordinator import Coordinator
 from ensemble.data import load_dataset
 from ensemble.errors import ConfigError, EnsembleError
 from ensemble.metrics import ensemble_probs, scores
 from ensemble.model import layer_names
 from ensemble.rundir import claim_run_dir
+from ensemble.service import NAMESPACE, CoordinatorActor, unwrap
 from ensemble.training import MemberResult, model_sizes
 from workers.worker import Worker
-
-NAMESPACE = "tether-ensemble"
 
 
 @dataclass
@@ -99,17 +97,13 @@ def run_job(
     handles = None
     try:
         here = ray.get_runtime_context().get_node_id()
-        coordinator = (
-            ray.remote(Coordinator)
-            .options(
-                name=cfg.job,
-                namespace=NAMESPACE,
-                num_cpus=0,
-                max_concurrency=1,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-            )
-            .remote(cfg, cfg.job, shapes, str(run_dir.resolve()))
-        )
+        coordinator = CoordinatorActor.options(
+            name=cfg.job,
+            namespace=NAMESPACE,
+            num_cpus=0,
+            max_concurrency=1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        ).remote(cfg, cfg.job, shapes, str(run_dir.resolve()))
         on_status("starting the coordinator")
         unwrap(lambda: ray.get(coordinator.progress.remote()))  # surfaces __init__ errors
         data_ref = ray.put(data)
@@ -144,19 +138,6 @@ def run_job(
         raise
     finally:
         ray.shutdown()  # stops an instance we started; only disconnects from a joined one
-
-
-def unwrap(call):
-    """Run `call`; re-raise a user error raised inside an actor as itself, not wrapped."""
-    try:
-        return call()
-    except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None)
-        while cause is not None and not isinstance(cause, EnsembleError):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if isinstance(cause, EnsembleError):
-            raise cause from None
-        raise
 
 
 def _wait_for(h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:

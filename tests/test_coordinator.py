@@ -41,7 +41,7 @@ def test_interleaved_job_records_decisions_and_bank_matches_workers(tiny_cfg, tm
     assert coord.merges == sum(d.kind == "merge" for d in decisions)
     assert h.count("publications") == coord.publications > 0
     assert len(h.events("finished")) == 4
-    assert {(m["model"], m["split"]) for m in h.metrics()} == {
+    assert {(m.model, m.split) for m in h.metrics()} == {
         (m, s) for m in range(4) for s in ("train", "val")
     }
     applied = sum(t.applied for t in trainers)

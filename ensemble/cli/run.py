@@ -1,33 +1,18 @@
-"""The `ensemble` command line."""
+"""`ensemble run`: train an ensemble with a live progress display and a summary."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
 
+from ensemble.cli.common import app, console, fail
 from ensemble.errors import EnsembleError
-
-app = typer.Typer(
-    help="Tethered ensembles: train many small models that merge and drift, over Ray.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def progress_table(p: dict, epochs: int) -> Table:
@@ -139,45 +124,3 @@ def default_config() -> Path | None:
     """configs/default.yaml when run from a checkout, else the built-in defaults."""
     p = Path("configs/default.yaml")
     return p if p.is_file() else None
-
-
-@app.command()
-def history(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/<job>")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
-    kind: Annotated[str | None, typer.Option(help="Only 'merge' or 'drift'")] = None,
-) -> None:
-    """List what merged and drifted, and why: step, models, layer, compatibility."""
-    from ensemble.history import HistoryReader
-    from ensemble.rundir import open_run_dir
-
-    if kind not in (None, "merge", "drift"):
-        fail(f"--kind: expected 'merge' or 'drift', got {kind!r}")
-    try:
-        reader = HistoryReader(open_run_dir(run_dir) / "history.sqlite")
-        decisions = reader.decisions(kind)
-        job = reader.meta().get("job", "?")
-    except EnsembleError as e:
-        fail(str(e))
-    if as_json:
-        sys.stdout.write(json.dumps([d.as_dict() for d in decisions], indent=1) + "\n")
-        return
-    t = Table(title=f"job {job}: {len(decisions)} decisions", title_justify="left")
-    for col in ("round", "kind", "models", "layer", "compat", "step", "epoch", "why"):
-        t.add_column(col)
-    for d in decisions:
-        t.add_row(
-            str(d.round),
-            d.kind,
-            f"{d.model} & {d.partner}",
-            d.layer,
-            f"{d.compat:.4f}",
-            str(d.step),
-            str(d.epoch + 1),
-            d.rule,
-        )
-    console.print(t)
-
-
-if __name__ == "__main__":
-    app()

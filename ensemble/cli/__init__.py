@@ -1,0 +1,8 @@
+"""The `ensemble` command line: one typer app, commands grouped by concern."""
+# isort: skip_file
+
+from ensemble.cli.common import app
+from ensemble.cli import run  # noqa: F401  registers `run` first, so --help lists it first
+from ensemble.cli import query  # noqa: F401  history, lineage, tethers, status
+
+__all__ = ["app"]

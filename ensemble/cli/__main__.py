@@ -1,0 +1,3 @@
+from ensemble.cli import app
+
+app()

@@ -1,0 +1,239 @@
+"""Query commands: history, lineage, tethers, status. Offline from a run directory, or live
+from a running job's coordinator with --address."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.table import Table
+from rich.tree import Tree
+
+from ensemble.cli.common import app, console, fail
+from ensemble.errors import EnsembleError
+
+Source = Annotated[
+    str, typer.Argument(help="A run directory (runs/<job>), or a job name together with --address")
+]
+Address = Annotated[
+    str | None,
+    typer.Option(help="Ask the running job's coordinator on this Ray cluster (host:port)"),
+]
+ModelOpt = Annotated[int, typer.Option("--model", help="Model id")]
+
+
+def open_history(source: str, address: str | None):
+    from ensemble.history import History
+
+    return History.open((address, source) if address else source)
+
+
+def emit(records: list, fmt: str) -> None:
+    rows = [r.as_dict() if hasattr(r, "as_dict") else r for r in records]
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    else:  # csv
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["id"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@app.command()
+def history(
+    source: Source,
+    address: Address = None,
+    kind: Annotated[str | None, typer.Option(help="merge or drift")] = None,
+    model: Annotated[int | None, typer.Option(help="Decisions involving this model")] = None,
+    layer: Annotated[str | None, typer.Option(help="Only this layer, e.g. fc2")] = None,
+    since_step: Annotated[int | None, typer.Option(help="Decided at or after this step")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many")] = None,
+    fmt: Annotated[
+        Literal["table", "json", "csv"], typer.Option("--format", help="table, json or csv")
+    ] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json")] = False,
+    explain: Annotated[
+        int | None, typer.Option(help="Show every input of the decision with this id")
+    ] = None,
+) -> None:
+    """What merged and drifted, and why: one line per pair and layer."""
+    if kind not in (None, "merge", "drift"):
+        fail(f"--kind: expected 'merge' or 'drift', got {kind!r}")
+    fmt = "json" if as_json else fmt
+    try:
+        h = open_history(source, address)
+        if explain is not None:
+            return show_explanation(h.explain(explain), fmt)
+        decisions = h.decisions(
+            kind=kind, model=model, layer=layer, since_step=since_step, limit=limit
+        )
+        job = h.meta().get("job", "?")
+    except EnsembleError as e:
+        fail(str(e))
+    if fmt != "table":
+        return emit(decisions, fmt)
+    t = Table(title=f"job {job}: {len(decisions)} decisions", title_justify="left")
+    for col in ("id", "round", "kind", "models", "layer", "compat", "step", "epoch", "why"):
+        t.add_column(col)
+    for d in decisions:
+        t.add_row(
+            str(d.id),
+            str(d.round),
+            d.kind,
+            f"{d.model} & {d.partner}",
+            d.layer,
+            f"{d.compat:.4f}",
+            str(d.step),
+            str(d.epoch + 1),
+            d.rule,
+        )
+    console.print(t)
+
+
+def show_explanation(x, fmt: str) -> None:
+    if fmt == "json":
+        sys.stdout.write(json.dumps(x.as_dict(), indent=1) + "\n")
+        return
+    d = x.decision
+    console.print(
+        f"[bold]instruction {d.id}[/]: {d.kind} model {d.model} with {d.partner} "
+        f"on {d.layer}, round {d.round}, step {d.step}, epoch {d.epoch + 1}"
+    )
+    console.print(f"rule fired: {x.rule}")
+    console.print(
+        f"thresholds: merge_above {d.merge_above}, drift_below {d.drift_below}; rate {d.rate}"
+    )
+    console.print(f"merges of model {d.model} earlier this epoch: {x.merges_before}")
+    t = Table(
+        title=f"compat of model {d.model} on {d.layer} in round {d.round}", title_justify="left"
+    )
+    t.add_column("with model", justify="right")
+    t.add_column("compat", justify="right")
+    for other, v in x.compat_row.items():
+        mark = "  <- partner" if other == d.partner else ""
+        t.add_row(str(other), f"{v:.4f}{mark}")
+    console.print(t)
+
+
+@app.command()
+def lineage(
+    source: Source,
+    model: ModelOpt,
+    address: Address = None,
+    depth: Annotated[int, typer.Option(min=1, help="Levels of the tree to print")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="The graph as JSON edges")] = False,
+) -> None:
+    """Ancestry of a model: the merges that shaped its tethers, recursively, as a tree."""
+    try:
+        lin = open_history(source, address).lineage(model)
+    except EnsembleError as e:
+        fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(lin.as_dict(), indent=1) + "\n")
+        return
+    tree = Tree(f"[bold]model {model}[/] (now)")
+    grow(tree, lin, model, float("inf"), depth, set())
+    console.print(tree)
+    console.print(f"{len(lin.edges)} merges from {len(lin.ancestors())} other models")
+
+
+def grow(node: Tree, lin, model: int, before: float, depth: int, shown: set) -> None:
+    if depth == 0:
+        if lin.parents(model, before):
+            node.add("…")
+        return
+    for e in lin.parents(model, before):
+        key = (e.partner, e.round)
+        label = (
+            f"model {e.partner} [dim]at round {e.round}, step {e.step}, {e.layer}, "
+            f"compat {e.compat:.3f}[/]"
+        )
+        child = node.add(label + (" [dim](shown above)[/]" if key in shown else ""))
+        if key not in shown:
+            shown.add(key)
+            grow(child, lin, e.partner, e.round, depth - 1, shown)
+
+
+@app.command()
+def tethers(
+    source: Source,
+    model: ModelOpt,
+    address: Address = None,
+    generation: Annotated[int | None, typer.Option(help="Generation; default the latest")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write it here as safetensors")] = None,
+) -> None:
+    """List a model's tether generations, or export one with --out."""
+    try:
+        h = open_history(source, address)
+        gens = h.generations(model)
+        arrays = h.tethers(model, generation) if (out or generation is not None) else None
+    except EnsembleError as e:
+        fail(str(e))
+    if out is not None:
+        from safetensors.numpy import save_file
+
+        save_file(arrays, str(out))
+        console.print(
+            f"model {model} generation "
+            f"{generation if generation is not None else gens[-1].generation} "
+            f"-> {out} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())})"
+        )
+        return
+    t = Table(title=f"model {model}: {len(gens)} tether generations", title_justify="left")
+    for col in ("generation", "round", "step", "kept"):
+        t.add_column(col, justify="right")
+    for g in gens:
+        t.add_row(
+            str(g.generation),
+            "start" if g.round is None else str(g.round),
+            str(g.step),
+            "yes" if g.path else "no",
+        )
+    console.print(t)
+    if arrays:
+        for k, v in arrays.items():
+            console.print(f"{k}: shape {v.shape} mean {v.mean():.4f} std {v.std():.4f}")
+
+
+@app.command()
+def status(
+    address: Annotated[
+        str | None,
+        typer.Option(envvar="RAY_ADDRESS", help="Ray cluster (host:port); default $RAY_ADDRESS"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Running jobs on a cluster: models, steps, rounds, merges, drifts."""
+    from ensemble.service import list_jobs
+
+    if not address:
+        fail("no cluster given: pass --address HOST:PORT or set RAY_ADDRESS")
+    try:
+        jobs = list_jobs(address)
+    except EnsembleError as e:
+        fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(jobs, indent=1) + "\n")
+        return
+    t = Table(title=f"{len(jobs)} running jobs at {address}", title_justify="left")
+    for col in ("job", "state", "models", "min step", "rounds", "merges", "drifts", "run dir"):
+        t.add_column(col)
+    for j in jobs:
+        if "error" in j:
+            t.add_row(j["job"], f"unreachable ({j['error']})", *[""] * 6)
+            continue
+        active = sum(m["active"] for m in j["models"])
+        t.add_row(
+            j["job"],
+            f"running ({active} training)" if active else "finishing",
+            str(len(j["models"])),
+            str(min(m["step"] for m in j["models"])),
+            str(j["rounds"]),
+            str(j["merges"]),
+            str(j["drifts"]),
+            j["run_dir"],
+        )
+    console.print(t)

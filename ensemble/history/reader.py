@@ -1,0 +1,247 @@
+"""Read-only queries over a history file: filters, explanations, lineage, generations."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from ensemble.errors import RunDirError
+from ensemble.history.records import (
+    Decision,
+    Event,
+    Explanation,
+    Generation,
+    Lineage,
+    LineageEdge,
+    Metric,
+    Publication,
+)
+from ensemble.history.schema import check_schema
+
+KINDS = ("merge", "drift")
+DECISION_COLUMNS = (
+    "id, round, kind, model, partner, layer, rate, compat, rule, merge_above,"
+    " drift_below, step, epoch, merges_in_epoch"
+)
+
+
+class HistoryReader:
+    """Queries over one history.sqlite; every method returns plain typed records."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.run_dir = self.path.parent
+        if not self.path.is_file():
+            raise RunDirError(f"{self.path}: history file not found")
+        uri = f"file:{self.path.resolve()}?mode=ro"
+        try:
+            self.conn = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
+        except sqlite3.OperationalError as e:
+            raise RunDirError(f"{self.path}: cannot open history ({e})") from None
+        check_schema(self.conn, self.path)
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM meta"))
+
+    def decisions(
+        self,
+        kind: str | None = None,
+        model: int | None = None,
+        layer: str | None = None,
+        since_step: int | None = None,
+        limit: int | None = None,
+        pairs: bool = True,
+    ) -> list[Decision]:
+        """Merges and drifts in decision order.
+
+        pairs=True gives one record per pair (the lower model id's side); `model` then
+        matches either side. pairs=False gives every delivered instruction.
+        """
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: expected one of {list(KINDS)}")
+        where, args = ["1"], []
+        if pairs:
+            where.append("model < partner")
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if model is not None:
+            where.append("(model = ? OR partner = ?)" if pairs else "model = ?")
+            args += [model, model] if pairs else [model]
+        if layer:
+            where.append("layer = ?")
+            args.append(layer)
+        if since_step is not None:
+            where.append("step >= ?")
+            args.append(since_step)
+        sql = f"SELECT {DECISION_COLUMNS} FROM instructions WHERE {' AND '.join(where)} ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [Decision(*row) for row in self.conn.execute(sql, args)]
+
+    def merges(self, **filters) -> list[Decision]:
+        return self.decisions(kind="merge", **filters)
+
+    def drifts(self, **filters) -> list[Decision]:
+        return self.decisions(kind="drift", **filters)
+
+    def decisions_array(self, **filters) -> np.ndarray:
+        """The same records as a numpy structured array, for analysis."""
+        dtype = [
+            ("id", "i8"),
+            ("round", "i8"),
+            ("kind", "U5"),
+            ("model", "i8"),
+            ("partner", "i8"),
+            ("layer", "U16"),
+            ("compat", "f8"),
+            ("step", "i8"),
+            ("epoch", "i8"),
+        ]
+        rows = [
+            (d.id, d.round, d.kind, d.model, d.partner, d.layer, d.compat, d.step, d.epoch)
+            for d in self.decisions(**filters)
+        ]
+        return np.array(rows, dtype=dtype)
+
+    def publications(
+        self, model: int | None = None, since_step: int | None = None, limit: int | None = None
+    ) -> list[Publication]:
+        where, args = ["1"], []
+        if model is not None:
+            where.append("model = ?")
+            args.append(model)
+        if since_step is not None:
+            where.append("step >= ?")
+            args.append(since_step)
+        sql = (
+            "SELECT id, model, step, epoch, loss, grad_norm, t FROM publications WHERE "
+            + " AND ".join(where)
+            + " ORDER BY id"
+        )
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [Publication(*r) for r in self.conn.execute(sql, args)]
+
+    def events(self, kind: str | None = None, model: int | None = None) -> list[Event]:
+        where, args = ["1"], []
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if model is not None:
+            where.append("model = ?")
+            args.append(model)
+        sql = (
+            "SELECT id, model, kind, step, detail, t FROM events WHERE "
+            + " AND ".join(where)
+            + " ORDER BY id"
+        )
+        return [
+            Event(i, m, k, s, json.loads(d), t) for i, m, k, s, d, t in self.conn.execute(sql, args)
+        ]
+
+    def metrics(self, model: int | None = None) -> list[Metric]:
+        sql = "SELECT model, epoch, split, loss, accuracy FROM metrics"
+        args: list = []
+        if model is not None:
+            sql, args = sql + " WHERE model = ?", [model]
+        return [Metric(*r) for r in self.conn.execute(sql + " ORDER BY model, epoch, split", args)]
+
+    def count(self, table: str) -> int:
+        assert table in {
+            "publications",
+            "rounds",
+            "compat",
+            "instructions",
+            "metrics",
+            "events",
+            "generations",
+        }
+        return self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    def explain(self, instruction_id: int) -> Explanation:
+        row = self.conn.execute(
+            f"SELECT {DECISION_COLUMNS} FROM instructions WHERE id = ?", (instruction_id,)
+        ).fetchone()
+        if row is None:
+            raise RunDirError(f"{self.path}: no instruction with id {instruction_id}")
+        d = Decision(*row)
+        (models_json,) = self.conn.execute(
+            "SELECT models FROM rounds WHERE id = ?", (d.round,)
+        ).fetchone()
+        row_vals = {}
+        for i, j, v in self.conn.execute(
+            "SELECT i, j, value FROM compat WHERE round = ? AND layer = ? AND (i = ? OR j = ?)",
+            (d.round, d.layer, d.model, d.model),
+        ):
+            row_vals[j if i == d.model else i] = v
+        before = d.merges_in_epoch - (1 if d.kind == "merge" else 0)
+        return Explanation(
+            d, json.loads(models_json), dict(sorted(row_vals.items())), before, d.rule
+        )
+
+    def lineage(self, model: int) -> Lineage:
+        """Every merge whose tethers flowed into `model`, recursively back in time."""
+        into: dict[int, list[LineageEdge]] = {}
+        for d in self.decisions(kind="merge", pairs=False):
+            into.setdefault(d.model, []).append(
+                LineageEdge(d.model, d.partner, d.round, d.step, d.layer, d.rate, d.compat)
+            )
+        return build_lineage(model, into)
+
+    def generations(self, model: int) -> list[Generation]:
+        return [
+            Generation(*r)
+            for r in self.conn.execute(
+                "SELECT model, generation, round, step, path FROM generations WHERE model = ?"
+                " ORDER BY generation",
+                (model,),
+            )
+        ]
+
+    def tethers(self, model: int, generation: int | None = None) -> dict[str, np.ndarray]:
+        """One generation's tethers (the latest when None), layer -> array."""
+        gens = self.generations(model)
+        if not gens:
+            raise RunDirError(f"{self.path}: no tether generations for model {model}")
+        if generation is None:
+            generation = gens[-1].generation
+        match = [g for g in gens if g.generation == generation]
+        if not match:
+            raise RunDirError(
+                f"model {model} has no generation {generation}; it has 0..{gens[-1].generation}"
+            )
+        if match[0].path is None:
+            kept = [g.generation for g in gens if g.path is not None]
+            raise RunDirError(
+                f"generation {generation} of model {model} was not kept by the "
+                f"retention setting; kept: {kept}"
+            )
+        return load_file(str(self.run_dir / match[0].path))
+
+    def close(self):
+        self.conn.close()
+
+
+def build_lineage(model: int, into: dict[int, list[LineageEdge]]) -> Lineage:
+    """Walk merges backwards: (m, before round r) pulls in merges into m before r."""
+    explored: dict[int, float] = {}  # model -> the latest bound already explored
+    edges: dict[tuple, LineageEdge] = {}
+    frontier = [(model, math.inf)]
+    while frontier:
+        m, bound = frontier.pop()
+        if explored.get(m, -math.inf) >= bound:
+            continue  # a later bound already covered every earlier merge
+        explored[m] = bound
+        for e in into.get(m, []):
+            if e.round < bound:
+                edges[(e.model, e.partner, e.round, e.layer)] = e
+                frontier.append((e.partner, e.round))
+    return Lineage(model, sorted(edges.values(), key=lambda e: (e.round, e.model, e.layer)))

@@ -1,0 +1,113 @@
+"""Typed records read back from a history."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+class Record:
+    def as_dict(self) -> dict:
+        return asdict(self)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Decision(Record):
+    """One instruction as recorded: `model` received it, naming `partner`."""
+
+    id: int
+    round: int
+    kind: str
+    model: int
+    partner: int
+    layer: str
+    rate: float
+    compat: float
+    rule: str
+    merge_above: float
+    drift_below: float
+    step: int
+    epoch: int
+    merges_in_epoch: int
+
+
+@dataclass(frozen=True)
+class Publication(Record):
+    id: int
+    model: int
+    step: int
+    epoch: int
+    loss: float
+    grad_norm: float
+    t: float
+
+
+@dataclass(frozen=True)
+class Event(Record):
+    id: int
+    model: int | None
+    kind: str
+    step: int | None
+    detail: dict
+    t: float
+
+
+@dataclass(frozen=True)
+class Metric(Record):
+    model: int
+    epoch: int
+    split: str
+    loss: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Generation(Record):
+    """Model `model`'s tethers after its `generation`-th change (0: as first published)."""
+
+    model: int
+    generation: int
+    round: int | None
+    step: int
+    path: str | None  # relative to the run directory; None when retention dropped it
+
+
+@dataclass(frozen=True)
+class Explanation(Record):
+    """Everything a decision was based on."""
+
+    decision: Decision
+    round_models: list[int]
+    compat_row: dict[int, float]  # the model's compat with every model in that round/layer
+    merges_before: int  # merges of the model earlier in that epoch
+    rule: str
+
+
+@dataclass(frozen=True)
+class LineageEdge(Record):
+    """`model`'s tethers (as of `round`) took in `partner`'s on `layer` at that round."""
+
+    model: int
+    partner: int
+    round: int
+    step: int
+    layer: str
+    rate: float
+    compat: float
+
+
+@dataclass(frozen=True)
+class Lineage(Record):
+    """Ancestry of a model: every merge that flowed into it, recursively (a DAG)."""
+
+    model: int
+    edges: list[LineageEdge] = field(default_factory=list)
+
+    def parents(self, model: int, before_round: float) -> list[LineageEdge]:
+        """Merges into `model` strictly before `before_round`, latest first."""
+        return sorted(
+            (e for e in self.edges if e.model == model and e.round < before_round),
+            key=lambda e: -e.round,
+        )
+
+    def ancestors(self) -> set[int]:
+        return {e.partner for e in self.edges} - {self.model}

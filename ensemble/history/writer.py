@@ -1,0 +1,151 @@
+"""The coordinator's single writer: one transaction per call, plus tether generations."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from ensemble.history.schema import SCHEMA, SCHEMA_VERSION, check_schema, connect
+
+
+def parse_retention(spec: str) -> tuple[str, int]:
+    """'all' | 'every:K' | 'last:N' -> (kind, number). Raises ValueError naming the spec."""
+    if spec == "all":
+        return "all", 0
+    kind, _, num = spec.partition(":")
+    if kind in ("every", "last") and num.isdigit() and int(num) >= 1:
+        return kind, int(num)
+    raise ValueError(f"retention {spec!r}: expected 'all', 'every:K' or 'last:N' (K, N >= 1)")
+
+
+def dropped_by_retention(kind: str, n: int, new_generation: int) -> int | None:
+    """Which older generation to delete once `new_generation` is written, if any.
+
+    every:K keeps multiples of K (and always the latest); last:N keeps the newest N.
+    """
+    if kind == "every":
+        prev = new_generation - 1
+        return prev if prev >= 0 and prev % n != 0 else None
+    if kind == "last":
+        old = new_generation - n
+        return old if old >= 0 else None
+    return None
+
+
+class HistoryWriter:
+    def __init__(self, path: str | Path, job: str, config_yaml: str, retention: str = "all"):
+        self.path = Path(path)
+        self.run_dir = self.path.parent
+        self.retention = parse_retention(retention)
+        self.conn = connect(self.path)
+        empty = self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        if empty:  # new, or created empty by a reader that raced us
+            with self.conn:
+                self.conn.executescript(SCHEMA)
+                self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self.conn.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [
+                        ("job", job),
+                        ("schema_version", str(SCHEMA_VERSION)),
+                        ("config", config_yaml),
+                        ("created", str(time.time())),
+                    ],
+                )
+        else:
+            check_schema(self.conn, self.path)
+
+    def publication(self, model: int, step: int, epoch: int, loss: float, grad_norm: float):
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO publications (model, step, epoch, loss, grad_norm, t)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (model, step, epoch, loss, grad_norm, time.time()),
+            )
+
+    def round(
+        self,
+        models: list[int],
+        compat: dict[str, tuple[list[int], list[list[float]]]],
+        rows: list[tuple],
+    ) -> int:
+        """One decision round: the compat matrices it saw and the instructions it gave.
+
+        rows: (kind, model, partner, layer, rate, compat, rule, merge_above, drift_below,
+        step, epoch, merges_in_epoch) per instruction.
+        """
+        now = time.time()
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO rounds (t, models, instructions) VALUES (?, ?, ?)",
+                (now, json.dumps(models), len(rows)),
+            )
+            rid = cur.lastrowid
+            for layer, (ids, mat) in compat.items():
+                self.conn.executemany(
+                    "INSERT INTO compat VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (rid, layer, ids[a], ids[b], mat[a][b])
+                        for a in range(len(ids))
+                        for b in range(a + 1, len(ids))
+                    ],
+                )
+            self.conn.executemany(
+                "INSERT INTO instructions (round, kind, model, partner, layer, rate, compat,"
+                " rule, merge_above, drift_below, step, epoch, merges_in_epoch, t)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(rid, *r, now) for r in rows],
+            )
+        return rid
+
+    def generation(
+        self,
+        model: int,
+        generation: int,
+        round_id: int | None,
+        step: int,
+        tethers: dict[str, np.ndarray],
+    ) -> None:
+        """Snapshot a model's tethers as safetensors, then apply the retention rule."""
+        rel = Path("generations") / f"model_{model}" / f"gen_{generation:06d}.safetensors"
+        target = self.run_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in tethers.items()}, str(tmp))
+        os.replace(tmp, target)  # atomic: a reader never sees half a file
+        drop = dropped_by_retention(*self.retention, generation)
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
+                (model, generation, round_id, step, str(rel), time.time()),
+            )
+            if drop is not None:
+                self.conn.execute(
+                    "UPDATE generations SET path = NULL WHERE model = ? AND generation = ?",
+                    (model, drop),
+                )
+        if drop is not None:
+            old = self.run_dir / "generations" / f"model_{model}" / f"gen_{drop:06d}.safetensors"
+            old.unlink(missing_ok=True)
+
+    def metrics(self, model: int, epoch: int, split: str, loss: float, accuracy: float):
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
+                (model, epoch, split, loss, accuracy, time.time()),
+            )
+
+    def event(self, kind: str, model: int | None = None, step: int | None = None, **detail):
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO events (model, kind, step, detail, t) VALUES (?, ?, ?, ?, ?)",
+                (model, kind, step, json.dumps(detail), time.time()),
+            )
+
+    def close(self):
+        self.conn.close()
