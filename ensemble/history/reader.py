@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import sqlite3
@@ -189,11 +190,12 @@ class HistoryReader:
 
     def lineage(self, model: int) -> Lineage:
         """Every merge whose tethers flowed into `model`, recursively back in time."""
-        into: dict[int, list[LineageEdge]] = {}
-        for d in self.decisions(kind="merge", pairs=False):
-            into.setdefault(d.model, []).append(
-                LineageEdge(d.model, d.partner, d.round, d.step, d.layer, d.rate, d.compat)
-            )
+        into: dict[int, list[tuple]] = {}
+        for r in self.conn.execute(
+            "SELECT model, partner, round, step, layer, rate, compat FROM instructions"
+            " WHERE kind = 'merge' ORDER BY id"
+        ):
+            into.setdefault(r[0], []).append(r)
         return build_lineage(model, into)
 
     def generations(self, model: int) -> list[Generation]:
@@ -230,18 +232,23 @@ class HistoryReader:
         self.conn.close()
 
 
-def build_lineage(model: int, into: dict[int, list[LineageEdge]]) -> Lineage:
-    """Walk merges backwards: (m, before round r) pulls in merges into m before r."""
-    explored: dict[int, float] = {}  # model -> the latest bound already explored
-    edges: dict[tuple, LineageEdge] = {}
-    frontier = [(model, math.inf)]
-    while frontier:
-        m, bound = frontier.pop()
-        if explored.get(m, -math.inf) >= bound:
-            continue  # a later bound already covered every earlier merge
-        explored[m] = bound
-        for e in into.get(m, []):
-            if e.round < bound:
-                edges[(e.model, e.partner, e.round, e.layer)] = e
-                frontier.append((e.partner, e.round))
-    return Lineage(model, sorted(edges.values(), key=lambda e: (e.round, e.model, e.layer)))
+def build_lineage(model: int, into: dict[int, list[tuple]]) -> Lineage:
+    """Walk merges backwards: (m, before round r) pulls in the merges into m before r.
+
+    into: receiver -> rows (model, partner, round, step, layer, rate, compat). Bounds are
+    explored latest first (a heap), so each model is expanded once, at its latest bound.
+    """
+    explored: set[int] = set()
+    edges: list[tuple] = []
+    heap = [(-math.inf, model)]  # (-bound, model)
+    while heap:
+        neg, m = heapq.heappop(heap)
+        if m in explored:
+            continue  # already expanded at a later bound, which covered every earlier merge
+        explored.add(m)
+        for r in into.get(m, []):
+            if r[2] < -neg:
+                edges.append(r)
+                heapq.heappush(heap, (-r[2], r[1]))
+    edges.sort(key=lambda r: (r[2], r[0], r[4]))
+    return Lineage(model, [LineageEdge(*r) for r in edges])

@@ -10,7 +10,7 @@ class Record:
         return asdict(self)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision(Record):
     """One instruction as recorded: `model` received it, naming `partner`."""
 
@@ -30,7 +30,7 @@ class Decision(Record):
     merges_in_epoch: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Publication(Record):
     id: int
     model: int
@@ -41,7 +41,7 @@ class Publication(Record):
     t: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event(Record):
     id: int
     model: int | None
@@ -51,7 +51,7 @@ class Event(Record):
     t: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Metric(Record):
     model: int
     epoch: int
@@ -60,7 +60,7 @@ class Metric(Record):
     accuracy: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Generation(Record):
     """Model `model`'s tethers after its `generation`-th change (0: as first published)."""
 
@@ -71,7 +71,7 @@ class Generation(Record):
     path: str | None  # relative to the run directory; None when retention dropped it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Explanation(Record):
     """Everything a decision was based on."""
 
@@ -82,7 +82,7 @@ class Explanation(Record):
     rule: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LineageEdge(Record):
     """`model`'s tethers (as of `round`) took in `partner`'s on `layer` at that round."""
 
@@ -95,7 +95,7 @@ class LineageEdge(Record):
     compat: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lineage(Record):
     """Ancestry of a model: every merge that flowed into it, recursively (a DAG)."""
 
