@@ -101,6 +101,31 @@ class CoordinatorConfig(Section):
     round_every: int | None = Field(None, ge=1)  # publications per round; None: one per model
 
 
+class DynamicsConfig(Section):
+    mode: Literal["off", "fixed", "entropy"] = "off"  # surge-collapse dynamics per worker
+    sparsity: float = Field(0.5, ge=0, lt=1)  # collapse: fraction of each W set to zero
+    recovery_rate: float = Field(0.1, ge=0)  # surge: std of the noise refilling zeros
+    collapse_every: int = Field(100, ge=1)  # fixed: the seed's collapse period (steps)
+    surge_every: int = Field(200, ge=1)  # fixed: the seed's surge period (steps)
+    bins: int = Field(32, ge=2)  # entropy: histogram bins for activation entropy
+    high_entropy: float = Field(0.9, gt=0, le=1)  # entropy: collapse + energy above this
+    low_entropy: float = Field(0.3, ge=0, lt=1)  # entropy: input noise below this
+    plateau_window: int = Field(20, ge=2)  # entropy: steps over which a plateau is judged
+    plateau_tol: float = Field(0.005, ge=0)  # entropy: plateau if it moved less than this
+    energy: float = Field(0.05, ge=0)  # energy injection: noise as a fraction of std(W)
+    input_noise: float = Field(0.1, ge=0)  # low entropy: std of noise added to inputs
+    noise_steps: int = Field(10, ge=1)  # low entropy: how long the input noise lasts
+    cooldown: int = Field(50, ge=0)  # entropy: steps between two actions
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DynamicsConfig:
+        if self.low_entropy >= self.high_entropy:
+            raise ValueError(
+                f"low_entropy ({self.low_entropy}) must be < high_entropy ({self.high_entropy})"
+            )
+        return self
+
+
 class HistoryConfig(Section):
     generations: str = "all"  # tether snapshots to keep per model: all | every:K | last:N
 
@@ -126,6 +151,7 @@ class Config(Section):
     trigger: TriggerConfig = TriggerConfig()
     coordinator: CoordinatorConfig = CoordinatorConfig()
     history: HistoryConfig = HistoryConfig()
+    dynamics: DynamicsConfig = DynamicsConfig()
 
     @field_validator("job")
     @classmethod

@@ -31,6 +31,7 @@ class TetherReport:
     loss: float
     grad_norm: float
     tethers: dict[str, np.ndarray]  # layer -> (out, in) float32
+    probes: dict[str, float] | None = None  # probe1, probe2, entropy, sparsity (for plots)
 
 
 def policy_params(cfg: Config) -> PolicyParams:
@@ -70,7 +71,9 @@ class Coordinator:
     def publish(self, report: TetherReport) -> list[Instruction]:
         """Record a publication, maybe run a round, and return the model's pending mail."""
         m = report.model
-        self.history.publication(m, report.step, report.epoch, report.loss, report.grad_norm)
+        self.history.publication(
+            m, report.step, report.epoch, report.loss, report.grad_norm, report.probes
+        )
         self.publications += 1
         self.step[m], self.epoch[m], self.loss[m] = report.step, report.epoch, report.loss
         if not self.mailbox[m]:  # with mail pending, the bank is already ahead of the report

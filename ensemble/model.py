@@ -77,9 +77,27 @@ class TetheredMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_hidden(x)[0]
+
+    def forward_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and every hidden layer's post-ReLU activations, (B, H_l) each."""
+        hidden = []
         for name in self.names[:-1]:
             x = torch.relu(self.layers[name](x))
-        return self.layers[self.names[-1]](x)
+            hidden.append(x)
+        return self.layers[self.names[-1]](x), hidden
+
+    def weight_matrices(self) -> dict[str, torch.Tensor]:
+        """layer -> W (the trained weight, not W * T): what surge-collapse acts on."""
+        return {n: self.layers[n].linear.weight for n in self.names}
+
+    def probes(self) -> tuple[float, float]:
+        """The seed's tracked weights: fc1.weight[0, 0] and the second layer's [0, 0]."""
+        first, second = self.names[0], self.names[1]
+        return (
+            float(self.layers[first].linear.weight[0, 0]),
+            float(self.layers[second].linear.weight[0, 0]),
+        )
 
     def tether_shapes(self) -> dict[str, tuple[int, int]]:
         return {n: tuple(self.layers[n].tether.shape) for n in self.names}

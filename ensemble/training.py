@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ensemble.config import Config
 from ensemble.coordinator import TetherReport, apply_instruction
 from ensemble.data import Dataset
+from ensemble.dynamics import Action, SurgeCollapse, activation_entropy
 from ensemble.model import TetheredMLP, hidden_sizes
 from ensemble.policy import Instruction
 from ensemble.triggers import make_trigger
@@ -87,6 +88,10 @@ class Trainer:
         self.x, self.y = torch.tensor(x), torch.tensor(y)  # own, writable copies
         self.step = 0
         self.applied = 0
+        on = cfg.dynamics.mode != "off"
+        self.dynamics = SurgeCollapse(cfg.dynamics, seed) if on else None
+        self.entropy: float | None = None  # latest mean activation entropy
+        self.actions: list[Action] = []  # surge-collapse actions not yet reported
 
     def batches(self):
         perm = torch.randperm(len(self.x), generator=self.gen)
@@ -97,13 +102,22 @@ class Trainer:
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, float]:
         self.model.train()
-        loss = F.cross_entropy(self.model(xb), yb)
+        dyn = self.dynamics
+        if dyn is not None:
+            xb = dyn.input_noise(self.step + 1, xb)
+        logits, hidden = self.model.forward_hidden(xb)
+        loss = F.cross_entropy(logits, yb)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads))
         self.opt.step()
         self.step += 1
+        if dyn is not None:
+            bins = self.cfg.dynamics.bins
+            ents = [activation_entropy(h, bins) for h in hidden]
+            self.entropy = sum(ents) / len(ents) if ents else None
+            self.actions += dyn.act(self.step, self.model.weight_matrices(), ents)
         return float(loss.detach()), grad_norm
 
     def apply(self, instructions: list[Instruction]) -> None:
@@ -129,7 +143,15 @@ class Trainer:
         return float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).float().mean())
 
     def report(self, epoch: int, loss: float, grad_norm: float) -> TetherReport:
-        return TetherReport(self.id, self.step, epoch, loss, grad_norm, self.model.export_tethers())
+        return TetherReport(
+            self.id, self.step, epoch, loss, grad_norm, self.model.export_tethers(), self.probes()
+        )
+
+    def probes(self) -> dict[str, float | None]:
+        p1, p2 = self.model.probes()
+        ws = self.model.weight_matrices().values()
+        zeros = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+        return {"probe1": p1, "probe2": p2, "entropy": self.entropy, "sparsity": zeros}
 
     def run(self, link: Link) -> MemberResult:
         """Train every epoch, publishing on trigger and applying instructions as they come."""
@@ -148,6 +170,9 @@ class Trainer:
         for epoch in range(self.cfg.train.epochs):
             for xb, yb in self.batches():
                 loss, grad_norm = self.train_step(xb, yb)
+                for a in self.actions:  # failures and dynamics are data: record them
+                    link.tell("record_event", a.kind, self.id, a.step, **a.detail)
+                self.actions = []
                 if inflight is not None and link.ready(inflight):
                     self.apply(link.get(inflight))
                     inflight = None

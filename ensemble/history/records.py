@@ -39,6 +39,10 @@ class Publication(Record):
     loss: float
     grad_norm: float
     t: float
+    probe1: float | None  # the seed's tracked weight fc1.weight[0, 0]
+    probe2: float | None  # and the second layer's weight[0, 0]
+    entropy: float | None  # mean normalised activation entropy (surge-collapse on)
+    sparsity: float | None  # fraction of exactly-zero weights
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE publications (
     id INTEGER PRIMARY KEY, model INTEGER NOT NULL, step INTEGER NOT NULL,
     epoch INTEGER NOT NULL, loss REAL, grad_norm REAL, t REAL NOT NULL,
+    probe1 REAL, probe2 REAL, entropy REAL, sparsity REAL,
     UNIQUE (model, step));
 CREATE TABLE rounds (
     id INTEGER PRIMARY KEY, t REAL NOT NULL, models TEXT NOT NULL, instructions INTEGER NOT NULL);

@@ -60,12 +60,33 @@ class HistoryWriter:
         else:
             check_schema(self.conn, self.path)
 
-    def publication(self, model: int, step: int, epoch: int, loss: float, grad_norm: float):
+    def publication(
+        self,
+        model: int,
+        step: int,
+        epoch: int,
+        loss: float,
+        grad_norm: float,
+        probes: dict | None = None,
+    ):
+        """probes: the seed's tracked weights (probe1, probe2), entropy, sparsity."""
+        p = probes or {}
         with self.conn:
             self.conn.execute(
-                "INSERT OR IGNORE INTO publications (model, step, epoch, loss, grad_norm, t)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (model, step, epoch, loss, grad_norm, time.time()),
+                "INSERT OR IGNORE INTO publications (model, step, epoch, loss, grad_norm, t,"
+                " probe1, probe2, entropy, sparsity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    model,
+                    step,
+                    epoch,
+                    loss,
+                    grad_norm,
+                    time.time(),
+                    p.get("probe1"),
+                    p.get("probe2"),
+                    p.get("entropy"),
+                    p.get("sparsity"),
+                ),
             )
 
     def round(
