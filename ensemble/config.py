@@ -126,6 +126,13 @@ class DynamicsConfig(Section):
         return self
 
 
+class PeerConfig(Section):
+    name: str  # a label for the history
+    layer: str  # the layer whose tether the file holds, e.g. fc2
+    file: str  # whitespace-separated floats, (out x in) of that layer
+    create_missing: bool = False  # write a U[0,1) tether when absent, as the seed does
+
+
 class HistoryConfig(Section):
     generations: str = "all"  # tether snapshots to keep per model: all | every:K | last:N
 
@@ -152,6 +159,7 @@ class Config(Section):
     coordinator: CoordinatorConfig = CoordinatorConfig()
     history: HistoryConfig = HistoryConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
+    peers: list[PeerConfig] = []  # fixed external tethers, the seed's other model
 
     @field_validator("job")
     @classmethod

@@ -18,7 +18,10 @@ from ensemble import maths
 from ensemble.compat import TetherBank
 from ensemble.config import Config, dump_config
 from ensemble.history import HistoryWriter
+from ensemble.metrics import ensemble_probs, scores
 from ensemble.policy import Instruction, LayerView, PolicyParams, make_policy
+
+ENSEMBLE = -1  # the model id under which ensemble metrics are recorded
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,31 @@ def policy_params(cfg: Config) -> PolicyParams:
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, job: str, shapes: dict[str, tuple[int, int]], run_dir: str):
+    def __init__(
+        self,
+        cfg: Config,
+        job: str,
+        shapes: dict[str, tuple[int, int]],
+        run_dir: str,
+        peers: dict[str, tuple[str, np.ndarray]] | None = None,
+        val_labels: np.ndarray | None = None,
+    ):
+        """peers: name -> (layer, tether): fixed, non-training tethers that take part in
+        compatibility and decisions on their layer but never change (the seed's external
+        `tether_other_model.txt`). They get the model ids after the trained models.
+        val_labels: the validation split's labels, to score the ensemble every epoch."""
         self.cfg = cfg
         self.job = job
         self.count = cfg.models.count
-        self.bank = TetherBank(self.count, shapes)
+        peers = peers or {}
+        self.bank = TetherBank(self.count + len(peers), shapes)
+        self.peer_rows: dict[str, list[int]] = {}
+        self.peer_names: dict[int, str] = {}
+        for k, (name, (layer, tether)) in enumerate(peers.items()):
+            pid = self.count + k
+            self.bank.write(pid, {layer: tether})
+            self.peer_rows.setdefault(layer, []).append(pid)
+            self.peer_names[pid] = name
         self.layers = list(cfg.policy.layers or shapes)
         self.policy = make_policy(cfg.policy.name, policy_params(cfg))
         self.history = HistoryWriter(
@@ -64,6 +87,8 @@ class Coordinator:
         self.loss = [math.nan] * self.count
         self.val_acc = [math.nan] * self.count
         self.per_epoch: dict[tuple[str, int, int], int] = {}  # (kind, model, epoch) -> count
+        self.val_labels = val_labels
+        self.val_probs: dict[int, dict[int, np.ndarray]] = {}  # epoch -> model -> (N, C)
         self.since_round = 0
         self.rounds = self.merges = self.drifts = self.publications = 0
 
@@ -95,6 +120,17 @@ class Coordinator:
         if split == "val":
             self.val_acc[model] = acc
 
+    def record_val_probs(self, model: int, epoch: int, probs: np.ndarray) -> None:
+        """Once every model has reported an epoch, record the ensemble's score (model -1)."""
+        if self.val_labels is None:
+            return
+        got = self.val_probs.setdefault(epoch, {})
+        got[model] = probs
+        if len(got) == self.count:
+            s = scores(ensemble_probs(list(got.values())), self.val_labels)
+            self.history.metrics(ENSEMBLE, epoch, "val", s["nll"], s["accuracy"])
+            del self.val_probs[epoch]
+
     def record_event(self, kind: str, model: int | None = None, step: int | None = None, **detail):
         self.history.event(kind, model, step, **detail)
 
@@ -107,59 +143,68 @@ class Coordinator:
 
     # --- decisions -----------------------------------------------------------------------
     def round_every(self) -> int:
-        return self.cfg.coordinator.round_every or max(2, int(self.active.sum()))
+        return self.cfg.coordinator.round_every or max(1, int(self.active.sum()))
 
     def run_round(self) -> list[Instruction]:
         self.since_round = 0
-        rows = np.flatnonzero(self.known & self.active)
-        if len(rows) < 2:
-            return []
+        models = np.flatnonzero(self.known & self.active)
         views = {}
-        for layer in self.layers:
-            c, sq = self.bank.compat(layer, self.cfg.compat.fn, rows, self.cfg.compat.normalize)
-            views[layer] = LayerView(rows, c, sq)
+        for layer in self.layers:  # fixed peers join the layer their tether belongs to
+            rows = np.concatenate([models, self.peer_rows.get(layer, [])]).astype(np.int64)
+            if len(rows) >= 2:
+                c, sq = self.bank.compat(layer, self.cfg.compat.fn, rows, self.cfg.compat.normalize)
+                views[layer] = LayerView(rows, c, sq)
+        if not views:
+            return []
         counts = {
             (kind, int(m)): self.per_epoch.get((kind, int(m), self.epoch[m]), 0)
-            for m in rows
+            for m in models
             for kind in ("merge", "drift")
         }
-        decided = self.policy.decide(views, counts)
-        # Every instructed model is also a partner: snapshot pre-round rows, then apply.
-        pre = {(i.model, i.layer): self.bank.row(i.model, i.layer).copy() for i in decided}
+        # Peers are fixed: instructions addressed to them are not given.
+        decided = [i for i in self.policy.decide(views, counts) if i.model < self.count]
+        # Snapshot pre-round rows of everyone involved, then apply.
+        pre = {
+            (m, i.layer): self.bank.row(m, i.layer).copy()
+            for i in decided
+            for m in (i.model, i.partner)
+        }
         lo, hi = self.cfg.tether.min, self.cfg.tether.max
         out, records = [], []
         for ins in decided:
             ins = replace(ins, partner_tether=pre[(ins.partner, ins.layer)])
             new = apply_instruction(pre[(ins.model, ins.layer)], ins, lo, hi)
-            key = (ins.kind, ins.model, self.epoch[ins.model])
-            self.per_epoch[key] = self.per_epoch.get(key, 0) + 1
+            m, epoch = ins.model, self.epoch[ins.model]
+            self.per_epoch[(ins.kind, m, epoch)] = self.per_epoch.get((ins.kind, m, epoch), 0) + 1
+            p = self.cfg.policy
             records.append(
                 (
                     ins.kind,
-                    ins.model,
+                    m,
                     ins.partner,
                     ins.layer,
                     ins.rate,
                     ins.compat,
                     ins.rule,
-                    self.cfg.policy.merge_above,
-                    self.cfg.policy.drift_below,
-                    self.step[ins.model],
-                    self.epoch[ins.model],
-                    self.per_epoch.get(("merge", ins.model, self.epoch[ins.model]), 0),
+                    p.merge_above,
+                    p.drift_below,
+                    self.step[m],
+                    epoch,
+                    self.per_epoch.get(("merge", m, epoch), 0),
                 )
             )
             out.append((ins, new))
         for ins, new in out:
             self.bank.write(ins.model, {ins.layer: new})
             self.mailbox[ins.model].append(ins)
-        compat = {layer: (rows.tolist(), v.compat.tolist()) for layer, v in views.items()}
-        round_id = self.history.round(rows.tolist(), compat, records)
+        compat = {layer: (v.models.tolist(), v.compat.tolist()) for layer, v in views.items()}
+        round_id = self.history.round(models.tolist(), compat, records)
         for m in sorted({ins.model for ins in decided}):  # a new generation per changed model
             self.snapshot(m, round_id)
         self.rounds += 1
-        self.merges += sum(1 for i in decided if i.kind == "merge") // 2
-        self.drifts += sum(1 for i in decided if i.kind == "drift") // 2
+        once = [i for i in decided if i.partner >= self.count or i.model < i.partner]
+        self.merges += sum(i.kind == "merge" for i in once)
+        self.drifts += sum(i.kind == "drift" for i in once)
         return [ins for ins, _ in out]
 
     def snapshot(self, model: int, round_id: int | None) -> None:

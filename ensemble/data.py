@@ -170,3 +170,26 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
             f"data.name: unknown dataset {cfg.name!r}; choose one of {sorted(DATASETS)}"
         )
     return DATASETS[cfg.name](cfg, seed)
+
+
+def load_peer_tethers(
+    peers, shapes: dict[str, tuple[int, int]], seed: int
+) -> dict[str, tuple[str, np.ndarray]]:
+    """Fixed external tethers (config `peers`): name -> (layer, (out, in) float32 array)."""
+    out = {}
+    for k, peer in enumerate(peers):
+        if peer.layer not in shapes:
+            raise DataError(
+                f"peers[{k}].layer: unknown layer {peer.layer!r}; the model has {list(shapes)}"
+            )
+        shape = shapes[peer.layer]
+        path = Path(peer.file)
+        if peer.create_missing and not path.exists():  # the seed's input_tether: U[0,1)
+            write_numbers(path, np.random.default_rng(seed + k).random(shape, dtype=np.float32))
+        n = shape[0] * shape[1]
+        try:
+            values = read_numbers(path, n, "tether")
+        except DataError as e:
+            raise DataError(f"{e} ({peer.layer} is {shape[0]}x{shape[1]})") from None
+        out[peer.name] = (peer.layer, values.reshape(shape).astype(np.float32))
+    return out

@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.numpy import save_file
 
 from ensemble.config import Config, dump_config
-from ensemble.data import load_dataset
+from ensemble.data import load_dataset, load_peer_tethers
 from ensemble.errors import ConfigError, EnsembleError
 from ensemble.metrics import ensemble_probs, scores
 from ensemble.model import layer_names
@@ -88,6 +88,7 @@ def run_job(
     if unknown:
         raise ConfigError(f"policy.layers: unknown layers {sorted(unknown)}; model has {names}")
     shapes = {n: (o, i) for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)}
+    peers = load_peer_tethers(cfg.peers, shapes, cfg.seed)  # bad tether files fail here too
     run_dir = claim_run_dir(run_dir, cfg.job)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
@@ -103,7 +104,7 @@ def run_job(
             num_cpus=0,
             max_concurrency=1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-        ).remote(cfg, cfg.job, shapes, str(run_dir.resolve()))
+        ).remote(cfg, cfg.job, shapes, str(run_dir.resolve()), peers, data.y_val)
         on_status("starting the coordinator")
         unwrap(lambda: ray.get(coordinator.progress.remote()))  # surfaces __init__ errors
         data_ref = ray.put(data)

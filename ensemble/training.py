@@ -190,6 +190,7 @@ class Trainer:
                 "val": (self.data.x_val, self.data.y_val),
             }.items():
                 link.tell("record_metrics", self.id, epoch, split, *self.evaluate(x, y))
+            link.tell("record_val_probs", self.id, epoch, self.predict_proba(self.data.x_val))
         if inflight is not None:
             self.apply(link.get(inflight))
         self.apply(link.get(link.call("finish", self.id, self.step)))
