@@ -27,18 +27,20 @@ from benchmarks import common
 class Bench:
     name: str  # module benchmarks.<name>, with run(size) -> (cases, notes, params)
     default: bool  # in the default subset (must finish in under 10 minutes in all)
+    ray: bool  # starts local Ray instances (its smoke test is marked `ray`)
     what: str
 
 
 REGISTRY = [
-    Bench("compat", True, "coordinator Gram vs the seed's pair loop and the roofline"),
-    Bench("tether_cost", True, "tethered MLP forward+backward vs a plain MLP"),
-    Bench("overhead", True, "the default job with coordination on vs off (Ray)"),
-    Bench("pbt", False, "Ray Tune Population Based Training vs our job (needs the bench extra)"),
+    Bench("compat", True, False, "coordinator Gram vs the seed's pair loop and the roofline"),
+    Bench("tether_cost", True, False, "tethered MLP forward+backward vs a plain MLP"),
+    Bench("history_query", True, False, "history queries with vs without indexes"),
+    Bench("overhead", True, True, "the default job with coordination on vs off"),
+    Bench("pbt", False, True, "Ray Tune PBT vs our job (needs the bench extra)"),
     # Planned, once stacked workers exist (several models per worker, one stacked forward);
-    # they are not in ensemble/ or workers/ yet:
-    # Bench("worker_throughput", True, "steps/s of a stacked worker vs a bare stacked loop"),
-    # Bench("scale", False, "256 models: wall time and coordinator round time vs M=8"),
+    # neither is in ensemble/ or workers/ yet:
+    # Bench("worker_throughput", True, True, "stacked worker steps/s vs a bare stacked loop"),
+    # Bench("scale", False, True, "256 models: wall and round time per model vs M=8"),
 ]
 BY_NAME = {b.name: b for b in REGISTRY}
 

@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from benchmarks.common import case, ratios, side_by_side, spread
 from ensemble.compat import TetherBank
 
-TARGET_POINT = (64, 13_000)  # about the seed-dtnn tether size (64x64 + 64x64 + 10x64 + ...)
+TARGET_POINT = (64, 13_000)  # ~ all tethers of the seed Net 128-64-64-10: 8192+4096+640
 GRIDS = {
     "tiny": {
         "M": [4, 8],
@@ -34,21 +34,13 @@ GRIDS = {
     "default": {
         "M": [8, 64, 256],
         "P": [4096, 100_000, 1_000_000],
-        "skip": [(256, 1_000_000)],  # ~0.9 s per Gram and 1 GiB: --full only
-        "extra": [TARGET_POINT],
-        "repeats": 7,
-        "probe_mib": 512,
-        "n": 2048,
-    },
-    "full": {
-        "M": [8, 64, 256],
-        "P": [4096, 100_000, 1_000_000],
         "extra": [TARGET_POINT],
         "repeats": 7,
         "probe_mib": 512,
         "n": 2048,
     },
 }
+GRIDS["full"] = {**GRIDS["default"], "repeats": 15}
 PAIR_LOOP_BUDGET = 2e8  # elements multiplied per timed pair loop; beyond this, sample pairs
 
 
@@ -147,8 +139,7 @@ def one_point(m: int, p: int, roof: dict, repeats: int) -> list[dict]:
 
 def run(size: str) -> tuple[list[dict], list[str], dict]:
     grid = GRIDS[size]
-    points = [(m, p) for m in grid["M"] for p in grid["P"] if (m, p) not in grid.get("skip", [])]
-    points = sorted(set(points) | set(grid["extra"]))
+    points = sorted({(m, p) for m in grid["M"] for p in grid["P"]} | set(grid["extra"]))
     notes = [
         "BLAS limited to 1 thread (threadpoolctl), torch to 1 thread: as in the coordinator.",
         "Roofline bound = max(bytes / bandwidth, flops / peak); bandwidth = best of sum, copy "
@@ -157,8 +148,6 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
         f"{PAIR_LOOP_BUDGET:.0e} multiplied elements, a fixed random sample of pairs is timed "
         "and the time scaled up by pairs/sample (details.extrapolated).",
     ]
-    if grid.get("skip"):
-        notes.append(f"Skipped at this size (run --full): {grid['skip']}.")
     with threadpool_limits(1):
         t0 = time.perf_counter()
         roof = roofline(grid["probe_mib"], grid["n"], grid["repeats"])

@@ -109,5 +109,16 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
         f"{[round(x['ensemble']['accuracy'], 4) for x in on]}, off "
         f"{[round(x['ensemble']['accuracy'], 4) for x in off]}.",
     ]
-    params = {"repeats": cfg["repeats"], "overrides": modes, "steps_per_member": on[0]["steps"]}
+    from ensemble.config import load_config
+
+    base = load_config(None, cfg["set"])
+    params = {
+        "repeats": cfg["repeats"],
+        "overrides": modes,
+        "models": base.models.count,
+        "epochs": base.train.epochs,
+        "trigger": base.trigger.name,
+        "policy_on": base.policy.name,
+        "steps_per_member": on[0]["steps"],
+    }
     return cases, notes, params

@@ -119,7 +119,9 @@ def run_pbt(cfg: dict, data, cpus_per_member: float) -> dict:
                     storage_path=storage,
                     verbose=0,
                     stop={"training_iteration": cfg["epochs"]},
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=None
+                    ),  # PBT exploits old ones
                     failure_config=tune.FailureConfig(fail_fast=True),
                 ),
             )
