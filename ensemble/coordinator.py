@@ -131,8 +131,14 @@ class Coordinator:
             self.history.metrics(ENSEMBLE, epoch, "val", s["nll"], s["accuracy"])
             del self.val_probs[epoch]
 
-    def record_event(self, kind: str, model: int | None = None, step: int | None = None, **detail):
-        self.history.event(kind, model, step, **detail)
+    def record_event(
+        self,
+        kind: str,
+        model: int | None = None,
+        step: int | None = None,
+        detail: dict | None = None,
+    ):
+        self.history.event(kind, model, step, **(detail or {}))
 
     def finish(self, model: int, step: int) -> list[Instruction]:
         """The model stops training: no further decisions involve it; hand over its mail."""

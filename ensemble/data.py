@@ -26,6 +26,8 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: int
+    mean: np.ndarray | None = None  # standardisation of raw inputs, from the train split
+    std: np.ndarray | None = None
 
     @property
     def features(self) -> int:
@@ -56,6 +58,7 @@ def split(
     x_train, x_val, y_train, y_val = train_test_split(
         x_rest, y_rest, test_size=n_val, random_state=seed, stratify=y_rest if strat else None
     )
+    mu = sd = None
     if standardise:  # statistics of the training split only
         mu, sd = x_train.mean(0), x_train.std(0)
         sd = np.where(sd > 0, sd, 1.0)
@@ -63,7 +66,16 @@ def split(
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
     return Dataset(
-        name, f32(x_train), i64(y_train), f32(x_val), i64(y_val), f32(x_test), i64(y_test), classes
+        name,
+        f32(x_train),
+        i64(y_train),
+        f32(x_val),
+        i64(y_val),
+        f32(x_test),
+        i64(y_test),
+        classes,
+        None if mu is None else f32(mu),
+        None if sd is None else f32(sd),
     )
 
 

@@ -119,13 +119,13 @@ def run_job(
         # Barrier: every worker constructed before any trains, so they overlap in time.
         nodes = ray.get([w.node_id.remote() for w in workers])
         for m, node in enumerate(nodes):
-            coordinator.record_event.remote("started", m, 0, node=node)
+            coordinator.record_event.remote("started", m, 0, {"node": node})
         on_status("training")
         results = unwrap(lambda: _wait_for(handles, on_progress, poll_seconds))
         progress = ray.get(coordinator.progress.remote())
         ray.get(coordinator.close.remote())
         summary = summarise(cfg, data, results, progress, time.time() - t0)
-        save_members(run_dir, results)
+        save_members(run_dir, results, data)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     except BaseException:
@@ -180,11 +180,19 @@ def summarise(cfg: Config, data, results: list[MemberResult], progress: dict, wa
     }
 
 
-def save_members(run_dir: Path, results: list[MemberResult]) -> None:
+def save_members(run_dir: Path, results: list[MemberResult], data) -> None:
+    """models/model_<i>.safetensors per member, and preprocess.safetensors: the input
+    standardisation (empty when the data is used raw), so predictions take raw inputs."""
     out = run_dir / "models"
     tmp = run_dir / "models.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for r in results:
         save_file(r.weights, str(tmp / f"model_{r.model}.safetensors"))
+    pre = {} if data.mean is None else {"mean": data.mean, "std": data.std}
+    save_file(
+        pre,
+        str(tmp / "preprocess.safetensors"),
+        metadata={"features": str(data.features), "classes": str(data.classes)},
+    )
     tmp.rename(out)

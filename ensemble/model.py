@@ -95,8 +95,8 @@ class TetheredMLP(nn.Module):
         """The seed's tracked weights: fc1.weight[0, 0] and the second layer's [0, 0]."""
         first, second = self.names[0], self.names[1]
         return (
-            float(self.layers[first].linear.weight[0, 0]),
-            float(self.layers[second].linear.weight[0, 0]),
+            float(self.layers[first].linear.weight[0, 0].detach()),
+            float(self.layers[second].linear.weight[0, 0].detach()),
         )
 
     def tether_shapes(self) -> dict[str, tuple[int, int]]:

@@ -171,7 +171,7 @@ class Trainer:
             for xb, yb in self.batches():
                 loss, grad_norm = self.train_step(xb, yb)
                 for a in self.actions:  # failures and dynamics are data: record them
-                    link.tell("record_event", a.kind, self.id, a.step, **a.detail)
+                    link.tell("record_event", a.kind, self.id, a.step, a.detail)
                 self.actions = []
                 if inflight is not None and link.ready(inflight):
                     self.apply(link.get(inflight))

@@ -237,3 +237,80 @@ def status(
             j["run_dir"],
         )
     console.print(t)
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/<job>")],
+    animate: Annotated[bool, typer.Option(help="Also write the orbit plot as a GIF")] = False,
+) -> None:
+    """Draw the job's pictures from its history into RUN_DIR/plots/."""
+    from ensemble.history import History
+    from ensemble.plots import plot_all
+
+    try:
+        h = History.open(run_dir)
+        made = plot_all(h, Path(run_dir) / "plots", animate=animate)
+    except EnsembleError as e:
+        fail(str(e))
+    for p in made:
+        console.print(f"wrote {p}")
+
+
+@app.command(name="eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Score members and ensemble on the test split: accuracy, NLL, ECE, diversity."""
+    from ensemble.inference import Ensemble
+    from ensemble.rundir import open_run_dir
+
+    try:
+        report = Ensemble.load(open_run_dir(run_dir)).evaluate()
+    except EnsembleError as e:
+        fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        return
+    t = Table(title=f"{run_dir}: {report['test_samples']} test samples", title_justify="left")
+    for col in ("member", "accuracy", "NLL", "ECE"):
+        t.add_column(col, justify="right")
+    for m in report["members"]:
+        t.add_row(str(m["model"]), f"{m['accuracy']:.4f}", f"{m['nll']:.4f}", f"{m['ece']:.4f}")
+    e = report["ensemble"]
+    t.add_section()
+    t.add_row(
+        "[bold]ensemble",
+        f"[bold]{e['accuracy']:.4f}",
+        f"[bold]{e['nll']:.4f}",
+        f"[bold]{e['ece']:.4f}",
+    )
+    t.caption = (
+        f"diversity: mean pairwise disagreement {report['disagreement']:.4f}, "
+        f"mean pairwise KL {report['pairwise_kl']:.4f}"
+    )
+    console.print(t)
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
+    input: Annotated[Path, typer.Option("--input", help="x.npy, x.csv or x.txt, a row each")],
+    output: Annotated[Path, typer.Option("--output", help="CSV: p0..pC-1 and label")],
+) -> None:
+    """Class probabilities and labels for new inputs (raw features, as in the dataset)."""
+    from ensemble.inference import Ensemble, read_inputs
+    from ensemble.rundir import open_run_dir
+
+    try:
+        ens = Ensemble.load(open_run_dir(run_dir))
+        probs = ens.predict_proba(read_inputs(input), source=str(input))
+    except EnsembleError as e:
+        fail(str(e))
+    with open(output, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*(f"p{c}" for c in range(probs.shape[1])), "label"])
+        for row in probs:
+            w.writerow([*(f"{v:.6g}" for v in row), int(row.argmax())])
+    console.print(f"wrote {len(probs)} predictions to {output}")

@@ -122,9 +122,8 @@ class HistoryReader:
             where.append("step >= ?")
             args.append(since_step)
         sql = (
-            "SELECT id, model, step, epoch, loss, grad_norm, t FROM publications WHERE "
-            + " AND ".join(where)
-            + " ORDER BY id"
+            "SELECT id, model, step, epoch, loss, grad_norm, t, probe1, probe2, entropy,"
+            " sparsity FROM publications WHERE " + " AND ".join(where) + " ORDER BY id"
         )
         if limit is not None:
             sql += " LIMIT ?"
@@ -227,6 +226,28 @@ class HistoryReader:
                 f"retention setting; kept: {kept}"
             )
         return load_file(str(self.run_dir / match[0].path))
+
+    def rounds(self) -> list[tuple[int, list[int]]]:
+        """(round id, models in it), in order."""
+        return [
+            (r, json.loads(m))
+            for r, m in self.conn.execute("SELECT id, models FROM rounds ORDER BY id")
+        ]
+
+    def compat_matrix(self, round_id: int, layer: str) -> tuple[list[int], np.ndarray]:
+        """The full compat matrix a round saw on a layer: (model ids, (k, k), NaN diagonal)."""
+        rows = self.conn.execute(
+            "SELECT i, j, value FROM compat WHERE round = ? AND layer = ?", (round_id, layer)
+        ).fetchall()
+        ids = sorted({i for i, _, _ in rows} | {j for _, j, _ in rows})
+        pos = {m: k for k, m in enumerate(ids)}
+        mat = np.full((len(ids), len(ids)), np.nan)
+        for i, j, v in rows:
+            mat[pos[i], pos[j]] = mat[pos[j], pos[i]] = v
+        return ids, mat
+
+    def layers(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT layer FROM compat ORDER BY layer")]
 
     def close(self):
         self.conn.close()

@@ -1,0 +1,131 @@
+"""Using a trained ensemble: load a run directory, predict, evaluate.
+
+ens = Ensemble.load("runs/<job>")
+ens.predict_proba(x)        # (N, C), the mean of the members' probabilities; raw inputs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+from ensemble import metrics
+from ensemble.config import Config, load_config
+from ensemble.errors import DataError, RunDirError
+from ensemble.model import TetheredMLP, layer_names
+
+
+def _member(weights: dict[str, np.ndarray]) -> TetheredMLP:
+    """Rebuild a member from its safetensors: sizes come from the weight shapes."""
+    n = sum(1 for k in weights if k.endswith(".linear.weight"))
+    names = layer_names(n)
+    shapes = [weights[f"layers.{name}.linear.weight"].shape for name in names]
+    sizes = [shapes[0][1], *(s[0] for s in shapes)]
+    model = TetheredMLP(sizes)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return model.eval()
+
+
+class Ensemble:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: Config,
+        members: list[TetheredMLP],
+        mean: np.ndarray | None,
+        std: np.ndarray | None,
+    ):
+        self.run_dir, self.cfg, self.members = run_dir, cfg, members
+        self.mean, self.std = mean, std
+        self.features = members[0].sizes[0]
+        self.classes = members[0].sizes[-1]
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Ensemble:
+        run_dir = Path(run_dir)
+        models = run_dir / "models"
+        files = sorted(models.glob("model_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+        if not files:
+            raise RunDirError(
+                f"{run_dir}: no trained models (models/model_*.safetensors); did the job finish?"
+            )
+        cfg = load_config(run_dir / "config.yaml")
+        pre = models / "preprocess.safetensors"
+        stats = load_file(str(pre)) if pre.is_file() else {}
+        members = [_member(load_file(str(f))) for f in files]
+        return cls(run_dir, cfg, members, stats.get("mean"), stats.get("std"))
+
+    def _prepare(self, x: np.ndarray, source: str = "input") -> torch.Tensor:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.features:
+            raise DataError(
+                f"{source}: rows have {x.shape[-1] if x.ndim else 0} values, the "
+                f"ensemble expects {self.features} features per row"
+            )
+        if not np.isfinite(x).all():
+            raise DataError(f"{source}: contains NaN or infinite values")
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    @torch.no_grad()
+    def member_probas(self, x: np.ndarray, source: str = "input") -> np.ndarray:
+        """(M, N, C) class probabilities of every member, from raw inputs."""
+        t = self._prepare(x, source)
+        return np.stack([torch.softmax(m(t), 1).numpy() for m in self.members])
+
+    def predict_proba(self, x: np.ndarray, source: str = "input") -> np.ndarray:
+        return self.member_probas(x, source).mean(0)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.predict_proba(x).argmax(1)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Members and ensemble on the job's test split (rebuilt from its config and seed)."""
+        from ensemble.data import load_dataset
+
+        data = load_dataset(self.cfg.data, self.cfg.seed)  # already standardised
+        t = torch.from_numpy(data.x_test)
+        probs = [torch.softmax(m(t), 1).numpy() for m in self.members]
+        y = data.y_test
+
+        def score(p):
+            return {
+                "accuracy": metrics.accuracy(p, y),
+                "nll": metrics.nll(p, y),
+                "ece": metrics.ece(p, y),
+            }
+
+        return {
+            "test_samples": int(len(y)),
+            "members": [{"model": i, **score(p)} for i, p in enumerate(probs)],
+            "ensemble": score(metrics.ensemble_probs(probs)),
+            "disagreement": metrics.disagreement(probs),
+            "pairwise_kl": metrics.pairwise_kl(probs),
+        }
+
+
+def read_inputs(path: Path) -> np.ndarray:
+    """x.npy (no pickles), x.csv (comma-separated) or x.txt (whitespace), one row per input."""
+    if not path.is_file():
+        raise DataError(f"{path}: input file not found")
+    try:
+        if path.suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        elif path.suffix in (".csv", ".txt"):
+            x = np.loadtxt(
+                path, delimiter="," if path.suffix == ".csv" else None, dtype=np.float64, ndmin=2
+            )
+        else:
+            raise DataError(f"{path}: unknown input format {path.suffix!r}; use .npy, .csv or .txt")
+    except ValueError as e:
+        raise DataError(f"{path}: not a numeric table ({e})") from None
+    if x.size == 0:
+        raise DataError(f"{path}: no inputs in the file")
+    return x

@@ -1,0 +1,253 @@
+"""Pictures of a job, drawn from its history alone (never from live objects).
+
+Each function takes a HistoryReader and a path and writes one PNG (or GIF); `plot_all`
+writes whichever apply into runs/<job>/plots/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ensemble.coordinator import ENSEMBLE  # noqa: E402
+from ensemble.history import HistoryReader  # noqa: E402
+
+KIND_STYLE = {
+    "merge": dict(color="tab:green", marker="o"),
+    "drift": dict(color="tab:red", marker="x"),
+}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def dynamics_3d(h: HistoryReader, path: Path, model: int = 0) -> Path | None:
+    """The seed's picture: fc1.weight[0,0] x loss x fc2.weight[0,0], by epoch, merges marked."""
+    pubs = [p for p in h.publications(model=model) if p.probe1 is not None]
+    if not pubs:
+        return None
+    merged = {d.step for d in h.decisions(kind="merge", model=model, pairs=False)}
+    x, y, z = (np.array([getattr(p, a) for p in pubs]) for a in ("probe1", "loss", "probe2"))
+    epoch = np.array([p.epoch + 1 for p in pubs])
+    fig = plt.figure(figsize=(10, 7))
+    ax = fig.add_subplot(111, projection="3d")
+    sc = ax.scatter(x, y, z, c=epoch, cmap="viridis", alpha=0.7, s=18)
+    hit = np.array([p.step in merged for p in pubs])
+    if hit.any():
+        ax.scatter(x[hit], y[hit], z[hit], c="red", marker="x", s=80, label="tether merges")
+        ax.legend()
+    fig.colorbar(sc, ax=ax, label="epoch", shrink=0.7)
+    ax.set_xlabel("fc1.weight[0][0]")
+    ax.set_ylabel("loss")
+    ax.set_zlabel("second layer weight[0][0]")
+    ax.set_title(f"Training dynamics with tether merging (model {model})")
+    return _save(fig, path)
+
+
+def compat_heatmaps(h: HistoryReader, path: Path, layer: str, panels: int = 6) -> Path | None:
+    """A grid of the layer's compat matrices at evenly spaced rounds."""
+    rounds = [r for r, _ in h.rounds()]
+    picks = (
+        sorted({rounds[int(i)] for i in np.linspace(0, len(rounds) - 1, panels)}) if rounds else []
+    )
+    mats = [(r, *h.compat_matrix(r, layer)) for r in picks]
+    mats = [m for m in mats if len(m[1]) >= 2]
+    if not mats:
+        return None
+    vals = np.concatenate([m[np.isfinite(m)] for _, _, m in mats])
+    lo, hi = float(vals.min()), float(vals.max())
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4), squeeze=False)
+    for ax, (r, ids, mat) in zip(axes[0], mats, strict=True):
+        im = ax.imshow(mat, vmin=lo, vmax=hi, cmap="coolwarm")
+        ax.set_xticks(range(len(ids)), ids, fontsize=7)
+        ax.set_yticks(range(len(ids)), ids, fontsize=7)
+        ax.set_title(f"round {r}", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="compat")
+    fig.suptitle(f"Compatibility on {layer} over time")
+    return _save(fig, path)
+
+
+def _orbit_points(h: HistoryReader, models: list[int]):
+    """Every kept generation of every model, flattened, and its (model, generation, round)."""
+    vecs, meta = [], []
+    for m in models:
+        for g in h.generations(m):
+            if g.path is None:
+                continue
+            t = h.tethers(m, g.generation)
+            vecs.append(np.concatenate([t[k].ravel() for k in sorted(t)]))
+            meta.append((m, g.generation, g.round))
+    if len(vecs) < 2:
+        return None, meta
+    x = np.stack(vecs).astype(np.float64)
+    x -= x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)  # PCA over all generations
+    return x @ vt[:2].T, meta
+
+
+def orbits(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
+    """The celestial picture: each model's tethers, projected to 2D, as a trajectory."""
+    xy, meta = _orbit_points(h, models)
+    if xy is None:
+        return None
+    kinds = {(d.model, d.round): d.kind for d in h.decisions(pairs=False)}
+    fig, ax = plt.subplots(figsize=(8, 7))
+    cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    for k, m in enumerate(models):
+        idx = [i for i, (mm, _, _) in enumerate(meta) if mm == m]
+        if not idx:
+            continue
+        pts = xy[idx]
+        ax.plot(
+            pts[:, 0], pts[:, 1], "-", color=cmap(k % cmap.N), alpha=0.6, lw=1.2, label=f"model {m}"
+        )
+        ax.scatter(*pts[0], color=cmap(k % cmap.N), s=50, marker="o", edgecolor="k", zorder=3)
+        ax.scatter(*pts[-1], color=cmap(k % cmap.N), s=140, marker="*", edgecolor="k", zorder=3)
+        for i in idx:
+            kind = kinds.get((meta[i][0], meta[i][2]))
+            if kind:
+                ax.scatter(*xy[i], s=22, zorder=2, **KIND_STYLE[kind])
+    for kind, style in KIND_STYLE.items():
+        ax.scatter([], [], label=kind, **style)
+    ax.set_xlabel("PC 1 of all tether generations")
+    ax.set_ylabel("PC 2")
+    ax.set_title("Orbits: tethers over time (o start, * end)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def orbit_animation(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
+    """The orbit plot as a GIF, one frame per round (needs Pillow)."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    xy, meta = _orbit_points(h, models)
+    if xy is None:
+        return None
+    rounds = sorted({r or 0 for _, _, r in meta})
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.set_xlim(xy[:, 0].min() - 0.1, xy[:, 0].max() + 0.1)
+    ax.set_ylim(xy[:, 1].min() - 0.1, xy[:, 1].max() + 0.1)
+    dots = ax.scatter([], [], s=60)
+    title = ax.set_title("")
+
+    def frame(r):
+        latest = {}
+        for i, (m, _, rr) in enumerate(meta):
+            if (rr or 0) <= r:
+                latest[m] = i
+        dots.set_offsets(xy[list(latest.values())])
+        dots.set_array(np.array(list(latest.keys()), dtype=float))
+        title.set_text(f"round {r}")
+        return dots, title
+
+    anim = FuncAnimation(fig, frame, frames=rounds[:: max(1, len(rounds) // 60)], blit=False)
+    anim.save(path, writer=PillowWriter(fps=6))
+    plt.close(fig)
+    return path
+
+
+def lineage_graph(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
+    """Models as lifelines over rounds; merges (and drifts, faint) join pairs."""
+    decisions = h.decisions()
+    if not decisions:
+        return None
+    fig, ax = plt.subplots(figsize=(11, 0.5 * len(models) + 2.5))
+    last = max(d.round for d in decisions)
+    for m in models:
+        ax.hlines(m, 0, last, color="0.85", lw=1, zorder=0)
+    for d in decisions:
+        style = KIND_STYLE[d.kind]
+        ax.plot(
+            [d.round, d.round],
+            [d.model, d.partner],
+            color=style["color"],
+            alpha=0.8 if d.kind == "merge" else 0.25,
+            lw=1.5 if d.kind == "merge" else 0.8,
+        )
+        if d.kind == "merge":
+            ax.scatter([d.round] * 2, [d.model, d.partner], s=12, color=style["color"])
+    ax.set_yticks(sorted({*models, *(d.partner for d in decisions)}))
+    ax.set_xlabel("round")
+    ax.set_ylabel("model")
+    ax.set_title("Lineage: merges (green) and drifts (red, faint) between models")
+    return _save(fig, path)
+
+
+def curves(h: HistoryReader, path: Path) -> Path | None:
+    """Loss and accuracy per epoch: every model (train and val) and the ensemble (val)."""
+    rows = h.metrics()
+    if not rows:
+        return None
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(12, 4.5))
+    models = sorted({r.model for r in rows if r.model != ENSEMBLE})
+    for m in models:
+        for split, ls in (("train", ":"), ("val", "-")):
+            pts = [
+                (r.epoch + 1, r.loss, r.accuracy) for r in rows if r.model == m and r.split == split
+            ]
+            if pts:
+                e, loss, acc = zip(*pts, strict=True)
+                ax_l.plot(e, loss, ls, alpha=0.5, lw=1)
+                ax_a.plot(e, acc, ls, alpha=0.5, lw=1)
+    ens = [(r.epoch + 1, r.loss, r.accuracy) for r in rows if r.model == ENSEMBLE]
+    if ens:
+        e, loss, acc = zip(*ens, strict=True)
+        ax_l.plot(e, loss, "k-", lw=2.5, label="ensemble (val)")
+        ax_a.plot(e, acc, "k-", lw=2.5, label="ensemble (val)")
+        ax_l.legend()
+    ax_l.set(xlabel="epoch", ylabel="loss (NLL)", title="Loss: members (val solid, train dotted)")
+    ax_a.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    return _save(fig, path)
+
+
+def entropy_sparsity(h: HistoryReader, path: Path) -> Path | None:
+    """Activation entropy and weight sparsity over steps, with surge-collapse events."""
+    pubs = [p for p in h.publications() if p.entropy is not None]
+    if not pubs:
+        return None
+    fig, (ax_e, ax_s) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    for m in sorted({p.model for p in pubs}):
+        mine = [p for p in pubs if p.model == m]
+        ax_e.plot([p.step for p in mine], [p.entropy for p in mine], lw=1, alpha=0.7)
+        ax_s.plot([p.step for p in mine], [p.sparsity for p in mine], lw=1, alpha=0.7)
+    colors = {
+        "collapse": "tab:red",
+        "surge": "tab:green",
+        "energy": "tab:orange",
+        "input_noise": "tab:blue",
+    }
+    for kind, color in colors.items():
+        steps = [e.step for e in h.events(kind=kind)]
+        if steps:
+            ax_s.vlines(steps, 0, 1, color=color, alpha=0.25, lw=0.8, label=kind)
+    ax_e.set(
+        ylabel="activation entropy (normalised)",
+        title="Surge-collapse: entropy and sparsity per model",
+    )
+    ax_s.set(xlabel="step", ylabel="fraction of zero weights")
+    ax_s.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_all(h: HistoryReader, out: Path, animate: bool = False) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    models = sorted({p.model for p in h.publications()})
+    made = [
+        dynamics_3d(h, out / "dynamics_3d.png", models[0] if models else 0),
+        *(compat_heatmaps(h, out / f"compat_{layer}.png", layer) for layer in h.layers()),
+        orbits(h, out / "orbits.png", models),
+        lineage_graph(h, out / "lineage.png", models),
+        curves(h, out / "curves.png"),
+        entropy_sparsity(h, out / "entropy_sparsity.png"),
+    ]
+    if animate:
+        made.append(orbit_animation(h, out / "orbits.gif", models))
+    return [p for p in made if p is not None]
