@@ -108,10 +108,11 @@ class DynamicsConfig(Section):
     collapse_every: int = Field(100, ge=1)  # fixed: the seed's collapse period (steps)
     surge_every: int = Field(200, ge=1)  # fixed: the seed's surge period (steps)
     bins: int = Field(32, ge=2)  # entropy: histogram bins for activation entropy
-    high_entropy: float = Field(0.9, gt=0, le=1)  # entropy: collapse + energy above this
-    low_entropy: float = Field(0.3, ge=0, lt=1)  # entropy: input noise below this
-    plateau_window: int = Field(20, ge=2)  # entropy: steps over which a plateau is judged
-    plateau_tol: float = Field(0.005, ge=0)  # entropy: plateau if it moved less than this
+    high_entropy: float = Field(0.72, gt=0, le=1)  # entropy: collapse + energy above this
+    low_entropy: float = Field(0.45, ge=0, lt=1)  # entropy: input noise below this
+    plateau_window: int = Field(40, ge=2)  # entropy: steps over which a plateau is judged
+    plateau_tol: float = Field(0.005, ge=0)  # entropy: plateau if the half-window means
+    # differ by less than this (digits' normalised entropy sits in 0.4-0.75, noise ~0.05)
     energy: float = Field(0.05, ge=0)  # energy injection: noise as a fraction of std(W)
     input_noise: float = Field(0.1, ge=0)  # low entropy: std of noise added to inputs
     noise_steps: int = Field(10, ge=1)  # low entropy: how long the input noise lasts

@@ -9,7 +9,8 @@ Modes:
   the batch (normalised to [0, 1]) and act on the mean:
     high (> high_entropy)  -> collapse, plus energy injection (noise on surviving weights);
     low (< low_entropy)    -> controlled noise on the inputs for the next `noise_steps` steps;
-    plateau (the mean moved less than `plateau_tol` over `plateau_window` steps) -> collapse.
+    plateau (over the last `plateau_window` steps, the mean of the second half differs from
+    the first half's by less than `plateau_tol`) -> collapse.
   After any action the mode waits `cooldown` steps.
 """
 
@@ -99,9 +100,15 @@ class SurgeCollapse:
             return ["collapse", "energy"]
         if mean < c.low_entropy:
             return ["input_noise"]
-        if full and max(self.history) - min(self.history) < c.plateau_tol:
+        if full and abs(self._drift()) < c.plateau_tol:
             return ["collapse"]
         return []
+
+    def _drift(self) -> float:
+        """Mean of the window's second half minus its first: robust to per-batch noise."""
+        w = list(self.history)
+        half = len(w) // 2
+        return sum(w[half:]) / (len(w) - half) - sum(w[:half]) / half
 
     def input_noise(self, step: int, x: torch.Tensor) -> torch.Tensor:
         """Controlled noise on the inputs while a low-entropy episode lasts."""

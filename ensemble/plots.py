@@ -224,16 +224,19 @@ def entropy_sparsity(h: HistoryReader, path: Path) -> Path | None:
         "energy": "tab:orange",
         "input_noise": "tab:blue",
     }
+    marked = False
     for kind, color in colors.items():
         steps = [e.step for e in h.events(kind=kind)]
         if steps:
             ax_s.vlines(steps, 0, 1, color=color, alpha=0.25, lw=0.8, label=kind)
+            marked = True
     ax_e.set(
         ylabel="activation entropy (normalised)",
         title="Surge-collapse: entropy and sparsity per model",
     )
     ax_s.set(xlabel="step", ylabel="fraction of zero weights")
-    ax_s.legend(fontsize=8)
+    if marked:
+        ax_s.legend(fontsize=8)
     return _save(fig, path)
 
 
