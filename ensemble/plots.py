@@ -163,17 +163,23 @@ def lineage_graph(h: HistoryReader, path: Path, models: list[int]) -> Path | Non
     last = max(d.round for d in decisions)
     for m in models:
         ax.hlines(m, 0, last, color="0.85", lw=1, zorder=0)
+    per_round: dict[int, list] = {}
     for d in decisions:
-        style = KIND_STYLE[d.kind]
-        ax.plot(
-            [d.round, d.round],
-            [d.model, d.partner],
-            color=style["color"],
-            alpha=0.8 if d.kind == "merge" else 0.25,
-            lw=1.5 if d.kind == "merge" else 0.8,
-        )
-        if d.kind == "merge":
-            ax.scatter([d.round] * 2, [d.model, d.partner], s=12, color=style["color"])
+        per_round.setdefault(d.round, []).append(d)
+    for r, ds in per_round.items():
+        for k, d in enumerate(ds):  # spread a round's decisions so pairs stay readable
+            x = r + 0.8 * ((k + 1) / (len(ds) + 1) - 0.5)
+            merge = d.kind == "merge"
+            color = KIND_STYLE[d.kind]["color"]
+            ax.plot(
+                [x, x],
+                [d.model, d.partner],
+                color=color,
+                alpha=0.8 if merge else 0.25,
+                lw=1.5 if merge else 0.8,
+            )
+            if merge:
+                ax.scatter([x] * 2, [d.model, d.partner], s=12, color=color)
     ax.set_yticks(sorted({*models, *(d.partner for d in decisions)}))
     ax.set_xlabel("round")
     ax.set_ylabel("model")
