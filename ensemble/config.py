@@ -134,6 +134,14 @@ class PeerConfig(Section):
     create_missing: bool = False  # write a U[0,1) tether when absent, as the seed does
 
 
+class FaultsConfig(Section):
+    max_restarts: int = Field(3, ge=0)  # restarts of a worker or the coordinator actor
+    on_poison: Literal["rollback", "stop"] = "rollback"  # NaN/Inf loss: last checkpoint, or stop
+    max_rollbacks: int = Field(2, ge=0)  # per model; then it is stopped
+    call_retries: int = Field(10, ge=0)  # retries of a call to a restarting coordinator
+    stall_seconds: float = Field(300.0, gt=0)  # fail the job if no model progresses this long
+
+
 class HistoryConfig(Section):
     generations: str = "all"  # tether snapshots to keep per model: all | every:K | last:N
 
@@ -160,6 +168,7 @@ class Config(Section):
     coordinator: CoordinatorConfig = CoordinatorConfig()
     history: HistoryConfig = HistoryConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
+    faults: FaultsConfig = FaultsConfig()
     peers: list[PeerConfig] = []  # fixed external tethers, the seed's other model
 
     @field_validator("job")

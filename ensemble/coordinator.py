@@ -9,6 +9,7 @@ equals what every worker holds once it has applied its mailbox.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ensemble.config import Config, dump_config
 from ensemble.history import HistoryWriter
 from ensemble.metrics import ensemble_probs, scores
 from ensemble.policy import Instruction, LayerView, PolicyParams, make_policy
+from ensemble.recovery import restore
 
 ENSEMBLE = -1  # the model id under which ensemble metrics are recorded
 
@@ -81,6 +83,8 @@ class Coordinator:
         self.generation = [-1] * self.count  # latest tether generation snapshotted
         self.known = np.zeros(self.count, dtype=bool)  # has published at least once
         self.active = np.ones(self.count, dtype=bool)  # still training
+        self.quarantined = np.zeros(self.count, dtype=bool)  # non-finite: never a partner
+        self.contact = [time.time()] * self.count  # last call from each model
         self.mailbox: dict[int, list[Instruction]] = {m: [] for m in range(self.count)}
         self.step = [0] * self.count
         self.epoch = [0] * self.count
@@ -91,16 +95,23 @@ class Coordinator:
         self.val_probs: dict[int, dict[int, np.ndarray]] = {}  # epoch -> model -> (N, C)
         self.since_round = 0
         self.rounds = self.merges = self.drifts = self.publications = 0
+        if self.history.reopened:  # a restart, or a resumed job: the history is the truth
+            restore(self)
 
     # --- worker-facing -------------------------------------------------------------------
     def publish(self, report: TetherReport) -> list[Instruction]:
         """Record a publication, maybe run a round, and return the model's pending mail."""
         m = report.model
+        self.contact[m] = time.time()
         self.history.publication(
             m, report.step, report.epoch, report.loss, report.grad_norm, report.probes
         )
         self.publications += 1
         self.step[m], self.epoch[m], self.loss[m] = report.step, report.epoch, report.loss
+        bad = poisoned(report)
+        if bad:  # never let a non-finite tether into the bank, so no partner ever gets one
+            self.quarantine(m, report.step, bad)
+            return self.poll(m)
         if not self.mailbox[m]:  # with mail pending, the bank is already ahead of the report
             self.bank.write(m, report.tethers)
         if not self.known[m]:  # generation 0: the tethers a model starts with
@@ -112,10 +123,47 @@ class Coordinator:
         return self.poll(m)
 
     def poll(self, model: int) -> list[Instruction]:
+        self.contact[model] = time.time()
         out, self.mailbox[model] = self.mailbox[model], []
         return out
 
+    def quarantine(self, model: int, step: int, reason: str) -> None:
+        """A model with non-finite loss or tethers: never a partner until it rejoins."""
+        if not self.quarantined[model]:
+            self.quarantined[model] = True
+            self.history.event("quarantined", model, step, reason=reason)
+
+    def rejoin(self, model: int, step: int, reason: str) -> list[Instruction]:
+        """A worker restarted, resumed or rolled back from a checkpoint: its tethers are older
+        than the bank's. Replace its pending mail by one `sync` per layer (the bank's rows,
+        which already include every decision made for it) and let it take part again."""
+        pending = len(self.mailbox[model])
+        self.quarantined[model] = False
+        self.active[model] = True
+        self.step[model] = step
+        self.history.event(
+            reason, model, step, pending_instructions=pending, synced=bool(self.known[model])
+        )
+        self.mailbox[model] = self.sync_mail(model) if self.known[model] else []
+        return self.poll(model)
+
+    def sync_mail(self, model: int) -> list[Instruction]:
+        return [
+            Instruction(
+                "sync",
+                model,
+                model,
+                layer,
+                1.0,
+                math.nan,
+                "resync",
+                self.bank.row(model, layer).copy(),
+            )
+            for layer in self.bank.shapes
+        ]
+
     def record_metrics(self, model: int, epoch: int, split: str, loss: float, acc: float):
+        self.contact[model] = time.time()
         self.history.metrics(model, epoch, split, loss, acc)
         if split == "val":
             self.val_acc[model] = acc
@@ -140,11 +188,11 @@ class Coordinator:
     ):
         self.history.event(kind, model, step, **(detail or {}))
 
-    def finish(self, model: int, step: int) -> list[Instruction]:
+    def finish(self, model: int, step: int, failed: bool = False) -> list[Instruction]:
         """The model stops training: no further decisions involve it; hand over its mail."""
         self.active[model] = False
         self.step[model] = step
-        self.history.event("finished", model, step)
+        self.history.event("failed" if failed else "finished", model, step)
         return self.poll(model)
 
     # --- decisions -----------------------------------------------------------------------
@@ -153,7 +201,7 @@ class Coordinator:
 
     def run_round(self) -> list[Instruction]:
         self.since_round = 0
-        models = np.flatnonzero(self.known & self.active)
+        models = np.flatnonzero(self.known & self.active & ~self.quarantined)
         views = {}
         for layer in self.layers:  # fixed peers join the layer their tether belongs to
             rows = np.concatenate([models, self.peer_rows.get(layer, [])]).astype(np.int64)
@@ -234,6 +282,8 @@ class Coordinator:
                     "loss": self.loss[m],
                     "val_acc": self.val_acc[m],
                     "active": bool(self.active[m]),
+                    "quarantined": bool(self.quarantined[m]),
+                    "idle_seconds": time.time() - self.contact[m],
                 }
                 for m in range(self.count)
             ],
@@ -246,9 +296,21 @@ class Coordinator:
         self.history.close()
 
 
+def poisoned(report: TetherReport) -> str | None:
+    """Why a report must not be trusted, or None."""
+    if not math.isfinite(report.loss):
+        return f"loss is {report.loss}"
+    for layer, t in report.tethers.items():
+        if not np.isfinite(t).all():
+            return f"tether {layer} has non-finite values"
+    return None
+
+
 def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float) -> np.ndarray:
     """The one place merge/drift maths meets an instruction; workers call it too."""
     assert ins.partner_tether is not None and ins.partner_tether.shape == tether.shape
     if ins.kind == "merge":
         return maths.merge(tether, ins.partner_tether, ins.rate)
+    if ins.kind == "sync":
+        return ins.partner_tether.astype(tether.dtype, copy=True)
     return maths.drift(tether, ins.partner_tether, ins.rate, lo, hi)

@@ -26,7 +26,7 @@ from ensemble.data import load_dataset, load_peer_tethers
 from ensemble.errors import ConfigError, EnsembleError
 from ensemble.metrics import ensemble_probs, scores
 from ensemble.model import layer_names
-from ensemble.rundir import claim_run_dir
+from ensemble.rundir import check_resumable, claim_run_dir
 from ensemble.service import NAMESPACE, CoordinatorActor, unwrap
 from ensemble.training import MemberResult, model_sizes
 from workers.worker import Worker
@@ -75,6 +75,7 @@ def run_job(
     on_progress: Callable[[dict], None] | None = None,
     poll_seconds: float = 0.5,
     on_status: Callable[[str], None] = lambda message: None,
+    resume: bool = False,
 ) -> dict:
     """Run one ensemble job to completion and return its summary dict.
 
@@ -89,8 +90,11 @@ def run_job(
         raise ConfigError(f"policy.layers: unknown layers {sorted(unknown)}; model has {names}")
     shapes = {n: (o, i) for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)}
     peers = load_peer_tethers(cfg.peers, shapes, cfg.seed)  # bad tether files fail here too
-    run_dir = claim_run_dir(run_dir, cfg.job)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if resume:  # continue from the run directory's checkpoints and history
+        run_dir = check_resumable(run_dir, cfg.job)
+    else:
+        run_dir = claim_run_dir(run_dir, cfg.job)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
 
     on_status(f"joining Ray at {address}" if address else "starting a local Ray instance")
     start_ray(address)
@@ -103,6 +107,8 @@ def run_job(
             namespace=NAMESPACE,
             num_cpus=0,
             max_concurrency=1,
+            max_restarts=cfg.faults.max_restarts,  # rebuilds its state from the history
+            max_task_retries=cfg.faults.max_restarts,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote(cfg, cfg.job, shapes, str(run_dir.resolve()), peers, data.y_val)
         on_status("starting the coordinator")
@@ -111,8 +117,11 @@ def run_job(
         cpus = worker_cpus(cfg)
         on_status(f"starting {cfg.models.count} workers ({cpus:g} CPU each)")
         cfg_dict = cfg.model_dump(mode="json")
+        retries = cfg.faults.max_restarts  # a restarted worker resumes from its checkpoint
         workers = [
-            Worker.options(num_cpus=cpus).remote(m, cfg_dict, data_ref, coordinator)
+            Worker.options(num_cpus=cpus, max_restarts=retries, max_task_retries=retries).remote(
+                m, cfg_dict, data_ref, coordinator, str(run_dir.resolve()), resume
+            )
             for m in range(cfg.models.count)
         ]
         handles = JobHandles(coordinator, workers)
@@ -121,11 +130,11 @@ def run_job(
         for m, node in enumerate(nodes):
             coordinator.record_event.remote("started", m, 0, {"node": node})
         on_status("training")
-        results = unwrap(lambda: _wait_for(handles, on_progress, poll_seconds))
+        results = unwrap(lambda: _wait_for(cfg, handles, on_progress, poll_seconds))
         progress = ray.get(coordinator.progress.remote())
         ray.get(coordinator.close.remote())
         summary = summarise(cfg, data, results, progress, time.time() - t0)
-        save_members(run_dir, results, data)
+        save_members(run_dir, [r for r in results if not r.failed], data)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     except BaseException:
@@ -141,19 +150,52 @@ def run_job(
         ray.shutdown()  # stops an instance we started; only disconnects from a joined one
 
 
-def _wait_for(h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:
+def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:
+    """Wait for every worker. A worker that fails for good is recorded and left out; a job
+    where no model has progressed for `faults.stall_seconds` fails with a clear message."""
     pending = {w.run.remote(): i for i, w in enumerate(h.workers)}
     results: dict[int, MemberResult] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll_seconds)
         for ref in done:
-            results[pending.pop(ref)] = ray.get(ref)
+            m = pending.pop(ref)
+            try:
+                results[m] = ray.get(ref)
+            except ray.exceptions.RayError as e:  # failures are data
+                ray.get(
+                    h.coordinator.record_event.remote(
+                        "failed", m, None, {"error": type(e).__name__, "message": str(e)[:500]}
+                    )
+                )
+                ray.get(h.coordinator.finish.remote(m, -1, True))
+        try:
+            progress = ray.get(h.coordinator.progress.remote(), timeout=30)
+        except (
+            ray.exceptions.RayActorError,
+            ray.exceptions.ActorUnavailableError,
+            ray.exceptions.GetTimeoutError,
+        ):
+            continue  # the coordinator is restarting; workers retry their calls
         if on_progress is not None:
-            on_progress(ray.get(h.coordinator.progress.remote()))
+            on_progress(progress)
+        waiting = [m for m in progress["models"] if m["model"] in pending.values()]
+        if waiting and min(m["idle_seconds"] for m in waiting) > cfg.faults.stall_seconds:
+            raise EnsembleError(
+                f"no model has made progress for {cfg.faults.stall_seconds:g}s (models "
+                f"{sorted(pending.values())} are waiting); their node may be gone and the "
+                "cluster cannot fit them. What was recorded is in the run directory's history"
+            )
+    if not results:
+        raise EnsembleError("every worker failed; see the `failed` events in the history")
     return [results[i] for i in sorted(results)]
 
 
 def summarise(cfg: Config, data, results: list[MemberResult], progress: dict, wall: float) -> dict:
+    """Members that failed (a non-finite loss with on_poison=stop) are listed, not scored."""
+    failed = sorted(set(range(cfg.models.count)) - {r.model for r in results if not r.failed})
+    results = [r for r in results if not r.failed]
+    if not results:
+        raise EnsembleError(f"every model failed (models {failed}); see the history's events")
     probs = [r.test_probs for r in results]
     members = [
         {
@@ -167,6 +209,7 @@ def summarise(cfg: Config, data, results: list[MemberResult], progress: dict, wa
     return {
         "job": cfg.job,
         "models": cfg.models.count,
+        "failed": failed,
         "data": data.name,
         "test_samples": int(len(data.y_test)),
         "ensemble": scores(ensemble_probs(probs), data.y_test),

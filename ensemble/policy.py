@@ -13,7 +13,7 @@ import numpy as np
 
 from ensemble.compat import SAME_TOL
 
-Kind = Literal["merge", "drift"]
+Kind = Literal["merge", "drift", "sync"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class Instruction:
     """Coordinator -> worker: change `model`'s tether of `layer` relative to `partner`'s.
 
     merge: T <- (1 - rate) T + rate T_partner.   drift: T <- clip(T + rate (T - T_partner)).
+    sync: T <- partner_tether, the coordinator's record of this model's own tether (sent after
+    a restart or rollback, so worker and coordinator agree again; partner == model).
     `partner_tether` is the partner's tether at decision time, so the worker needs nothing else.
     """
 

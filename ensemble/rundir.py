@@ -68,3 +68,14 @@ def open_run_dir(path: str | Path) -> Path:
     if not (p / "history.sqlite").is_file():
         raise RunDirError(f"{p}: not a run directory (no history.sqlite)")
     return p
+
+
+def check_resumable(run_dir: Path, job: str) -> Path:
+    """A run directory that `--resume` can continue: the same job, not finished."""
+    run_dir = open_run_dir(run_dir)
+    other = recorded_job(run_dir)
+    if other != job:
+        raise RunDirError(f"{run_dir}: holds job {other!r}, not {job!r}")
+    if (run_dir / "summary.json").exists():
+        raise RunDirError(f"{run_dir}: job {job!r} already finished (summary.json exists)")
+    return run_dir

@@ -6,15 +6,18 @@ it without blocking at each step boundary, and applies instructions when they ar
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ensemble import checkpoint
 from ensemble.config import Config
 from ensemble.coordinator import TetherReport, apply_instruction
 from ensemble.data import Dataset
@@ -30,7 +33,6 @@ class Link(Protocol):
     def call(self, method: str, *args: Any) -> Any: ...  # start a call, return a handle
     def ready(self, handle: Any) -> bool: ...  # non-blocking
     def get(self, handle: Any) -> Any: ...  # blocking
-    def tell(self, method: str, *args: Any) -> None: ...  # fire and forget
 
 
 class DirectLink:
@@ -48,9 +50,6 @@ class DirectLink:
     def get(self, handle):
         return handle
 
-    def tell(self, method, *args):
-        getattr(self.c, method)(*args)
-
 
 @dataclass(frozen=True)
 class MemberResult:
@@ -62,6 +61,7 @@ class MemberResult:
     weights: dict[str, np.ndarray]  # state_dict as numpy, tethers included
     blocked_seconds: float  # time spent in calls to the coordinator (0 for a DirectLink)
     train_seconds: float
+    failed: bool = False  # stopped after a non-finite loss: not an ensemble member
 
 
 def model_sizes(cfg: Config, data: Dataset) -> list[int]:
@@ -73,7 +73,16 @@ def member_seed(cfg: Config, model: int) -> int:
 
 
 class Trainer:
-    def __init__(self, model: int, cfg: Config, data: Dataset):
+    def __init__(
+        self,
+        model: int,
+        cfg: Config,
+        data: Dataset,
+        checkpoint_dir: Path | None = None,
+        resumed: bool = False,
+    ):
+        """checkpoint_dir: where to checkpoint each epoch; an existing checkpoint there is
+        loaded, and the trainer rejoins the coordinator ('resumed' or 'restarted')."""
         self.id = model
         self.cfg = cfg
         self.data = data
@@ -92,6 +101,41 @@ class Trainer:
         self.dynamics = SurgeCollapse(cfg.dynamics, seed) if on else None
         self.entropy: float | None = None  # latest mean activation entropy
         self.actions: list[Action] = []  # surge-collapse actions not yet reported
+        self.epoch = 0  # the epoch to train next
+        self.rollbacks = 0
+        self.failed = False
+        self.ckpt = None if checkpoint_dir is None else checkpoint.path_for(checkpoint_dir, model)
+        self.rejoin: str | None = None  # why to resync with the coordinator before training
+        if self.ckpt is not None and self.load_checkpoint():
+            self.rejoin = "resumed" if resumed else "restarted"
+
+    def save_checkpoint(self) -> None:
+        if self.ckpt is None:
+            return
+        checkpoint.save(
+            self.ckpt,
+            {
+                "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(),
+                "step": self.step,
+                "epoch": self.epoch,
+                "gen": self.gen.get_state(),
+                "trigger": [self.trigger.prev_loss, self.trigger.last_fired],
+                "rollbacks": self.rollbacks,
+            },
+        )
+
+    def load_checkpoint(self) -> bool:
+        state = checkpoint.load(self.ckpt) if self.ckpt is not None else None
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.gen.set_state(state["gen"])
+        self.trigger.prev_loss, self.trigger.last_fired = state["trigger"]
+        self.rollbacks = max(self.rollbacks, int(state["rollbacks"]))
+        return True
 
     def batches(self):
         perm = torch.randperm(len(self.x), generator=self.gen)
@@ -163,19 +207,35 @@ class Trainer:
                 return done.value
 
     def steps(self, link: Link) -> Generator[int, None, MemberResult]:
-        """`run`, one training step per `next()`; lets tests interleave trainers in-process."""
+        """`run`, one training step per `next()`; lets tests interleave trainers in-process.
+
+        Checkpoints at each epoch start. A non-finite loss quarantines the model: it rolls
+        back to that checkpoint (at most `faults.max_rollbacks` times) or stops.
+        """
         t0 = time.perf_counter()
-        inflight, last_call = None, 0
+        inflight, last_call = None, self.step
         poll_steps = self.cfg.trigger.poll_steps
-        for epoch in range(self.cfg.train.epochs):
+        if self.rejoin:  # older tethers than the coordinator's: take its record
+            self.apply(link.get(link.call("rejoin", self.id, self.step, self.rejoin)))
+        while self.epoch < self.cfg.train.epochs and not self.failed:
+            epoch = self.epoch
+            self.save_checkpoint()
+            poisoned = False
             for xb, yb in self.batches():
                 loss, grad_norm = self.train_step(xb, yb)
                 for a in self.actions:  # failures and dynamics are data: record them
-                    link.tell("record_event", a.kind, self.id, a.step, a.detail)
+                    link.get(link.call("record_event", a.kind, self.id, a.step, a.detail))
                 self.actions = []
                 if inflight is not None and link.ready(inflight):
                     self.apply(link.get(inflight))
                     inflight = None
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    if inflight is not None:  # settle the call before rewinding
+                        link.get(inflight)
+                        inflight = None
+                    poisoned = True
+                    self.on_poison(link, loss)
+                    break
                 fired = self.trigger.check(self.step, loss, grad_norm)
                 if inflight is None:
                     if fired:
@@ -185,15 +245,22 @@ class Trainer:
                         inflight = link.call("poll", self.id)
                         last_call = self.step
                 yield self.step
+            if poisoned:
+                continue  # rolled back (same epoch again) or failed (loop ends)
             for split, (x, y) in {
                 "train": (self.data.x_train, self.data.y_train),
                 "val": (self.data.x_val, self.data.y_val),
             }.items():
-                link.tell("record_metrics", self.id, epoch, split, *self.evaluate(x, y))
-            link.tell("record_val_probs", self.id, epoch, self.predict_proba(self.data.x_val))
+                link.get(link.call("record_metrics", self.id, epoch, split, *self.evaluate(x, y)))
+            link.get(
+                link.call("record_val_probs", self.id, epoch, self.predict_proba(self.data.x_val))
+            )
+            self.epoch = epoch + 1
         if inflight is not None:
             self.apply(link.get(inflight))
-        self.apply(link.get(link.call("finish", self.id, self.step)))
+        self.apply(link.get(link.call("finish", self.id, self.step, self.failed)))
+        if self.epoch >= self.cfg.train.epochs:
+            self.save_checkpoint()  # a resumed, finished job restarts nothing
         return MemberResult(
             self.id,
             self.step,
@@ -201,7 +268,20 @@ class Trainer:
             self.model.weights(),
             getattr(link, "blocked", 0.0),
             time.perf_counter() - t0,
+            self.failed,
         )
+
+    def on_poison(self, link: Link, loss: float) -> None:
+        """Quarantine; then roll back to the epoch's checkpoint and resync, or stop."""
+        reason = f"loss is {loss}" if not math.isfinite(loss) else "gradient is not finite"
+        link.get(link.call("quarantine", self.id, self.step, reason))
+        f = self.cfg.faults
+        if f.on_poison == "rollback" and self.rollbacks < f.max_rollbacks and self.ckpt:
+            self.rollbacks += 1
+            self.load_checkpoint()
+            self.apply(link.get(link.call("rejoin", self.id, self.step, "rolled_back")))
+        else:
+            self.failed = True
 
 
 def interleave(trainers: list[Trainer], link: Link) -> list[MemberResult]:

@@ -79,20 +79,37 @@ def run(
         Path | None, typer.Option(help="Where results go [default: runs/<job>]")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No live progress display")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue an interrupted job from this run directory's checkpoints and history"
+        ),
+    ] = None,
 ) -> None:
     """Train an ensemble: start (or join) Ray, coordinate merges and drifts, print a summary."""
     from ensemble.config import load_config
-    from ensemble.rundir import local_ray_env, resolve_job
+    from ensemble.rundir import local_ray_env, open_run_dir, resolve_job
 
     try:
-        cfg = resolve_job(load_config(config or default_config(), set_ or []))
+        if resume is not None:
+            if config is not None or set_ or run_dir is not None:
+                fail(
+                    "--resume takes the job's own config from the run directory; "
+                    "drop CONFIG, --set and --run-dir"
+                )
+            cfg = load_config(open_run_dir(resume) / "config.yaml")
+        else:
+            cfg = resolve_job(load_config(config or default_config(), set_ or []))
     except EnsembleError as e:
         fail(str(e))
     if address is None:
         local_ray_env()
+    from functools import partial
+
     from ensemble.driver import run_job
 
-    target = run_dir or Path("runs") / cfg.job
+    target = resume or run_dir or Path("runs") / cfg.job
+    run_job = partial(run_job, resume=resume is not None)
     try:
         if quiet or not console.is_terminal:
             summary = run_job(cfg, target, address)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from ensemble.errors import EnsembleError
 from ensemble.history.schema import SCHEMA, SCHEMA_VERSION, check_schema, connect
 
 
@@ -37,6 +40,10 @@ def dropped_by_retention(kind: str, n: int, new_generation: int) -> int | None:
     return None
 
 
+class HistoryFullError(EnsembleError):
+    """The history could not be written (disk full, or the file is read-only)."""
+
+
 class HistoryWriter:
     def __init__(self, path: str | Path, job: str, config_yaml: str, retention: str = "all"):
         self.path = Path(path)
@@ -44,8 +51,9 @@ class HistoryWriter:
         self.retention = parse_retention(retention)
         self.conn = connect(self.path)
         empty = self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        self.reopened = not empty  # an existing history: the caller restores its state
         if empty:  # new, or created empty by a reader that raced us
-            with self.conn:
+            with self.tx():
                 self.conn.executescript(SCHEMA)
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self.conn.executemany(
@@ -60,6 +68,18 @@ class HistoryWriter:
         else:
             check_schema(self.conn, self.path)
 
+    @contextmanager
+    def tx(self):
+        """One transaction. Out of space, it rolls back whole and becomes a clear error:
+        the file keeps everything committed before, and stays a valid database."""
+        try:
+            with self.conn:
+                yield
+        except sqlite3.OperationalError as e:
+            if "full" in str(e) or "readonly" in str(e) or "I/O" in str(e):
+                raise HistoryFullError(f"{self.path}: cannot write the history ({e})") from None
+            raise
+
     def publication(
         self,
         model: int,
@@ -71,7 +91,7 @@ class HistoryWriter:
     ):
         """probes: the seed's tracked weights (probe1, probe2), entropy, sparsity."""
         p = probes or {}
-        with self.conn:
+        with self.tx():
             self.conn.execute(
                 "INSERT OR IGNORE INTO publications (model, step, epoch, loss, grad_norm, t,"
                 " probe1, probe2, entropy, sparsity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -101,7 +121,7 @@ class HistoryWriter:
         step, epoch, merges_in_epoch) per instruction.
         """
         now = time.time()
-        with self.conn:
+        with self.tx():
             cur = self.conn.execute(
                 "INSERT INTO rounds (t, models, instructions) VALUES (?, ?, ?)",
                 (now, json.dumps(models), len(rows)),
@@ -140,7 +160,7 @@ class HistoryWriter:
         save_file({k: np.ascontiguousarray(v) for k, v in tethers.items()}, str(tmp))
         os.replace(tmp, target)  # atomic: a reader never sees half a file
         drop = dropped_by_retention(*self.retention, generation)
-        with self.conn:
+        with self.tx():
             self.conn.execute(
                 "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
                 (model, generation, round_id, step, str(rel), time.time()),
@@ -155,14 +175,14 @@ class HistoryWriter:
             old.unlink(missing_ok=True)
 
     def metrics(self, model: int, epoch: int, split: str, loss: float, accuracy: float):
-        with self.conn:
+        with self.tx():
             self.conn.execute(
                 "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?)",
                 (model, epoch, split, loss, accuracy, time.time()),
             )
 
     def event(self, kind: str, model: int | None = None, step: int | None = None, **detail):
-        with self.conn:
+        with self.tx():
             self.conn.execute(
                 "INSERT INTO events (model, kind, step, detail, t) VALUES (?, ?, ?, ?, ?)",
                 (model, kind, step, json.dumps(detail), time.time()),

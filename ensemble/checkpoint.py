@@ -1,0 +1,29 @@
+"""A worker's checkpoint: model (tethers included), optimiser, step, epoch and RNG state.
+
+Written atomically (temp file + rename), read with torch.load(weights_only=True): only
+tensors and plain values, never arbitrary pickles.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def path_for(directory: Path, model: int) -> Path:
+    return Path(directory) / f"model_{model}.pt"
+
+
+def save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a reader sees the old checkpoint or the new one, never half
+
+
+def load(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,310 @@
+"""k tethered MLPs trained as one stacked computation, so one actor can hold k models.
+
+Each layer holds W (k, out, in), b (k, out) and the tether buffer T (k, out, in) and computes
+every model's own batch at once: relu(baddbmm(b, x, (W * T)ᵀ)). Model i starts bit-identical
+to TetheredMLP(..., seed=seeds[i]) and trains as it would alone: the loss is the sum of each
+model's mean loss, so each model's gradient is its own, and Adam is elementwise, so its
+state stays per model in effect. Shuffles, triggers, surge-collapse, publications and
+instructions stay per model; only the arithmetic is stacked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble.config import Config
+from ensemble.coordinator import TetherReport, apply_instruction
+from ensemble.data import Dataset
+from ensemble.dynamics import Action, SurgeCollapse, activation_entropy
+from ensemble.model import TetheredLinear, TetheredMLP
+from ensemble.policy import Instruction
+from ensemble.training import Link, MemberResult, member_seed, model_sizes
+from ensemble.triggers import make_trigger
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def settle(link: Link, calls: list[tuple]) -> None:
+    """Send every (method, *args) at once, then wait for all: one overlap, not k round trips."""
+    for handle in [link.call(*c) for c in calls]:
+        link.get(handle)
+
+
+class StackedLinear(nn.Module):
+    """k TetheredLinears: weight (k, out, in), bias (k, out), tether buffer (k, out, in)."""
+
+    def __init__(self, layers: list[TetheredLinear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.linear.weight.detach() for m in layers]))
+        self.bias = nn.Parameter(torch.stack([m.linear.bias.detach() for m in layers]))
+        self.register_buffer("tether", torch.stack([m.tether for m in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (k, B, in), each model its own batch, or (B, in) shared -> (k, B, out)."""
+        wt = (self.weight * self.tether).transpose(1, 2)  # (k, in, out)
+        if x.dim() == 2:
+            x = x.expand(wt.shape[0], *x.shape)  # (k, B, in), no copy
+        return torch.baddbmm(self.bias.unsqueeze(1), x, wt)  # (k, B, out)
+
+
+class StackedMLP(nn.Module):
+    def __init__(
+        self, sizes: list[int], tether_init: str = "normal", tether_std: float = 0.1, seeds=(0,)
+    ):
+        """sizes: [in, hidden..., out]; model i is TetheredMLP(sizes, ..., seed=seeds[i])."""
+        super().__init__()
+        members = [TetheredMLP(sizes, tether_init, tether_std, s) for s in seeds]
+        self.k, self.sizes, self.names = len(members), list(sizes), members[0].names
+        self.layers = nn.ModuleDict(
+            {n: StackedLinear([m.layers[n] for m in members]) for n in self.names}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_hidden(x)[0]
+
+    def forward_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (k, B, C) and every hidden layer's post-ReLU activations, (k, B, H_l)."""
+        hidden = []
+        for name in self.names[:-1]:
+            x = torch.relu(self.layers[name](x))
+            hidden.append(x)
+        return self.layers[self.names[-1]](x), hidden
+
+    def member_state(self, i: int) -> dict[str, np.ndarray]:
+        """Model i as TetheredMLP.state_dict() would give it, numpy copies (safetensors)."""
+        out = {}
+        for n in self.names:
+            layer = self.layers[n]
+            for key, t in (("tether", layer.tether), ("linear.weight", layer.weight)):
+                out[f"layers.{n}.{key}"] = t[i].detach().cpu().numpy().copy()
+            out[f"layers.{n}.linear.bias"] = layer.bias[i].detach().cpu().numpy().copy()
+        return out
+
+    def export_tethers(self, i: int) -> dict[str, np.ndarray]:
+        """layer -> model i's float32 tether (out, in), a copy."""
+        return {n: self.layers[n].tether[i].detach().cpu().numpy().copy() for n in self.names}
+
+    @torch.no_grad()
+    def import_tethers(self, i: int, tethers: dict[str, np.ndarray]) -> None:
+        for name, arr in tethers.items():
+            if name not in self.layers:
+                raise ValueError(f"tether for unknown layer {name!r}; layers are {self.names}")
+            buf = self.layers[name].tether[i]  # (out, in), a view
+            if tuple(arr.shape) != tuple(buf.shape):
+                raise ValueError(
+                    f"tether {name!r} has shape {tuple(arr.shape)}, expected {tuple(buf.shape)}"
+                )
+            buf.copy_(torch.as_tensor(np.asarray(arr, dtype=np.float32)))
+
+    def weight_matrices(self, i: int) -> dict[str, torch.Tensor]:
+        """layer -> model i's W (out, in), a view of the stacked data (surge-collapse)."""
+        return {n: self.layers[n].weight.data[i] for n in self.names}
+
+
+class StackedTrainer:
+    """Trainer for the models `ids` at once: same loop, same calls, one stacked step."""
+
+    def __init__(self, ids: list[int], cfg: Config, data: Dataset, device: str = "auto"):
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError(f"ids must be distinct model ids, got {ids}")
+        self.ids, self.k, self.cfg, self.data = list(ids), len(ids), cfg, data
+        self.row = {m: i for i, m in enumerate(self.ids)}
+        self.device = dev = resolve_device(device)
+        seeds = [member_seed(cfg, m) for m in self.ids]
+        sizes = model_sizes(cfg, data)
+        self.model = StackedMLP(sizes, cfg.tether.init, cfg.tether.std, seeds).to(dev)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.triggers = [make_trigger(cfg.trigger) for _ in ids]
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        # One flat copy of the training data; model i draws from [offset[i], offset[i] + n[i]).
+        x, y = data.x_train, data.y_train
+        if cfg.data.shard:  # a disjoint slice per model, as Trainer
+            c = cfg.models.count
+            xs, ys = [x[m::c] for m in self.ids], [y[m::c] for m in self.ids]
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            self.n = [len(v) for v in ys]
+            self.offset = np.cumsum([0, *self.n[:-1]]).tolist()
+        else:
+            self.n, self.offset = [len(y)] * self.k, [0] * self.k
+        self.x, self.y = torch.tensor(x).to(dev), torch.tensor(y).to(dev)
+        bs = cfg.train.batch_size
+        if len({math.ceil(n / bs) for n in self.n}) > 1:
+            raise ValueError(
+                f"models {self.ids} have shards of {self.n} samples, so different numbers of "
+                f"steps per epoch at batch_size={bs}; stack models with equal step counts"
+            )
+        self.step = 0
+        self.applied = [0] * self.k
+        on = cfg.dynamics.mode != "off"
+        self.dynamics = [SurgeCollapse(cfg.dynamics, s) for s in seeds] if on else None
+        self.entropy: list[float | None] = [None] * self.k
+        self.actions: list[list[Action]] = [[] for _ in ids]  # per model, not yet reported
+
+    def batches(self) -> Generator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """One epoch: (x (k, B, F), y (k, B), mask (k, B) or None when all rows are real).
+        Model i's rows follow its own permutation, exactly as Trainer.batches draws them."""
+        bs, dev = self.cfg.train.batch_size, self.device
+        own = zip(self.n, self.gens, self.offset, strict=True)
+        perms = [torch.randperm(n, generator=g) + o for n, g, o in own]  # k of (n_i,)
+        longest = max(self.n)
+        if min(self.n) == longest:
+            idx_all = torch.stack(perms).to(dev)  # (k, N)
+        else:  # unequal shards: pad with -1, masked out of the loss
+            idx_all = torch.stack([F.pad(p, (0, longest - len(p)), value=-1) for p in perms])
+            idx_all = idx_all.to(dev)
+        for s in range(0, longest, bs):
+            idx = idx_all[:, s : s + bs]  # (k, B)
+            mask = None
+            if min(self.n) != longest:
+                mask, idx = idx >= 0, idx.clamp(min=0)
+            yield self.x[idx], self.y[idx], mask
+
+    def train_step(self, xb, yb, mask=None) -> tuple[list[float], list[float]]:
+        """One step of every model: xb (k, B, F), yb (k, B). Returns per-model losses and
+        gradient norms (each the norm over that model's slices of every parameter)."""
+        self.model.train()
+        k, b = yb.shape
+        rows = [b] * k if mask is None else mask.sum(1).tolist()  # real rows per model
+        dyn = self.dynamics
+        if dyn is not None:  # per model, its own noise stream on its own real rows
+            xb = xb.clone()  # (k, B, F), the caller's batch stays as it was
+            for i, d in enumerate(dyn):
+                xi = xb[i, : rows[i]]
+                xb[i, : rows[i]] = d.input_noise(self.step + 1, xi.cpu()).to(xb.device)
+        logits, hidden = self.model.forward_hidden(xb)  # (k, B, C), [(k, B, H_l)]
+        ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(k, b)
+        losses = ce.mean(1) if mask is None else (ce * mask).sum(1) / mask.sum(1)  # (k,)
+        self.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # d(sum)/dW_i = d(loss_i)/dW_i
+        with torch.no_grad():
+            grads = [p.grad.reshape(k, -1) for p in self.model.parameters()]
+            per = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads], 1)  # (k, P)
+            loss_list, norm_list = torch.stack([losses, per.norm(dim=1)]).tolist()  # (2, k)
+        self.opt.step()
+        self.step += 1
+        if dyn is not None:
+            bins, cpu = self.cfg.dynamics.bins, self.device.type == "cpu"
+            for i, d in enumerate(dyn):
+                ents = [activation_entropy(h[i, : rows[i]], bins) for h in hidden]
+                self.entropy[i] = sum(ents) / len(ents) if ents else None
+                ws = {n: w.cpu() for n, w in self.model.weight_matrices(i).items()}  # views on cpu
+                self.actions[i] += d.act(self.step, ws, ents)
+                if not cpu:
+                    for n, w in self.model.weight_matrices(i).items():
+                        w.copy_(ws[n])
+        return loss_list, norm_list
+
+    def apply(self, instructions: list[Instruction]) -> None:
+        """Apply instructions in the order decided, each to its model's slice."""
+        lo, hi = self.cfg.tether.min, self.cfg.tether.max
+        for ins in instructions:
+            i = self.row[ins.model]
+            buf = self.model.layers[ins.layer].tether[i]  # (out, in), a view
+            new = apply_instruction(buf.cpu().numpy(), ins, lo, hi)
+            buf.copy_(torch.from_numpy(new))
+            self.applied[i] += 1
+
+    @torch.no_grad()
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(k, N, C): every model's probabilities on the shared x (N, F)."""
+        self.model.eval()
+        logits = self.model(torch.as_tensor(np.array(x)).to(self.device))
+        return torch.softmax(logits, dim=2).cpu().numpy()
+
+    @torch.no_grad()
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> list[tuple[float, float]]:
+        """Per model (loss, accuracy) on the shared x (N, F), y (N,)."""
+        self.model.eval()
+        logits = self.model(torch.as_tensor(np.array(x)).to(self.device))  # (k, N, C)
+        yt = torch.as_tensor(np.array(y)).to(self.device)
+        k, n, _ = logits.shape
+        loss = F.cross_entropy(logits.flatten(0, 1), yt.repeat(k), reduction="none").view(k, n)
+        acc = (logits.argmax(2) == yt).float().mean(1)
+        return list(zip(loss.mean(1).tolist(), acc.tolist(), strict=True))
+
+    def report(self, i: int, epoch: int, loss: float, grad_norm: float) -> TetherReport:
+        tethers = self.model.export_tethers(i)
+        return TetherReport(self.ids[i], self.step, epoch, loss, grad_norm, tethers, self.probes(i))
+
+    def probes(self, i: int) -> dict[str, float | None]:
+        ws = list(self.model.weight_matrices(i).values())
+        zeros = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+        p1, p2 = float(ws[0][0, 0]), float(ws[1][0, 0])
+        return {"probe1": p1, "probe2": p2, "entropy": self.entropy[i], "sparsity": zeros}
+
+    def run(self, link: Link) -> list[MemberResult]:
+        """Train every epoch; one MemberResult per model, in `ids` order."""
+        gen = self.steps(link)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                return done.value
+
+    def steps(self, link: Link) -> Generator[int, None, list[MemberResult]]:
+        """Trainer.steps for k models: per model at most one call in flight, checked without
+        blocking after every stacked step; one `next()` per stacked step."""
+        t0 = time.perf_counter()
+        inflight: list = [None] * self.k
+        last_call = [0] * self.k
+        poll_steps, d = self.cfg.trigger.poll_steps, self.data
+        for epoch in range(self.cfg.train.epochs):
+            for xb, yb, mask in self.batches():
+                losses, norms = self.train_step(xb, yb, mask)
+                events = [
+                    ("record_event", a.kind, m, a.step, a.detail)
+                    for i, m in enumerate(self.ids)
+                    for a in self.actions[i]
+                ]
+                self.actions = [[] for _ in self.ids]
+                settle(link, events)  # failures and dynamics are data: record them
+                for i, m in enumerate(self.ids):  # bookkeeping only, per model
+                    if inflight[i] is not None and link.ready(inflight[i]):
+                        self.apply(link.get(inflight[i]))
+                        inflight[i] = None
+                    fired = self.triggers[i].check(self.step, losses[i], norms[i])
+                    if inflight[i] is None:
+                        if fired:
+                            report = self.report(i, epoch, losses[i], norms[i])
+                            inflight[i] = link.call("publish", report)
+                            last_call[i] = self.step
+                        elif self.step - last_call[i] >= poll_steps:
+                            inflight[i] = link.call("poll", m)
+                            last_call[i] = self.step
+                yield self.step
+            train, val = self.evaluate(d.x_train, d.y_train), self.evaluate(d.x_val, d.y_val)
+            probs = self.predict_proba(d.x_val)  # (k, N_val, C)
+            calls = [
+                c
+                for i, m in enumerate(self.ids)
+                for c in (
+                    ("record_metrics", m, epoch, "train", *train[i]),
+                    ("record_metrics", m, epoch, "val", *val[i]),
+                    ("record_val_probs", m, epoch, probs[i].copy()),
+                )
+            ]
+            settle(link, calls)
+        for h in inflight:
+            if h is not None:
+                self.apply(link.get(h))
+        finals = [link.call("finish", m, self.step) for m in self.ids]  # all in flight at once
+        for h in finals:
+            self.apply(link.get(h))
+        test = self.predict_proba(d.x_test)  # (k, N_test, C)
+        blocked, secs = getattr(link, "blocked", 0.0), time.perf_counter() - t0
+        return [
+            MemberResult(m, self.step, test[i].copy(), self.model.member_state(i), blocked, secs)
+            for i, m in enumerate(self.ids)
+        ]
