@@ -5,7 +5,10 @@ still publish and poll; the coordinator computes nothing and decides nothing). S
 M, sizes, seeds and steps. Pairs of runs alternate on/off (then off/on), each run on its own
 fresh local Ray instance, started and stopped by run_job.
 
-Two walls per run: end-to-end (the run_job call: Ray start, actors, training, summary,
+Also the same pairs in one process without Ray (trainers interleaved, coordinator called
+directly): the CPU cost of coordination when nothing can overlap it.
+
+Two walls per Ray run: end-to-end (the run_job call: Ray start, actors, training, summary,
 Ray stop) and the job's own `wall_seconds` (from just after Ray has started to the
 summary). Their difference is the Ray start/stop share.
 """
@@ -48,12 +51,38 @@ def one_run(overrides: list[str], job: str, root: Path) -> dict:
     }
 
 
+def one_in_process(overrides: list[str], job: str, root: Path) -> float:
+    """The same job with trainers interleaved in this process (DirectLink, no Ray): seconds."""
+    from ensemble.config import load_config
+    from ensemble.coordinator import Coordinator
+    from ensemble.data import load_dataset
+    from ensemble.model import layer_names
+    from ensemble.training import DirectLink, Trainer, interleave, model_sizes
+
+    cfg = load_config(None, [*overrides, f"job={job}"])
+    data = load_dataset(cfg.data, cfg.seed)
+    sizes = model_sizes(cfg, data)
+    names = layer_names(len(sizes) - 1)
+    shapes = {n: (o, i) for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)}
+    (root / job).mkdir()
+    t = time.perf_counter()
+    coord = Coordinator(cfg, job, shapes, str(root / job))
+    interleave([Trainer(m, cfg, data) for m in range(cfg.models.count)], DirectLink(coord))
+    coord.close()
+    return time.perf_counter() - t
+
+
 def run(size: str) -> tuple[list[dict], list[str], dict]:
     local_ray()
     cfg = SIZES[size]
     modes = {"on": cfg["set"], "off": [*cfg["set"], "policy.name=none"]}
     runs: dict[str, list[dict]] = {"on": [], "off": []}
+    local: dict[str, list[float]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        one_in_process(SIZES["tiny"]["set"], "local-warmup", Path(tmp))  # imports, caches
+        for r in range(cfg["repeats"]):
+            for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                local[mode].append(one_in_process(modes[mode], f"local-{mode}-{r}", Path(tmp)))
         if size != "tiny":  # the first Ray instance of a process starts cold: discard it
             one_run(SIZES["tiny"]["set"], "overhead-warmup", Path(tmp))
         for r in range(cfg["repeats"]):
@@ -84,6 +113,13 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
             off_seconds=spread(col(off, "total")),
         ),
         case(
+            "same job in one process, no Ray",
+            "coordination on / off (wall)",
+            ratios(local["on"], local["off"]),
+            on_seconds=spread(local["on"]),
+            off_seconds=spread(local["off"]),
+        ),
+        case(
             "worker time blocked on Ray, on",
             "blocked / train time (median member)",
             col(on, "blocked"),
@@ -100,6 +136,10 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
     notes = [
         "Each run starts its own local Ray instance (loopback, auth off) via run_job. "
         "Except at --tiny, a tiny job runs first and is discarded (cold start).",
+        "No-Ray case: the trainers interleaved step by step in one process with the "
+        "coordinator called directly (ensemble.training.interleave, DirectLink): all "
+        "coordination work is on the critical path, none overlaps training on a spare core. "
+        "It shows the CPU cost of coordination; the <= 1.05 target is for the Ray job.",
         "Blocked fraction: a worker's time inside Ray calls to the coordinator (submit, "
         "non-blocking wait, get) over its training time; median over members per run.",
         f"Per run (on): merges {col(on, 'merges')}, drifts {col(on, 'drifts')}, "
