@@ -119,7 +119,13 @@ def run_job(
         cfg_dict = cfg.model_dump(mode="json")
         retries = cfg.faults.max_restarts  # a restarted worker resumes from its checkpoint
         workers = [
-            Worker.options(num_cpus=cpus, max_restarts=retries, max_task_retries=retries).remote(
+            Worker.options(
+                name=f"{cfg.job}/worker-{m}",  # findable, e.g. by fault-injection tests
+                namespace=NAMESPACE,
+                num_cpus=cpus,
+                max_restarts=retries,
+                max_task_retries=retries,
+            ).remote(
                 m, cfg_dict, data_ref, coordinator, str(run_dir.resolve()), resume
             )
             for m in range(cfg.models.count)
@@ -136,6 +142,7 @@ def run_job(
         summary = summarise(cfg, data, results, progress, time.time() - t0)
         save_members(run_dir, [r for r in results if not r.failed], data)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only resumes need them
         return summary
     except BaseException:
         if handles is not None:

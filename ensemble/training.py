@@ -259,8 +259,6 @@ class Trainer:
         if inflight is not None:
             self.apply(link.get(inflight))
         self.apply(link.get(link.call("finish", self.id, self.step, self.failed)))
-        if self.epoch >= self.cfg.train.epochs:
-            self.save_checkpoint()  # a resumed, finished job restarts nothing
         return MemberResult(
             self.id,
             self.step,

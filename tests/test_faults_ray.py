@@ -1,0 +1,177 @@
+"""Fault injection on real local Ray instances with tiny models: the job completes and its
+history has no gaps."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from ensemble.config import load_config
+from ensemble.driver import run_job
+from ensemble.history import History
+from ensemble.service import NAMESPACE
+
+pytestmark = pytest.mark.ray
+
+
+def longer(cfg, epochs=30, **faults):
+    return cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"epochs": epochs}),
+            "faults": cfg.faults.model_copy(update=faults),
+        }
+    )
+
+
+def wait_for(predicate, timeout=120, every=0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return True
+        except Exception:
+            pass
+        time.sleep(every)
+    return False
+
+
+def assert_complete(run_dir, cfg, summary):
+    """Every model finished every epoch, with its metrics, and nothing is missing."""
+    h = History.open(run_dir)
+    epochs, count = cfg.train.epochs, cfg.models.count
+    assert sorted(e.model for e in h.events(kind="finished"))[-count:] == list(range(count))
+    for m in range(count):
+        got = sorted({r.epoch for r in h.metrics(model=m) if r.split == "val"})
+        assert got == list(range(epochs)), (m, got)
+    ens = sorted({r.epoch for r in h.metrics(model=-1)})
+    assert ens == list(range(epochs))
+    assert summary["failed"] == [] and len(summary["members"]) == count
+    steps = {m["steps"] for m in summary["members"]}
+    assert len(steps) == 1  # everyone trained the full job
+    return h
+
+
+def run_in_thread(cfg, run_dir, address):
+    out = {}
+
+    def target():
+        try:
+            out["summary"] = run_job(cfg, run_dir, address=address)
+        except BaseException as e:  # noqa: BLE001  (reported by the test)
+            out["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    return t, out
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 2, "include_dashboard": False},
+    )
+    yield c
+    c.shutdown()
+
+
+def test_killed_worker_restarts_from_its_checkpoint(tiny_cfg, tmp_path, cluster):
+    cfg = longer(tiny_cfg)
+    run_dir = tmp_path / "run"
+    t, out = run_in_thread(cfg, run_dir, cluster.address)
+    ckpt = run_dir / "checkpoints" / "model_1.pt"
+    assert wait_for(lambda: History.open(run_dir).count("metrics") >= 16 and ckpt.exists())
+    # the job's driver is a thread of this process, so this process is connected already
+    worker = ray.get_actor(f"{cfg.job}/worker-1", namespace=NAMESPACE)
+    os.kill(ray.get(worker.pid.remote()), signal.SIGKILL)  # as a crash would
+    t.join(timeout=400)
+    assert "error" not in out, out.get("error")
+    h = assert_complete(run_dir, cfg, out["summary"])
+    (restart,) = h.events(kind="restarted")
+    assert restart.model == 1 and restart.step > 0  # resumed from its checkpoint
+
+
+def test_killed_coordinator_restarts_from_the_history(tiny_cfg, tmp_path, cluster):
+    cfg = longer(tiny_cfg)
+    run_dir = tmp_path / "run"
+    t, out = run_in_thread(cfg, run_dir, cluster.address)
+    assert wait_for(lambda: History.open(run_dir).count("rounds") >= 5)
+    ray.kill(ray.get_actor(cfg.job, namespace=NAMESPACE), no_restart=False)
+    t.join(timeout=400)
+    assert "error" not in out, out.get("error")
+    h = assert_complete(run_dir, cfg, out["summary"])
+    assert len(h.events(kind="coordinator_restored")) == 1
+    # no duplicate publication: (model, step) is unique in the schema; the summary's
+    # counts, rebuilt after the restart, agree with the records
+    assert out["summary"]["merges"] == len(h.merges())
+    assert out["summary"]["drifts"] == len(h.drifts())
+
+
+def test_lost_node_reschedules_its_workers(tiny_cfg, tmp_path):
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 0, "include_dashboard": False},
+    )
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(3)]
+    cfg = longer(
+        tiny_cfg.model_copy(update={"models": tiny_cfg.models.model_copy(update={"count": 3})}),
+        epochs=40,
+    )
+    run_dir = tmp_path / "run"
+    try:
+        cluster.wait_for_nodes()
+        t, out = run_in_thread(cfg, run_dir, cluster.address)
+        assert wait_for(lambda: History.open(run_dir).count("metrics") >= 12)
+        started = {e.model: e.detail["node"] for e in History.open(run_dir).events("started")}
+        busy = [n for n in nodes if n.node_id in started.values()]
+        cluster.remove_node(busy[0])  # its workers die with it
+        t.join(timeout=400)
+        assert "error" not in out, out.get("error")
+        h = assert_complete(run_dir, cfg, out["summary"])
+        assert h.events(kind="restarted"), "no worker was rescheduled"
+    finally:
+        cluster.shutdown()
+
+
+def test_killed_driver_then_resume_continues(tmp_path, tiny_overrides):
+    import json
+
+    run_dir = tmp_path / "job"
+    sets = [a for o in tiny_overrides + ["train.epochs=40", "job=resumable"] for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "ensemble.cli", "run"]
+    proc = subprocess.Popen(
+        [*cmd, *sets, "--run-dir", str(run_dir), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: History.open(run_dir).count("metrics") >= 24, timeout=240)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the driver dies without a word
+        proc.wait()
+    before = History.open(run_dir)
+    steps_before = {m: max(p.step for p in before.publications(model=m)) for m in range(4)}
+    assert not (run_dir / "summary.json").exists()
+
+    done = subprocess.run(
+        [*cmd, "--resume", str(run_dir), "--quiet"], capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_config(run_dir / "config.yaml")
+    h = assert_complete(run_dir, cfg, summary)
+    resumed = h.events(kind="resumed")
+    assert sorted(e.model for e in resumed) == [0, 1, 2, 3]
+    for e in resumed:  # from a checkpoint, not from step 0: it did not start over
+        assert 0 < e.step <= steps_before[e.model]
+    again = subprocess.run([*cmd, "--resume", str(run_dir)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already finished" in again.stderr
