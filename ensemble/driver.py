@@ -125,16 +125,14 @@ def run_job(
                 num_cpus=cpus,
                 max_restarts=retries,
                 max_task_retries=retries,
-            ).remote(
-                m, cfg_dict, data_ref, coordinator, str(run_dir.resolve()), resume
-            )
+            ).remote(m, cfg_dict, data_ref, coordinator, str(run_dir.resolve()), resume)
             for m in range(cfg.models.count)
         ]
         handles = JobHandles(coordinator, workers)
         # Barrier: every worker constructed before any trains, so they overlap in time.
-        nodes = ray.get([w.node_id.remote() for w in workers])
-        for m, node in enumerate(nodes):
-            coordinator.record_event.remote("started", m, 0, {"node": node})
+        where = ray.get([w.where.remote() for w in workers])
+        for m, (node, pid) in enumerate(where):
+            coordinator.record_event.remote("started", m, 0, {"node": node, "pid": pid})
         on_status("training")
         results = unwrap(lambda: _wait_for(cfg, handles, on_progress, poll_seconds))
         progress = ray.get(coordinator.progress.remote())

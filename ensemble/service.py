@@ -70,7 +70,7 @@ def list_jobs(address: str, timeout: float = 10.0) -> list[dict]:
     names = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a.get("namespace") == NAMESPACE
+        if a.get("namespace") == NAMESPACE and "/" not in a["name"]  # coordinators only
     ]
     out = []
     for name in sorted(names):

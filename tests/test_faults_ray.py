@@ -88,9 +88,8 @@ def test_killed_worker_restarts_from_its_checkpoint(tiny_cfg, tmp_path, cluster)
     t, out = run_in_thread(cfg, run_dir, cluster.address)
     ckpt = run_dir / "checkpoints" / "model_1.pt"
     assert wait_for(lambda: History.open(run_dir).count("metrics") >= 16 and ckpt.exists())
-    # the job's driver is a thread of this process, so this process is connected already
-    worker = ray.get_actor(f"{cfg.job}/worker-1", namespace=NAMESPACE)
-    os.kill(ray.get(worker.pid.remote()), signal.SIGKILL)  # as a crash would
+    (started,) = History.open(run_dir).events(kind="started", model=1)
+    os.kill(started.detail["pid"], signal.SIGKILL)  # model 1's worker process, as a crash
     t.join(timeout=400)
     assert "error" not in out, out.get("error")
     h = assert_complete(run_dir, cfg, out["summary"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -72,10 +73,6 @@ class Worker:
     def run(self) -> MemberResult:
         return self.trainer.run(self.link)
 
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
+    def where(self) -> tuple[str, int]:
+        """(node id, process id): where this worker runs."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
