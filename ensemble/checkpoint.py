@@ -26,4 +26,4 @@ def save(path: Path, state: dict) -> None:
 def load(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    return torch.load(path, weights_only=True)
+    return torch.load(path, weights_only=True, map_location="cpu")

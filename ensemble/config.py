@@ -142,6 +142,15 @@ class FaultsConfig(Section):
     stall_seconds: float = Field(300.0, gt=0)  # fail the job if no model progresses this long
 
 
+class ResourcesConfig(Section):
+    num_cpus_per_worker: float | None = Field(None, gt=0)  # None: share the cluster's CPUs
+    num_gpus_per_model: float = Field(0.0, ge=0)  # fractional packs: 0.25 = 4 models a GPU
+    models_per_worker: int = Field(1, ge=1)  # >1: one actor trains k models, stacked
+    placement: Literal["spread", "pack"] = "pack"  # placement group strategy for workers
+    placement_timeout: float = Field(120.0, gt=0)  # wait this long for resources, then fail
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when given a GPU
+
+
 class HistoryConfig(Section):
     generations: str = "all"  # tether snapshots to keep per model: all | every:K | last:N
 
@@ -169,6 +178,7 @@ class Config(Section):
     history: HistoryConfig = HistoryConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
     faults: FaultsConfig = FaultsConfig()
+    resources: ResourcesConfig = ResourcesConfig()
     peers: list[PeerConfig] = []  # fixed external tethers, the seed's other model
 
     @field_validator("job")

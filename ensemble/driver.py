@@ -8,7 +8,6 @@ import time to bind to 127.0.0.1.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -21,6 +20,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.numpy import save_file
 
+from ensemble import placement
 from ensemble.config import Config, dump_config
 from ensemble.data import load_dataset, load_peer_tethers
 from ensemble.errors import ConfigError, EnsembleError
@@ -36,6 +36,7 @@ from workers.worker import Worker
 class JobHandles:
     coordinator: object
     workers: list
+    groups: list[list[int]]  # model ids per worker
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -53,19 +54,6 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
         logging_level="WARNING",
     )
     return True
-
-
-def worker_cpus(cfg: Config) -> float:
-    """Logical CPUs per worker: share the cluster's CPUs, at most one each."""
-    total = float(ray.cluster_resources().get("CPU", 0))
-    need = cfg.models.count
-    per = min(1.0, math.floor(total / need * 100) / 100)
-    if per < 0.01:
-        raise EnsembleError(
-            f"models.count={need} does not fit: the cluster has {total:g} CPUs "
-            f"(at least 0.01 CPU per worker)"
-        )
-    return per
 
 
 def run_job(
@@ -114,25 +102,32 @@ def run_job(
         on_status("starting the coordinator")
         unwrap(lambda: ray.get(coordinator.progress.remote()))  # surfaces __init__ errors
         data_ref = ray.put(data)
-        cpus = worker_cpus(cfg)
-        on_status(f"starting {cfg.models.count} workers ({cpus:g} CPU each)")
+        p = placement.plan(cfg)
+        on_status(
+            f"reserving {len(p.groups)} workers ({p.cpus:g} CPU each, {cfg.resources.placement})"
+        )
+        pg = placement.reserve(cfg, p, cfg.resources.placement_timeout)
+        on_status(f"starting {len(p.groups)} workers for {cfg.models.count} models")
         cfg_dict = cfg.model_dump(mode="json")
         retries = cfg.faults.max_restarts  # a restarted worker resumes from its checkpoint
         workers = [
             Worker.options(
-                name=f"{cfg.job}/worker-{m}",  # findable, e.g. by fault-injection tests
+                name=f"{cfg.job}/worker-{w}",  # findable, e.g. by fault-injection tests
                 namespace=NAMESPACE,
-                num_cpus=cpus,
+                num_cpus=p.cpus,
+                num_gpus=p.gpus[w],
+                scheduling_strategy=placement.strategy(pg, w),
                 max_restarts=retries,
                 max_task_retries=retries,
-            ).remote(m, cfg_dict, data_ref, coordinator, str(run_dir.resolve()), resume)
-            for m in range(cfg.models.count)
+            ).remote(group, cfg_dict, data_ref, coordinator, str(run_dir.resolve()), resume)
+            for w, group in enumerate(p.groups)
         ]
-        handles = JobHandles(coordinator, workers)
+        handles = JobHandles(coordinator, workers, p.groups)
         # Barrier: every worker constructed before any trains, so they overlap in time.
         where = ray.get([w.where.remote() for w in workers])
-        for m, (node, pid) in enumerate(where):
-            coordinator.record_event.remote("started", m, 0, {"node": node, "pid": pid})
+        for group, info in zip(p.groups, where, strict=True):
+            for m in group:
+                coordinator.record_event.remote("started", m, 0, info)
         on_status("training")
         results = unwrap(lambda: _wait_for(cfg, handles, on_progress, poll_seconds))
         progress = ray.get(coordinator.progress.remote())
@@ -163,16 +158,14 @@ def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> l
     while pending:
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll_seconds)
         for ref in done:
-            m = pending.pop(ref)
+            group = h.groups[pending.pop(ref)]
             try:
-                results[m] = ray.get(ref)
+                results.update({r.model: r for r in ray.get(ref)})
             except ray.exceptions.RayError as e:  # failures are data
-                ray.get(
-                    h.coordinator.record_event.remote(
-                        "failed", m, None, {"error": type(e).__name__, "message": str(e)[:500]}
-                    )
-                )
-                ray.get(h.coordinator.finish.remote(m, -1, True))
+                for m in group:
+                    detail = {"error": type(e).__name__, "message": str(e)[:500]}
+                    ray.get(h.coordinator.record_event.remote("failed", m, None, detail))
+                    ray.get(h.coordinator.finish.remote(m, -1, True))
         try:
             progress = ray.get(h.coordinator.progress.remote(), timeout=30)
         except (
@@ -183,11 +176,12 @@ def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> l
             continue  # the coordinator is restarting; workers retry their calls
         if on_progress is not None:
             on_progress(progress)
-        waiting = [m for m in progress["models"] if m["model"] in pending.values()]
+        left = {m for i in pending.values() for m in h.groups[i]}
+        waiting = [m for m in progress["models"] if m["model"] in left]
         if waiting and min(m["idle_seconds"] for m in waiting) > cfg.faults.stall_seconds:
             raise EnsembleError(
                 f"no model has made progress for {cfg.faults.stall_seconds:g}s (models "
-                f"{sorted(pending.values())} are waiting); their node may be gone and the "
+                f"{sorted(left)} are waiting); their node may be gone and the "
                 "cluster cannot fit them. What was recorded is in the run directory's history"
             )
     if not results:

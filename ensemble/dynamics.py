@@ -41,7 +41,7 @@ def surge_(w: torch.Tensor, recovery_rate: float, gen: torch.Generator) -> int:
     mask = w == 0
     n = int(mask.sum())
     if n:
-        w.data[mask] = torch.randn(n, generator=gen) * recovery_rate
+        w.data[mask] = (torch.randn(n, generator=gen) * recovery_rate).to(w.device)
     return n
 
 
@@ -50,7 +50,7 @@ def energy_(w: torch.Tensor, scale: float, gen: torch.Generator) -> None:
     mask = w != 0
     if mask.any():
         std = float(w[mask].std()) if int(mask.sum()) > 1 else 1.0
-        w.data[mask] += torch.randn(int(mask.sum()), generator=gen) * scale * std
+        w.data[mask] += (torch.randn(int(mask.sum()), generator=gen) * scale * std).to(w.device)
 
 
 def activation_entropy(h: torch.Tensor, bins: int) -> float:
@@ -113,7 +113,9 @@ class SurgeCollapse:
     def input_noise(self, step: int, x: torch.Tensor) -> torch.Tensor:
         """Controlled noise on the inputs while a low-entropy episode lasts."""
         if step <= self.noise_until:
-            return x + torch.randn(x.shape, generator=self.gen) * self.cfg.input_noise
+            return x + (torch.randn(x.shape, generator=self.gen) * self.cfg.input_noise).to(
+                x.device
+            )
         return x
 
     def act(

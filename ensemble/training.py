@@ -80,21 +80,26 @@ class Trainer:
         data: Dataset,
         checkpoint_dir: Path | None = None,
         resumed: bool = False,
+        device: str = "cpu",
     ):
         """checkpoint_dir: where to checkpoint each epoch; an existing checkpoint there is
-        loaded, and the trainer rejoins the coordinator ('resumed' or 'restarted')."""
+        loaded, and the trainer rejoins the coordinator ('resumed' or 'restarted').
+        device: where the model and its data live ('cpu' or 'cuda')."""
         self.id = model
         self.cfg = cfg
         self.data = data
         seed = member_seed(cfg, model)
+        self.device = torch.device(device)
         self.model = TetheredMLP(model_sizes(cfg, data), cfg.tether.init, cfg.tether.std, seed)
+        self.model.to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
         self.trigger = make_trigger(cfg.trigger)
         self.gen = torch.Generator().manual_seed(seed)
         x, y = data.x_train, data.y_train
         if cfg.data.shard:  # a disjoint slice per model
             x, y = x[model :: cfg.models.count], y[model :: cfg.models.count]
-        self.x, self.y = torch.tensor(x), torch.tensor(y)  # own, writable copies
+        # own, writable copies, on the device
+        self.x, self.y = torch.tensor(x, device=self.device), torch.tensor(y, device=self.device)
         self.step = 0
         self.applied = 0
         on = cfg.dynamics.mode != "off"
@@ -138,7 +143,7 @@ class Trainer:
         return True
 
     def batches(self):
-        perm = torch.randperm(len(self.x), generator=self.gen)
+        perm = torch.randperm(len(self.x), generator=self.gen).to(self.device)
         bs = self.cfg.train.batch_size
         for i in range(0, len(perm), bs):
             idx = perm[i : i + bs]
@@ -170,20 +175,21 @@ class Trainer:
         for ins in instructions:
             assert ins.model == self.id, (ins.model, self.id)
             buf = self.model.layers[ins.layer].tether
-            new = apply_instruction(buf.numpy(), ins, lo, hi)
-            buf.copy_(torch.from_numpy(new))
+            new = apply_instruction(buf.detach().cpu().numpy(), ins, lo, hi)
+            buf.copy_(torch.from_numpy(new))  # to the buffer's device
             self.applied += 1
 
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         self.model.eval()
-        return torch.softmax(self.model(torch.as_tensor(np.array(x))), dim=1).numpy()
+        x = torch.as_tensor(np.array(x), device=self.device)
+        return torch.softmax(self.model(x), dim=1).cpu().numpy()
 
     @torch.no_grad()
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         self.model.eval()
-        logits = self.model(torch.as_tensor(np.array(x)))
-        yt = torch.as_tensor(np.array(y))
+        logits = self.model(torch.as_tensor(np.array(x), device=self.device))
+        yt = torch.as_tensor(np.array(y), device=self.device)
         return float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).float().mean())
 
     def report(self, epoch: int, loss: float, grad_norm: float) -> TetherReport:

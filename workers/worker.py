@@ -60,19 +60,47 @@ class RayLink:
             self.blocked += time.perf_counter() - t
 
 
+def pick_device(setting: str) -> str:
+    """auto: CUDA when Ray gave this actor a GPU (and torch sees one), else CPU."""
+    if setting == "auto":
+        return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    return setting
+
+
 @ray.remote
 class Worker:
+    """Trains its models: one with a Trainer, k > 1 as one stacked computation."""
+
     def __init__(
-        self, model: int, cfg: dict, data: Dataset, coordinator, run_dir: str, resumed: bool = False
+        self,
+        models: list[int],
+        cfg: dict,
+        data: Dataset,
+        coordinator,
+        run_dir: str,
+        resumed: bool = False,
     ):
         torch.set_num_threads(1)  # one thread per process: two on two cores thrash
         config = Config.model_validate(cfg)
-        self.trainer = Trainer(model, config, data, Path(run_dir) / "checkpoints", resumed)
+        self.device = pick_device(config.resources.device)
+        ckpt = Path(run_dir) / "checkpoints"
+        if len(models) == 1:
+            self.trainer = Trainer(models[0], config, data, ckpt, resumed, device=self.device)
+        else:
+            from ensemble.stacked import StackedTrainer
+
+            self.trainer = StackedTrainer(models, config, data, device=self.device)
         self.link = RayLink(coordinator, config.faults.call_retries)
 
-    def run(self) -> MemberResult:
-        return self.trainer.run(self.link)
+    def run(self) -> list[MemberResult]:
+        out = self.trainer.run(self.link)
+        return out if isinstance(out, list) else [out]
 
-    def where(self) -> tuple[str, int]:
-        """(node id, process id): where this worker runs."""
-        return ray.get_runtime_context().get_node_id(), os.getpid()
+    def where(self) -> dict:
+        """Where this worker runs: node, process, GPUs and device."""
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "device": self.device,
+        }

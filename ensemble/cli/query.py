@@ -202,22 +202,52 @@ def tethers(
 def status(
     address: Annotated[
         str | None,
-        typer.Option(envvar="RAY_ADDRESS", help="Ray cluster (host:port); default $RAY_ADDRESS"),
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            help="host:port (GCS: running coordinators) or http://host:8265 (Jobs API: submitted "
+            "jobs); default $RAY_ADDRESS, else the cluster `ensemble cluster start` started",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Running jobs on a cluster: models, steps, rounds, merges, drifts."""
+    """Jobs on a cluster: submitted jobs' states, and running jobs' models, steps, merges."""
+    from ensemble.cli.jobs import jobs_table
+    from ensemble.cluster import default_address
     from ensemble.service import list_jobs
+    from ensemble.submit import jobs as submitted
 
-    if not address:
-        fail("no cluster given: pass --address HOST:PORT or set RAY_ADDRESS")
+    gcs = dashboard = None
+    if address and address.startswith("http"):
+        dashboard = address
+    elif address:
+        gcs = address
+    else:
+        gcs, dashboard = default_address("gcs"), default_address("dashboard")
+    if not gcs and not dashboard:
+        fail(
+            "no cluster given: pass --address HOST:PORT, set RAY_ADDRESS, or run "
+            "`ensemble cluster start`"
+        )
     try:
-        jobs = list_jobs(address)
+        running = list_jobs(gcs) if gcs else []
+        queued = submitted(dashboard) if dashboard else []
     except EnsembleError as e:
         fail(str(e))
     if as_json:
-        sys.stdout.write(json.dumps(jobs, indent=1) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                running if not dashboard else {"running": running, "submitted": queued}, indent=1
+            )
+            + "\n"
+        )
         return
+    if dashboard:
+        console.print(jobs_table(queued, dashboard))
+    if gcs:
+        console.print(running_table(running, gcs))
+
+
+def running_table(jobs: list[dict], address: str) -> Table:
     t = Table(title=f"{len(jobs)} running jobs at {address}", title_justify="left")
     for col in ("job", "state", "models", "min step", "rounds", "merges", "drifts", "run dir"):
         t.add_column(col)
@@ -236,7 +266,7 @@ def status(
             str(j["drifts"]),
             j["run_dir"],
         )
-    console.print(t)
+    return t
 
 
 @app.command()

@@ -1,0 +1,153 @@
+"""Cluster and job commands: `cluster start|stop|status`, `submit`, `logs`, `stop`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ensemble.cli.common import app, console, fail
+from ensemble.errors import EnsembleError
+
+cluster_app = typer.Typer(
+    help="A local Ray head on this machine, loopback only.", no_args_is_help=True
+)
+app.add_typer(cluster_app, name="cluster")
+
+JobsAddress = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray Jobs API (http://host:8265); default: the cluster `ensemble cluster start` "
+        "started"
+    ),
+]
+
+
+def jobs_address(address: str | None) -> str:
+    from ensemble.cluster import default_address
+
+    found = address or default_address("dashboard")
+    if not found:
+        fail("no cluster: pass --address http://HOST:8265 or run `ensemble cluster start`")
+    return found
+
+
+@cluster_app.command("start")
+def cluster_start(
+    port: Annotated[int, typer.Option(help="GCS port")] = 6379,
+    dashboard_port: Annotated[int, typer.Option(help="Dashboard and Jobs API port")] = 8265,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs to offer; default all")] = None,
+    num_gpus: Annotated[int | None, typer.Option(help="GPUs to offer; default detected")] = None,
+) -> None:
+    """Start a Ray head bound to 127.0.0.1, token auth as configured (on by default)."""
+    from ensemble.cluster import start
+
+    try:
+        st = start(port, dashboard_port, num_cpus, num_gpus)
+    except EnsembleError as e:
+        fail(str(e))
+    console.print(
+        f"Ray head at {st['address']}, dashboard and Jobs API at {st['dashboard']} "
+        f"({len(st['pids'])} processes)"
+    )
+
+
+@cluster_app.command("stop")
+def cluster_stop() -> None:
+    """Stop the head `cluster start` started (only its own processes)."""
+    from ensemble.cluster import stop
+
+    try:
+        pids = stop()
+    except EnsembleError as e:
+        fail(str(e))
+    console.print(f"stopped {len(pids)} processes")
+
+
+@cluster_app.command("status")
+def cluster_status() -> None:
+    """Is the cluster started here running, and where."""
+    from ensemble.cluster import state_file, status
+
+    st = status()
+    if not st:
+        console.print(f"no cluster started here ({state_file()})")
+        raise typer.Exit(1)
+    up = "running" if st["alive"] else "not running (stale record)"
+    console.print(
+        f"{up}: {st['address']}, {st['dashboard']}, "
+        f"{len(st['alive'])}/{len(st['pids'])} processes alive"
+    )
+
+
+@app.command()
+def submit(
+    config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key")] = None,
+    address: JobsAddress = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run directory as the cluster sees it (shared storage) [default: ./runs/<job>]"
+        ),
+    ] = None,
+    ship_package: Annotated[
+        bool, typer.Option(help="Ship this package in the runtime_env (image without it installed)")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for the job to end")] = False,
+) -> None:
+    """Submit a job through the Ray Jobs API; prints its id (the job name)."""
+    from ensemble.cli.run import default_config
+    from ensemble.config import load_config
+    from ensemble.rundir import resolve_job
+    from ensemble.submit import submit as do_submit
+    from ensemble.submit import wait as do_wait
+
+    try:
+        cfg = resolve_job(load_config(config or default_config(), set_ or []))
+        where = jobs_address(address)
+        target = (run_dir or Path("runs") / cfg.job).resolve()
+        job = do_submit(cfg, where, target, ship_package)
+        console.print(job)
+        if wait:
+            final = do_wait(where, job)
+            console.print(f"{job}: {final}; run directory {target}")
+            if final != "SUCCEEDED":
+                raise typer.Exit(1)
+    except EnsembleError as e:
+        fail(str(e))
+
+
+@app.command()
+def logs(job: str, address: JobsAddress = None) -> None:
+    """A submitted job's driver output."""
+    from ensemble.submit import logs as job_logs
+
+    try:
+        sys.stdout.write(job_logs(jobs_address(address), job))
+    except EnsembleError as e:
+        fail(str(e))
+
+
+@app.command()
+def stop(job: str, address: JobsAddress = None) -> None:
+    """Stop a submitted job."""
+    from ensemble.submit import stop as job_stop
+
+    try:
+        stopped = job_stop(jobs_address(address), job)
+    except EnsembleError as e:
+        fail(str(e))
+    console.print(f"{job}: {'stopping' if stopped else 'already ended'}")
+
+
+def jobs_table(rows: list[dict], where: str) -> Table:
+    t = Table(title=f"{len(rows)} submitted jobs at {where}", title_justify="left")
+    for col in ("job", "status", "message"):
+        t.add_column(col)
+    for j in rows:
+        t.add_row(j["job"], j["status"], j["message"][:60])
+    return t
