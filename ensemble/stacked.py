@@ -10,15 +10,18 @@ instructions stay per model; only the arithmetic is stacked.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Generator
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ensemble import checkpoint
 from ensemble.config import Config
 from ensemble.coordinator import TetherReport, apply_instruction
 from ensemble.data import Dataset
@@ -36,6 +39,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def stack_file(ids: list[int]) -> str:
+    """The checkpoint file of the stack of models `ids`."""
+    digest = hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:10]
+    return f"stack_{ids[0]}x{len(ids)}_{digest}.pt"
+
+
 def settle(link: Link, calls: list[tuple]) -> None:
     """Send every (method, *args) at once, then wait for all: one overlap, not k round trips."""
     for handle in [link.call(*c) for c in calls]:
@@ -51,12 +60,10 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([m.linear.bias.detach() for m in layers]))
         self.register_buffer("tether", torch.stack([m.tether for m in layers]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (k, B, in), each model its own batch, or (B, in) shared -> (k, B, out)."""
-        wt = (self.weight * self.tether).transpose(1, 2)  # (k, in, out)
-        if x.dim() == 2:
-            x = x.expand(wt.shape[0], *x.shape)  # (k, B, in), no copy
-        return torch.baddbmm(self.bias.unsqueeze(1), x, wt)  # (k, B, out)
+    def forward(self, xt: torch.Tensor) -> torch.Tensor:
+        """xt: (k, in, B), batch last -> (k, out, B). Batch-last keeps W's gradient in W's
+        own (k, out, in) layout: no strided multiply or copy in backward (~30% faster)."""
+        return torch.baddbmm(self.bias.unsqueeze(2), self.weight * self.tether, xt)
 
 
 class StackedMLP(nn.Module):
@@ -75,12 +82,15 @@ class StackedMLP(nn.Module):
         return self.forward_hidden(x)[0]
 
     def forward_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits (k, B, C) and every hidden layer's post-ReLU activations, (k, B, H_l)."""
+        """x: (k, B, in), each model its own batch, or (B, in) shared by all. Returns logits
+        (k, B, C) and every hidden layer's post-ReLU activations (k, B, H_l), as views of
+        batch-last tensors: logits.mT is (k, C, B), the layout cross_entropy takes."""
+        xt = x.mT if x.dim() == 3 else x.T.expand(self.k, *x.T.shape)  # (k, in, B), no copy
         hidden = []
         for name in self.names[:-1]:
-            x = torch.relu(self.layers[name](x))
-            hidden.append(x)
-        return self.layers[self.names[-1]](x), hidden
+            xt = torch.relu(self.layers[name](xt))  # (k, H_l, B)
+            hidden.append(xt.mT)
+        return self.layers[self.names[-1]](xt).mT, hidden
 
     def member_state(self, i: int) -> dict[str, np.ndarray]:
         """Model i as TetheredMLP.state_dict() would give it, numpy copies (safetensors)."""
@@ -94,7 +104,7 @@ class StackedMLP(nn.Module):
 
     def export_tethers(self, i: int) -> dict[str, np.ndarray]:
         """layer -> model i's float32 tether (out, in), a copy."""
-        return {n: self.layers[n].tether[i].detach().cpu().numpy().copy() for n in self.names}
+        return {n: self.layers[n].tether.detach()[i].cpu().numpy().copy() for n in self.names}
 
     @torch.no_grad()
     def import_tethers(self, i: int, tethers: dict[str, np.ndarray]) -> None:
@@ -116,7 +126,18 @@ class StackedMLP(nn.Module):
 class StackedTrainer:
     """Trainer for the models `ids` at once: same loop, same calls, one stacked step."""
 
-    def __init__(self, ids: list[int], cfg: Config, data: Dataset, device: str = "auto"):
+    def __init__(
+        self,
+        ids: list[int],
+        cfg: Config,
+        data: Dataset,
+        device: str = "auto",
+        checkpoint_dir: Path | None = None,
+        resumed: bool = False,
+    ):
+        """device: cpu, cuda or auto. checkpoint_dir: as Trainer's: the whole stack is
+        checkpointed at each epoch start; an existing checkpoint is loaded and every model
+        rejoins the coordinator ('resumed' or 'restarted')."""
         if not ids or len(set(ids)) != len(ids):
             raise ValueError(f"ids must be distinct model ids, got {ids}")
         self.ids, self.k, self.cfg, self.data = list(ids), len(ids), cfg, data
@@ -125,7 +146,8 @@ class StackedTrainer:
         seeds = [member_seed(cfg, m) for m in self.ids]
         sizes = model_sizes(cfg, data)
         self.model = StackedMLP(sizes, cfg.tether.init, cfg.tether.std, seeds).to(dev)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        # Adam is elementwise: per-model state in effect. fused: a few kernels, not ~60 ops.
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, fused=True)
         self.triggers = [make_trigger(cfg.trigger) for _ in ids]
         self.gens = [torch.Generator().manual_seed(s) for s in seeds]
         # One flat copy of the training data; model i draws from [offset[i], offset[i] + n[i]).
@@ -146,11 +168,46 @@ class StackedTrainer:
                 f"steps per epoch at batch_size={bs}; stack models with equal step counts"
             )
         self.step = 0
+        self._probes: tuple[int, list] = (-1, [])  # (step, [probe1s, probe2s, sparsities])
         self.applied = [0] * self.k
         on = cfg.dynamics.mode != "off"
         self.dynamics = [SurgeCollapse(cfg.dynamics, s) for s in seeds] if on else None
         self.entropy: list[float | None] = [None] * self.k
         self.actions: list[list[Action]] = [[] for _ in ids]  # per model, not yet reported
+        self.epoch = 0  # the epoch to train next
+        self.failed = [False] * self.k  # stopped after a non-finite loss or gradient
+        self.ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / stack_file(ids)
+        self.rejoin: str | None = None  # why to resync with the coordinator before training
+        if self.ckpt is not None and self.load_checkpoint():
+            self.rejoin = "resumed" if resumed else "restarted"
+
+    def save_checkpoint(self) -> None:
+        if self.ckpt is None:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "gens": [g.get_state() for g in self.gens],
+            "triggers": [[t.prev_loss, t.last_fired] for t in self.triggers],
+            "failed": self.failed,
+        }
+        checkpoint.save(self.ckpt, state)
+
+    def load_checkpoint(self) -> bool:
+        state = checkpoint.load(self.ckpt) if self.ckpt is not None else None
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.failed = list(state["failed"])
+        for g, gs in zip(self.gens, state["gens"], strict=True):
+            g.set_state(gs)
+        for t, (prev, last) in zip(self.triggers, state["triggers"], strict=True):
+            t.prev_loss, t.last_fired = prev, last
+        return True
 
     def batches(self) -> Generator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """One epoch: (x (k, B, F), y (k, B), mask (k, B) or None when all rows are real).
@@ -184,7 +241,7 @@ class StackedTrainer:
                 xi = xb[i, : rows[i]]
                 xb[i, : rows[i]] = d.input_noise(self.step + 1, xi.cpu()).to(xb.device)
         logits, hidden = self.model.forward_hidden(xb)  # (k, B, C), [(k, B, H_l)]
-        ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(k, b)
+        ce = F.cross_entropy(logits.mT, yb, reduction="none")  # (k, C, B) -> (k, B)
         losses = ce.mean(1) if mask is None else (ce * mask).sum(1) / mask.sum(1)  # (k,)
         self.opt.zero_grad(set_to_none=True)
         losses.sum().backward()  # d(sum)/dW_i = d(loss_i)/dW_i
@@ -197,6 +254,8 @@ class StackedTrainer:
         if dyn is not None:
             bins, cpu = self.cfg.dynamics.bins, self.device.type == "cpu"
             for i, d in enumerate(dyn):
+                if self.failed[i] or not math.isfinite(loss_list[i] + norm_list[i]):
+                    continue  # histc cannot bin NaN; the model is about to stop
                 ents = [activation_entropy(h[i, : rows[i]], bins) for h in hidden]
                 self.entropy[i] = sum(ents) / len(ents) if ents else None
                 ws = {n: w.cpu() for n, w in self.model.weight_matrices(i).items()}  # views on cpu
@@ -230,7 +289,7 @@ class StackedTrainer:
         logits = self.model(torch.as_tensor(np.array(x)).to(self.device))  # (k, N, C)
         yt = torch.as_tensor(np.array(y)).to(self.device)
         k, n, _ = logits.shape
-        loss = F.cross_entropy(logits.flatten(0, 1), yt.repeat(k), reduction="none").view(k, n)
+        loss = F.cross_entropy(logits.mT, yt.expand(k, n), reduction="none")  # (k, N)
         acc = (logits.argmax(2) == yt).float().mean(1)
         return list(zip(loss.mean(1).tolist(), acc.tolist(), strict=True))
 
@@ -239,10 +298,15 @@ class StackedTrainer:
         return TetherReport(self.ids[i], self.step, epoch, loss, grad_norm, tethers, self.probes(i))
 
     def probes(self, i: int) -> dict[str, float | None]:
-        ws = list(self.model.weight_matrices(i).values())
-        zeros = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
-        p1, p2 = float(ws[0][0, 0]), float(ws[1][0, 0])
-        return {"probe1": p1, "probe2": p2, "entropy": self.entropy[i], "sparsity": zeros}
+        """Trainer.probes for model i; computed for all k at once, once per step."""
+        if self._probes[0] != self.step:
+            ws = [layer.weight.detach() for layer in self.model.layers.values()]  # (k, o, i)
+            zeros = torch.stack([(w == 0).flatten(1).sum(1) for w in ws]).sum(0).tolist()  # (k,)
+            size = sum(w[0].numel() for w in ws)
+            p1, p2 = torch.stack([ws[0][:, 0, 0], ws[1][:, 0, 0]]).tolist()  # (2, k)
+            self._probes = (self.step, [p1, p2, [z / size for z in zeros]])
+        p1, p2, sparsity = (v[i] for v in self._probes[1])
+        return {"probe1": p1, "probe2": p2, "entropy": self.entropy[i], "sparsity": sparsity}
 
     def run(self, link: Link) -> list[MemberResult]:
         """Train every epoch; one MemberResult per model, in `ids` order."""
@@ -258,9 +322,15 @@ class StackedTrainer:
         blocking after every stacked step; one `next()` per stacked step."""
         t0 = time.perf_counter()
         inflight: list = [None] * self.k
-        last_call = [0] * self.k
+        last_call = [self.step] * self.k
         poll_steps, d = self.cfg.trigger.poll_steps, self.data
-        for epoch in range(self.cfg.train.epochs):
+        if self.rejoin:  # older tethers than the coordinator's: take its record
+            live = [m for i, m in enumerate(self.ids) if not self.failed[i]]
+            for h in [link.call("rejoin", m, self.step, self.rejoin) for m in live]:
+                self.apply(link.get(h))
+        while self.epoch < self.cfg.train.epochs and not all(self.failed):
+            epoch = self.epoch
+            self.save_checkpoint()
             for xb, yb, mask in self.batches():
                 losses, norms = self.train_step(xb, yb, mask)
                 events = [
@@ -271,9 +341,15 @@ class StackedTrainer:
                 self.actions = [[] for _ in self.ids]
                 settle(link, events)  # failures and dynamics are data: record them
                 for i, m in enumerate(self.ids):  # bookkeeping only, per model
+                    if self.failed[i]:
+                        continue
                     if inflight[i] is not None and link.ready(inflight[i]):
                         self.apply(link.get(inflight[i]))
                         inflight[i] = None
+                    if not (math.isfinite(losses[i]) and math.isfinite(norms[i])):
+                        self.poison(link, i, losses[i], inflight[i])
+                        inflight[i] = None
+                        continue
                     fired = self.triggers[i].check(self.step, losses[i], norms[i])
                     if inflight[i] is None:
                         if fired:
@@ -289,6 +365,7 @@ class StackedTrainer:
             calls = [
                 c
                 for i, m in enumerate(self.ids)
+                if not self.failed[i]
                 for c in (
                     ("record_metrics", m, epoch, "train", *train[i]),
                     ("record_metrics", m, epoch, "val", *val[i]),
@@ -296,15 +373,29 @@ class StackedTrainer:
                 )
             ]
             settle(link, calls)
+            self.epoch = epoch + 1
         for h in inflight:
             if h is not None:
                 self.apply(link.get(h))
-        finals = [link.call("finish", m, self.step) for m in self.ids]  # all in flight at once
-        for h in finals:
+        finals = [link.call("finish", m, self.step, self.failed[i]) for i, m in enumerate(self.ids)]
+        for h in finals:  # all in flight at once
             self.apply(link.get(h))
+        if self.epoch >= self.cfg.train.epochs:
+            self.save_checkpoint()  # a resumed, finished job restarts nothing
         test = self.predict_proba(d.x_test)  # (k, N_test, C)
         blocked, secs = getattr(link, "blocked", 0.0), time.perf_counter() - t0
         return [
-            MemberResult(m, self.step, test[i].copy(), self.model.member_state(i), blocked, secs)
-            for i, m in enumerate(self.ids)
+            MemberResult(
+                m, self.step, test[i].copy(), self.model.member_state(i), blocked, secs, failed
+            )
+            for i, (m, failed) in enumerate(zip(self.ids, self.failed, strict=True))
         ]
+
+    def poison(self, link: Link, i: int, loss: float, handle) -> None:
+        """Model i's loss or gradient is not finite: quarantine it and stop it. A stack has
+        no per-model rollback (its models step in lockstep); the others train on unharmed."""
+        if handle is not None:
+            self.apply(link.get(handle))
+        why = f"loss is {loss}" if not math.isfinite(loss) else "gradient is not finite"
+        link.get(link.call("quarantine", self.ids[i], self.step, why))
+        self.failed[i] = True

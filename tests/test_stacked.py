@@ -9,7 +9,7 @@ from ensemble.data import load_dataset
 from ensemble.history import HistoryReader
 from ensemble.model import TetheredMLP, layer_names
 from ensemble.policy import Instruction
-from ensemble.stacked import StackedMLP, StackedTrainer
+from ensemble.stacked import StackedMLP, StackedTrainer, resolve_device
 from ensemble.training import DirectLink, Trainer, member_seed, model_sizes
 
 SIZES = [12, 16, 8, 5]
@@ -50,6 +50,7 @@ def test_init_bit_identical_and_forward_matches_separate_models():
         for h, wh in zip(hidden, want_hidden, strict=True):
             close(h[i].detach(), wh.detach(), 1e-6)
     assert stacked.layers["fc1"].weight.shape == (3, 16, 12)
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 DYNAMICS = {
@@ -85,6 +86,10 @@ def test_stacked_steps_equal_separate_trainers(tiny_cfg, dynamics):
             else:
                 assert st.entropy[i] == pytest.approx(t.entropy, abs=1e-5)
             assert [a.kind for a in st.actions[i]] == [a.kind for a in t.actions]
+            got, want = st.probes(i), t.probes()
+            assert got.keys() == want.keys()
+            for key in ("probe1", "probe2", "sparsity"):
+                assert got[key] == pytest.approx(want[key], abs=1e-5)
     if dynamics != "off":
         assert any(st.actions)
 
@@ -246,9 +251,8 @@ def test_member_state_loads_into_a_tethered_mlp(tiny_cfg):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu_and_keeps_the_bank(tiny_cfg, tmp_path):
-    cfg = with_(tiny_cfg, dynamics=DYNAMICS["fixed"])
-    data = load_dataset(cfg.data, cfg.seed)
-    cpu, gpu = (StackedTrainer([0, 1, 2, 3], cfg, data, device=d) for d in ("cpu", "cuda"))
+    data = load_dataset(tiny_cfg.data, tiny_cfg.seed)
+    cpu, gpu = (StackedTrainer([0, 1, 2, 3], tiny_cfg, data, device=d) for d in ("cpu", "cuda"))
     assert gpu.model.layers["fc1"].weight.is_cuda
     for (xc, yc, _), (xg, yg, _), _ in zip(cpu.batches(), gpu.batches(), range(3), strict=False):
         lc, nc = cpu.train_step(xc, yc)
@@ -258,10 +262,89 @@ def test_cuda_matches_cpu_and_keeps_the_bank(tiny_cfg, tmp_path):
     for i in range(4):
         for key, v in cpu.model.member_state(i).items():
             close(gpu.model.member_state(i)[key], v, 1e-4)
+    cfg = with_(tiny_cfg, dynamics=DYNAMICS["fixed"])  # surge-collapse on the GPU's slices too
     coord = Coordinator(cfg, cfg.job, shapes_for(cfg, data), str(tmp_path))
-    st = StackedTrainer([0, 1, 2, 3], cfg, data, device="cuda")
+    st = StackedTrainer([0, 1, 2, 3], cfg, data, device="auto")
+    assert st.device.type == "cuda"
     results = st.run(DirectLink(coord))
     coord.close()
     for i, r in enumerate(results):
+        assert np.isfinite(r.test_probs).all() and not r.failed
         for layer, arr in st.model.export_tethers(i).items():
             np.testing.assert_array_equal(coord.bank.row(r.model, layer), arr)
+
+
+def test_a_non_finite_model_is_isolated_quarantined_and_stopped(tiny_cfg, tmp_path):
+    data = load_dataset(tiny_cfg.data, tiny_cfg.seed)
+    clean, bad = (StackedTrainer([0, 1, 2, 3], tiny_cfg, data, device="cpu") for _ in range(2))
+    with torch.no_grad():
+        bad.model.layers["fc1"].weight[1, 0, 0] = float("nan")
+    (xb, yb, _), _ = next(clean.batches()), next(bad.batches())
+    (lc, nc), (lb, nb) = clean.train_step(xb, yb), bad.train_step(xb, yb)
+    assert np.isnan(lb[1]) and np.isnan(nb[1])
+    for i in (0, 2, 3):  # the sum of losses keeps the other models' gradients their own
+        assert (lb[i], nb[i]) == (lc[i], nc[i])
+        for key, v in clean.model.member_state(i).items():
+            np.testing.assert_array_equal(bad.model.member_state(i)[key], v)
+
+    coord = Coordinator(tiny_cfg, tiny_cfg.job, shapes_for(tiny_cfg, data), str(tmp_path))
+    results = bad.run(DirectLink(coord))
+    coord.close()
+    assert [r.failed for r in results] == [False, True, False, False]
+    for r in results:
+        assert np.isfinite(r.test_probs).all() != r.failed
+    for i in (0, 2, 3):  # the bank still equals every live model's tethers
+        for layer, arr in bad.model.export_tethers(i).items():
+            np.testing.assert_array_equal(coord.bank.row(i, layer), arr)
+    h = HistoryReader(tmp_path / "history.sqlite")
+    assert [e.model for e in h.events("quarantined")] == [1]
+    assert [e.model for e in h.events("failed")] == [1]
+    assert sorted(e.model for e in h.events("finished")) == [0, 2, 3]
+    assert {m.model for m in h.metrics()} == {0, 2, 3}
+    assert 1 not in {p.model for p in h.publications()}
+
+
+def test_a_restarted_stack_resumes_from_its_checkpoint_and_rejoins(tiny_cfg, tmp_path):
+    data = load_dataset(tiny_cfg.data, tiny_cfg.seed)
+    coord = Coordinator(tiny_cfg, tiny_cfg.job, shapes_for(tiny_cfg, data), str(tmp_path))
+    link, ckpt = DirectLink(coord), tmp_path / "checkpoints"
+    first = StackedTrainer([0, 1, 2, 3], tiny_cfg, data, device="cpu", checkpoint_dir=ckpt)
+    gen = first.steps(link)
+    while next(gen) < 17:  # the end of epoch 0; epoch 1 checkpoints before its first step
+        pass
+    saved = [first.model.member_state(i) for i in range(4)]
+    shuffles = [g.get_state() for g in first.gens]
+    while next(gen) < 20:  # into epoch 1, then the worker dies
+        pass
+    assert first.step == 20
+
+    again = StackedTrainer([0, 1, 2, 3], tiny_cfg, data, device="cpu", checkpoint_dir=ckpt)
+    assert (again.rejoin, again.step, again.epoch) == ("restarted", 17, 1)
+    for i in range(4):
+        for key, v in saved[i].items():
+            np.testing.assert_array_equal(again.model.member_state(i)[key], v)
+        assert torch.equal(again.gens[i].get_state(), shuffles[i])
+    bank = [coord.tethers(i) for i in range(4)]  # ahead of the checkpoint's tethers
+    assert any(
+        not np.array_equal(bank[i][n], saved[i][f"layers.{n}.tether"])
+        for i in range(4)
+        for n in bank[i]
+    )
+    gen = again.steps(link)
+    assert next(gen) == 18  # rejoined before its first step: it holds the bank's record
+    for i in range(4):
+        for layer, arr in again.model.export_tethers(i).items():
+            np.testing.assert_array_equal(bank[i][layer], arr)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            results = done.value
+            break
+    coord.close()
+    assert [r.steps for r in results] == [34] * 4
+    for i in range(4):  # rejoined: the bank is what the models hold, bit for bit
+        for layer, arr in again.model.export_tethers(i).items():
+            np.testing.assert_array_equal(coord.bank.row(i, layer), arr)
+    h = HistoryReader(tmp_path / "history.sqlite")
+    assert sorted(e.model for e in h.events("restarted")) == [0, 1, 2, 3]
