@@ -162,7 +162,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.get_total_norm(grads))
         self.opt.step()
         self.step += 1
-        if dyn is not None:
+        if dyn is not None and math.isfinite(float(loss.detach())):  # NaN: poison handles it
             bins = self.cfg.dynamics.bins
             ents = [activation_entropy(h, bins) for h in hidden]
             self.entropy = sum(ents) / len(ents) if ents else None

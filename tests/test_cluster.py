@@ -14,6 +14,15 @@ from tests.test_security import listening
 pytestmark = pytest.mark.ray
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit may wait for a reaper here)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "State:\tZ" not in status.read_text()
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,6 +73,6 @@ def test_local_cluster_submit_and_stop(tmp_path, tiny_overrides):
     finally:
         stop = cli("cluster", "stop")
     assert stop.returncode == 0, stop.stderr
-    left = [p for p in state["pids"] if Path(f"/proc/{p}").exists()]
+    left = [p for p in state["pids"] if running(p)]
     assert left == []
     assert cli("cluster", "status").returncode == 1

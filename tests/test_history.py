@@ -58,3 +58,14 @@ def test_foreign_sqlite_file_is_not_a_history(tmp_path):
         conn.execute("CREATE TABLE t (x)")
     with pytest.raises(RunDirError, match="not a tether-ensemble history"):
         HistoryReader(path)
+
+
+def test_one_writer_per_history(tmp_path):
+    from ensemble.errors import EnsembleError
+
+    path = tmp_path / "history.sqlite"
+    first = HistoryWriter(path, "j", "")
+    with pytest.raises(EnsembleError, match="another coordinator is writing this history"):
+        HistoryWriter(path, "j", "", lock_timeout=0.3)
+    first.close()  # the lock goes with its holder
+    HistoryWriter(path, "j", "").close()

@@ -80,8 +80,9 @@ class Worker:
         run_dir: str,
         resumed: bool = False,
     ):
-        torch.set_num_threads(1)  # one thread per process: two on two cores thrash
         config = Config.model_validate(cfg)
+        # one thread per CPU given: more than that thrash (two threads on two cores do)
+        torch.set_num_threads(max(1, int(config.resources.num_cpus_per_worker or 1)))
         self.device = pick_device(config.resources.device)
         ckpt = Path(run_dir) / "checkpoints"
         if len(models) == 1:
@@ -89,7 +90,9 @@ class Worker:
         else:
             from ensemble.stacked import StackedTrainer
 
-            self.trainer = StackedTrainer(models, config, data, device=self.device)
+            self.trainer = StackedTrainer(
+                models, config, data, device=self.device, checkpoint_dir=ckpt, resumed=resumed
+            )
         self.link = RayLink(coordinator, config.faults.call_retries)
 
     def run(self) -> list[MemberResult]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -45,10 +46,25 @@ class HistoryFullError(EnsembleError):
 
 
 class HistoryWriter:
-    def __init__(self, path: str | Path, job: str, config_yaml: str, retention: str = "all"):
+    def __init__(
+        self,
+        path: str | Path,
+        job: str,
+        config_yaml: str,
+        retention: str = "all",
+        lock_timeout: float = 60.0,
+    ):
         self.path = Path(path)
         self.run_dir = self.path.parent
         self.retention = parse_retention(retention)
+        self.lock = take_lock(self.path.with_suffix(".lock"), lock_timeout)
+        try:
+            self._open(job, config_yaml)
+        except BaseException:
+            os.close(self.lock)
+            raise
+
+    def _open(self, job: str, config_yaml: str) -> None:
         self.conn = connect(self.path)
         empty = self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
         self.reopened = not empty  # an existing history: the caller restores its state
@@ -190,3 +206,24 @@ class HistoryWriter:
 
     def close(self):
         self.conn.close()
+        os.close(self.lock)  # releases the lock
+
+
+def take_lock(path: Path, timeout: float) -> int:
+    """One writer per history: an exclusive flock, released when the holder exits (even
+    killed). A second writer, e.g. a resumed job while the dead driver's coordinator is still
+    shutting down, waits for it, then fails clearly."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.time() > deadline:
+                os.close(fd)
+                raise EnsembleError(
+                    f"{path.parent}: another coordinator is writing this history;"
+                    f" waited {timeout:g}s"
+                ) from None
+            time.sleep(0.2)

@@ -1,0 +1,72 @@
+"""Placement on a multi-node cluster with logical GPUs (one machine, `ray.cluster_utils`)."""
+
+import pytest
+from ray.cluster_utils import Cluster
+
+from ensemble.config import load_config
+from ensemble.driver import run_job
+from ensemble.errors import EnsembleError
+from ensemble.history import History
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    c = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 0, "include_dashboard": False},
+    )
+    nodes = [c.add_node(num_cpus=2, num_gpus=2) for _ in range(3)]
+    c.wait_for_nodes()
+    yield c, nodes
+    c.shutdown()
+
+
+def test_spread_fractional_gpus_pack_and_history_completes(gpu_cluster, tmp_path):
+    cluster, nodes = gpu_cluster
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "job=placed",
+            "models.count=6",
+            "resources.num_gpus_per_model=0.5",
+            "resources.num_cpus_per_worker=0.5",
+            "resources.placement=spread",
+        ],
+    )
+    summary = run_job(cfg, tmp_path / "run", address=cluster.address)
+    h = History.open(tmp_path / "run")
+    started = {e.model: e.detail for e in h.events(kind="started")}
+    assert sorted(started) == list(range(6))
+    per_node: dict[str, list] = {}
+    for d in started.values():
+        per_node.setdefault(d["node"], []).append(d["gpus"])
+    assert set(per_node) == {n.node_id for n in nodes}  # spread: every node has workers
+    assert sorted(len(v) for v in per_node.values()) == [2, 2, 2]
+    for gpus in per_node.values():  # 2 x 0.5 GPU on a node share one GPU id: packed
+        assert all(len(g) == 1 for g in gpus) and len({g[0] for g in gpus}) == 1
+    assert {d["device"] for d in started.values()} == {"cpu"}  # logical GPUs, no CUDA
+    assert len(h.events(kind="finished")) == 6 and summary["failed"] == []
+
+
+def test_job_that_cannot_fit_fails_clearly_without_starting(gpu_cluster, tmp_path):
+    cluster, _ = gpu_cluster
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "job=toobig",
+            "models.count=8",
+            "resources.num_gpus_per_model=1",
+            "resources.placement_timeout=3",
+        ],
+    )
+    with pytest.raises(EnsembleError, match="cannot fit the job: 8 workers"):
+        run_job(cfg, tmp_path / "run", address=cluster.address)
+    h = History.open(tmp_path / "run")
+    assert h.events(kind="started") == []  # nothing half-started
+    assert not (tmp_path / "run" / "summary.json").exists()
