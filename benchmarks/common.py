@@ -196,7 +196,7 @@ def _jsonable(x):
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return f"{x:.4g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
 def _row(bench: str, c: dict) -> str:
