@@ -37,10 +37,14 @@ REGISTRY = [
     Bench("history_query", True, False, "history queries with vs without indexes"),
     Bench("overhead", True, True, "the default job with coordination on vs off"),
     Bench("pbt", False, True, "Ray Tune PBT vs our job (needs the bench extra)"),
-    # Planned, once stacked workers exist (several models per worker, one stacked forward);
-    # neither is in ensemble/ or workers/ yet:
-    # Bench("worker_throughput", True, True, "stacked worker steps/s vs a bare stacked loop"),
-    # Bench("scale", False, True, "256 models: wall and round time per model vs M=8"),
+    Bench(
+        "stacked",
+        False,
+        True,
+        "stacked workers (k=8, 64) vs single-model actors and vs the bare stacked loop",
+    ),
+    Bench("scale", False, True, "a 256-model job in stacked workers; round time vs M"),
+    Bench("load", False, True, "32 concurrent publishers: publications/s and latency"),
 ]
 BY_NAME = {b.name: b for b in REGISTRY}
 

@@ -9,6 +9,7 @@ equals what every worker holds once it has applied its mailbox.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,7 +93,7 @@ class Coordinator:
         self.val_acc = [math.nan] * self.count
         self.per_epoch: dict[tuple[str, int, int], int] = {}  # (kind, model, epoch) -> count
         self.val_labels = val_labels
-        self.val_probs: dict[int, dict[int, np.ndarray]] = {}  # epoch -> model -> (N, C)
+        self.failed: set[int] = set()  # stopped for good: not ensemble members
         self.since_round = 0
         self.rounds = self.merges = self.drifts = self.publications = 0
         if self.history.reopened:  # a restart, or a resumed job: the history is the truth
@@ -169,15 +170,17 @@ class Coordinator:
             self.val_acc[model] = acc
 
     def record_val_probs(self, model: int, epoch: int, probs: np.ndarray) -> None:
-        """Once every model has reported an epoch, record the ensemble's score (model -1)."""
+        """Keep a member's validation probabilities (in the history, so they survive a
+        restart); once every model still in the job has reported an epoch, record the
+        ensemble's score under model -1."""
         if self.val_labels is None:
             return
-        got = self.val_probs.setdefault(epoch, {})
-        got[model] = probs
-        if len(got) == self.count:
-            s = scores(ensemble_probs(list(got.values())), self.val_labels)
+        got = self.history.val_probs(model, epoch, probs)
+        members = [m for m in range(self.count) if m not in self.failed]
+        if set(members) <= set(got):
+            p = ensemble_probs([got[m] for m in members])
+            s = scores(p, self.val_labels)
             self.history.metrics(ENSEMBLE, epoch, "val", s["nll"], s["accuracy"])
-            del self.val_probs[epoch]
 
     def record_event(
         self,
@@ -192,6 +195,8 @@ class Coordinator:
         """The model stops training: no further decisions involve it; hand over its mail."""
         self.active[model] = False
         self.step[model] = step
+        if failed:
+            self.failed.add(model)
         self.history.event("failed" if failed else "finished", model, step)
         return self.poll(model)
 
@@ -274,6 +279,7 @@ class Coordinator:
             "merges": self.merges,
             "drifts": self.drifts,
             "publications": self.publications,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "models": [
                 {
                     "model": m,

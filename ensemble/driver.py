@@ -202,6 +202,7 @@ def summarise(cfg: Config, data, results: list[MemberResult], progress: dict, wa
             "steps": r.steps,
             **scores(p, data.y_test),
             "blocked_fraction": r.blocked_seconds / max(r.train_seconds, 1e-9),
+            "train_seconds": round(r.train_seconds, 3),
         }
         for r, p in zip(results, probs, strict=True)
     ]
@@ -218,6 +219,7 @@ def summarise(cfg: Config, data, results: list[MemberResult], progress: dict, wa
         "merges": progress["merges"],
         "drifts": progress["drifts"],
         "publications": progress["publications"],
+        "coordinator_peak_rss_mb": round(progress["peak_rss_mb"], 1),
         "wall_seconds": round(wall, 3),
     }
 

@@ -34,6 +34,7 @@ def restore(c: Coordinator) -> None:
             ).fetchone()
             if last:
                 c.step[m], c.epoch[m], c.loss[m] = last
+        c.failed |= {e.model for e in r.events(kind="failed")}
         done = {e.model for kind in ("finished", "failed") for e in r.events(kind=kind)}
         for m in done:
             if 0 <= m < c.count:

@@ -74,6 +74,14 @@ def test_tiny_overhead_writes_valid_json(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("name", ["stacked", "scale", "load"])
+def test_tiny_ray_benchmark_writes_valid_json(name, tmp_path):
+    res = run_tiny(name, tmp_path)
+    check_result(res, name)
+    assert res["skipped"] is None
+
+
+@pytest.mark.ray
 def test_tiny_pbt_writes_valid_json(tmp_path):
     pytest.importorskip("ray.tune", reason="the bench extra (ray[tune]) is not installed")
     res = run_tiny("pbt", tmp_path)
@@ -86,7 +94,7 @@ def test_registry_names_benchmark_modules():
     for bench in REGISTRY:
         assert (ROOT / "benchmarks" / f"{bench.name}.py").is_file()
     assert set(BY_NAME) == {b.name for b in REGISTRY}
-    assert {b.name for b in REGISTRY if b.ray} == {"overhead", "pbt"}  # tested below
+    assert {b.name for b in REGISTRY if b.ray} == {"overhead", "pbt", "stacked", "scale", "load"}
     assert not BY_NAME["pbt"].default  # needs the bench extra
 
 

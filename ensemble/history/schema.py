@@ -41,6 +41,9 @@ CREATE TABLE metrics (
     model INTEGER NOT NULL, epoch INTEGER NOT NULL, split TEXT NOT NULL,
     loss REAL NOT NULL, accuracy REAL NOT NULL, t REAL NOT NULL,
     PRIMARY KEY (model, epoch, split));
+CREATE TABLE val_probs (
+    model INTEGER NOT NULL, epoch INTEGER NOT NULL, shape TEXT NOT NULL, probs BLOB NOT NULL,
+    PRIMARY KEY (model, epoch));
 CREATE TABLE events (
     id INTEGER PRIMARY KEY, model INTEGER, kind TEXT NOT NULL, step INTEGER,
     detail TEXT NOT NULL, t REAL NOT NULL);

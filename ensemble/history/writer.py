@@ -190,6 +190,20 @@ class HistoryWriter:
             old = self.run_dir / "generations" / f"model_{model}" / f"gen_{drop:06d}.safetensors"
             old.unlink(missing_ok=True)
 
+    def val_probs(self, model: int, epoch: int, probs: np.ndarray) -> dict[int, np.ndarray]:
+        """Store one member's validation probabilities for an epoch; return every member's
+        stored so far for that epoch (model -> (N, C))."""
+        p = np.ascontiguousarray(probs, dtype=np.float32)
+        with self.tx():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO val_probs VALUES (?, ?, ?, ?)",
+                (model, epoch, json.dumps(p.shape), p.tobytes()),
+            )
+        rows = self.conn.execute(
+            "SELECT model, shape, probs FROM val_probs WHERE epoch = ?", (epoch,)
+        )
+        return {m: np.frombuffer(b, dtype=np.float32).reshape(json.loads(sh)) for m, sh, b in rows}
+
     def metrics(self, model: int, epoch: int, split: str, loss: float, accuracy: float):
         with self.tx():
             self.conn.execute(
