@@ -170,7 +170,11 @@ def test_killed_driver_then_resume_continues(tmp_path, tiny_overrides):
     h = assert_complete(run_dir, cfg, summary)
     resumed = h.events(kind="resumed")
     assert sorted(e.model for e in resumed) == [0, 1, 2, 3]
+    total = summary["members"][0]["steps"]
     for e in resumed:  # from a checkpoint, not from step 0: it did not start over
-        assert 0 < e.step <= steps_before[e.model]
+        # (the dead driver's workers may outlive it by a few seconds and checkpoint once
+        # more, so the resume point can be past what was published before the kill)
+        assert 0 < e.step < total
+        assert e.step >= min(steps_before[e.model], total) // 2
     again = subprocess.run([*cmd, "--resume", str(run_dir)], capture_output=True, text=True)
     assert again.returncode == 2 and "already finished" in again.stderr
