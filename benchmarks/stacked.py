@@ -75,7 +75,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
         for r in range(cfg["repeats"]):
             single.append(job_rate(8, 1, e, root, f"single-{r}"))
             stack8.append(job_rate(8, 8, e, root, f"stack8-{r}"))
-            stack_big.append(job_rate(kb, kb, e, root, f"stack{kb}-{r}"))
+            stack_big.append(job_rate(kb, kb, e, root, f"big-{r}"))
             bare8.append(bare_rate(8, e))
             ray8.append(stack8[-1])
     cases = [

@@ -26,7 +26,11 @@ def test_ray_job_writes_run_dir_and_consistent_history(tiny_cfg, tmp_path):
 
     assert seen[0] is True
     assert not ray.is_initialized()  # the local instance we started is shut down
-    names = {p.name for p in run_dir.iterdir()} - {"history.sqlite-wal", "history.sqlite-shm"}
+    names = {p.name for p in run_dir.iterdir()} - {
+        "history.sqlite-wal",
+        "history.sqlite-shm",
+        "history.lock",
+    }
     assert names == {"config.yaml", "history.sqlite", "summary.json", "models", "generations"}
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == summary
