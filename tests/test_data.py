@@ -87,3 +87,27 @@ def test_too_few_samples_to_split(tmp_path):
     (tmp_path / "labels.txt").write_text("0 1")
     with pytest.raises(DataError, match="text: 2 samples are too few to split"):
         load_dataset(text_cfg(tmp_path, samples=2), seed=0)
+
+
+def test_peer_tether_files(tmp_path):
+    from ensemble.config import PeerConfig
+    from ensemble.data import load_peer_tethers
+
+    shapes = {"fc1": (4, 3), "fc2": (4, 4)}
+    good = tmp_path / "t.txt"
+    good.write_text(" ".join(["0.5"] * 16))
+    out = load_peer_tethers([PeerConfig(name="p", layer="fc2", file=str(good))], shapes, 0)
+    assert out["p"][0] == "fc2" and out["p"][1].shape == (4, 4)
+    with pytest.raises(
+        DataError,
+        match=r"t.txt: tether file has 16 numbers, expected 12 "
+        r"\(fc1 is 4x3\)",
+    ):
+        load_peer_tethers([PeerConfig(name="p", layer="fc1", file=str(good))], shapes, 0)
+    with pytest.raises(DataError, match=r"peers\[0\].layer: unknown layer 'fc9'"):
+        load_peer_tethers([PeerConfig(name="p", layer="fc9", file=str(good))], shapes, 0)
+    made = tmp_path / "new.txt"
+    load_peer_tethers(
+        [PeerConfig(name="p", layer="fc1", file=str(made), create_missing=True)], shapes, 0
+    )
+    assert len(made.read_text().split()) == 12
