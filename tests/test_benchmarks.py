@@ -83,7 +83,9 @@ def test_tiny_ray_benchmark_writes_valid_json(name, tmp_path):
 
 @pytest.mark.ray
 def test_tiny_pbt_writes_valid_json(tmp_path):
-    pytest.importorskip("ray.tune", reason="the bench extra (ray[tune]) is not installed")
+    pytest.importorskip(
+        "ray.tune", reason="the bench extra (ray[tune]) is not installed", exc_type=ImportError
+    )
     res = run_tiny("pbt", tmp_path)
     check_result(res, "pbt")
     assert res["skipped"] is None
