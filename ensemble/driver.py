@@ -45,14 +45,14 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, logging_level="WARNING")
         return False
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "call local_ray_env() first"
-    ray.init(
-        address="local",
+    options = dict(
         namespace=NAMESPACE,
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         log_to_driver=True,
         logging_level="WARNING",
     )
+    ray.init(address="local", **options)  # never a bare init: it would join a stale cluster
     return True
 
 
