@@ -46,6 +46,16 @@ class HistoryReader:
             raise RunDirError(f"{self.path}: cannot open history ({e})") from None
         check_schema(self.conn, self.path)
 
+    def _rows(self, head: str, conds: list, order: str, limit: int | None = None):
+        """`head WHERE conds ORDER BY order [LIMIT limit]`; conds are (sql, args) pairs,
+        None for a filter not given."""
+        conds = [c for c in conds if c is not None]
+        sql = f"{head} WHERE {' AND '.join(c for c, _ in conds) or '1'} ORDER BY {order}"
+        args = [a for _, values in conds for a in values]
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", [*args, limit]
+        return self.conn.execute(sql, args)
+
     def meta(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT key, value FROM meta"))
 
@@ -65,26 +75,18 @@ class HistoryReader:
         """
         if kind is not None and kind not in KINDS:
             raise ValueError(f"kind {kind!r}: expected one of {list(KINDS)}")
-        where, args = ["1"], []
-        if pairs:
-            where.append("model < partner")
-        if kind:
-            where.append("kind = ?")
-            args.append(kind)
-        if model is not None:
-            where.append("(model = ? OR partner = ?)" if pairs else "model = ?")
-            args += [model, model] if pairs else [model]
-        if layer:
-            where.append("layer = ?")
-            args.append(layer)
-        if since_step is not None:
-            where.append("step >= ?")
-            args.append(since_step)
-        sql = f"SELECT {DECISION_COLUMNS} FROM instructions WHERE {' AND '.join(where)} ORDER BY id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        return [Decision(*row) for row in self.conn.execute(sql, args)]
+        either = (
+            ("(model = ? OR partner = ?)", (model, model)) if pairs else ("model = ?", (model,))
+        )
+        conds = [
+            ("model < partner", ()) if pairs else None,
+            _eq("kind = ?", kind),
+            either if model is not None else None,
+            _eq("layer = ?", layer),
+            _eq("step >= ?", since_step),
+        ]
+        head = f"SELECT {DECISION_COLUMNS} FROM instructions"
+        return [Decision(*row) for row in self._rows(head, conds, "id", limit)]
 
     def merges(self, **filters) -> list[Decision]:
         return self.decisions(kind="merge", **filters)
@@ -114,45 +116,28 @@ class HistoryReader:
     def publications(
         self, model: int | None = None, since_step: int | None = None, limit: int | None = None
     ) -> list[Publication]:
-        where, args = ["1"], []
-        if model is not None:
-            where.append("model = ?")
-            args.append(model)
-        if since_step is not None:
-            where.append("step >= ?")
-            args.append(since_step)
-        sql = (
+        head = (
             "SELECT id, model, step, epoch, loss, grad_norm, t, probe1, probe2, entropy,"
-            " sparsity FROM publications WHERE " + " AND ".join(where) + " ORDER BY id"
+            " sparsity FROM publications"
         )
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        return [Publication(*r) for r in self.conn.execute(sql, args)]
+        conds = [_eq("model = ?", model), _eq("step >= ?", since_step)]
+        return [Publication(*r) for r in self._rows(head, conds, "id", limit)]
 
     def events(self, kind: str | None = None, model: int | None = None) -> list[Event]:
-        where, args = ["1"], []
-        if kind:
-            where.append("kind = ?")
-            args.append(kind)
-        if model is not None:
-            where.append("model = ?")
-            args.append(model)
-        sql = (
-            "SELECT id, model, kind, step, detail, t FROM events WHERE "
-            + " AND ".join(where)
-            + " ORDER BY id"
+        rows = self._rows(
+            "SELECT id, model, kind, step, detail, t FROM events",
+            [_eq("kind = ?", kind), _eq("model = ?", model)],
+            "id",
         )
-        return [
-            Event(i, m, k, s, json.loads(d), t) for i, m, k, s, d, t in self.conn.execute(sql, args)
-        ]
+        return [Event(i, m, k, s, json.loads(d), t) for i, m, k, s, d, t in rows]
 
     def metrics(self, model: int | None = None) -> list[Metric]:
-        sql = "SELECT model, epoch, split, loss, accuracy FROM metrics"
-        args: list = []
-        if model is not None:
-            sql, args = sql + " WHERE model = ?", [model]
-        return [Metric(*r) for r in self.conn.execute(sql + " ORDER BY model, epoch, split", args)]
+        rows = self._rows(
+            "SELECT model, epoch, split, loss, accuracy FROM metrics",
+            [_eq("model = ?", model)],
+            "model, epoch, split",
+        )
+        return [Metric(*r) for r in rows]
 
     def count(self, table: str) -> int:
         assert table in {
@@ -251,6 +236,11 @@ class HistoryReader:
 
     def close(self):
         self.conn.close()
+
+
+def _eq(sql: str, value) -> tuple[str, tuple] | None:
+    """A one-placeholder filter, or None when the value is not given."""
+    return None if value is None or value == "" else (sql, (value,))
 
 
 def build_lineage(model: int, into: dict[int, list[tuple]]) -> Lineage:
