@@ -184,23 +184,21 @@ class StackedTrainer:
     def save_checkpoint(self) -> None:
         if self.ckpt is None:
             return
-        state = {
-            "model": self.model.state_dict(),
-            "opt": self.opt.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "gens": [g.get_state() for g in self.gens],
-            "triggers": [[t.prev_loss, t.last_fired] for t in self.triggers],
-            "failed": self.failed,
-        }
-        checkpoint.save(self.ckpt, state)
+        checkpoint.save_training(
+            self.ckpt,
+            self.model,
+            self.opt,
+            self.step,
+            self.epoch,
+            gens=[g.get_state() for g in self.gens],
+            triggers=[[t.prev_loss, t.last_fired] for t in self.triggers],
+            failed=self.failed,
+        )
 
     def load_checkpoint(self) -> bool:
-        state = checkpoint.load(self.ckpt) if self.ckpt is not None else None
+        state = checkpoint.restore_training(self.ckpt, self.model, self.opt)
         if state is None:
             return False
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.failed = list(state["failed"])
         for g, gs in zip(self.gens, state["gens"], strict=True):

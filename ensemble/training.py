@@ -117,25 +117,21 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.ckpt is None:
             return
-        checkpoint.save(
+        checkpoint.save_training(
             self.ckpt,
-            {
-                "model": self.model.state_dict(),
-                "opt": self.opt.state_dict(),
-                "step": self.step,
-                "epoch": self.epoch,
-                "gen": self.gen.get_state(),
-                "trigger": [self.trigger.prev_loss, self.trigger.last_fired],
-                "rollbacks": self.rollbacks,
-            },
+            self.model,
+            self.opt,
+            self.step,
+            self.epoch,
+            gen=self.gen.get_state(),
+            trigger=[self.trigger.prev_loss, self.trigger.last_fired],
+            rollbacks=self.rollbacks,
         )
 
     def load_checkpoint(self) -> bool:
-        state = checkpoint.load(self.ckpt) if self.ckpt is not None else None
+        state = checkpoint.restore_training(self.ckpt, self.model, self.opt)
         if state is None:
             return False
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.gen.set_state(state["gen"])
         self.trigger.prev_loss, self.trigger.last_fired = state["trigger"]
