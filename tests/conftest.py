@@ -36,3 +36,18 @@ def tiny_overrides():
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return load_config(None, TINY + [f"job=tiny-{tmp_path.name}"])
+
+
+def cli(*args, cwd=None, env=None, timeout=240):
+    """Run `ensemble ARGS` as a user would, in a fresh process; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "ensemble.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env or os.environ.copy(),
+        timeout=timeout,
+    )

@@ -1,26 +1,15 @@
 """The `ensemble` command end to end, as a user runs it, plus its bad-input paths."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from ensemble.history import HistoryReader
+from tests.conftest import cli
 
 ENSEMBLE = [sys.executable, "-m", "ensemble.cli"]
-
-
-def cli(*args, cwd=None, timeout=240):
-    return subprocess.run(
-        [*ENSEMBLE, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
 
 
 def assert_clean_error(proc, *fragments):

@@ -2,9 +2,6 @@
 exactly what the job's history file holds afterwards."""
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,18 +10,9 @@ from ray.cluster_utils import Cluster
 
 from ensemble.driver import run_job
 from ensemble.history import History
+from tests.conftest import cli
 
 pytestmark = pytest.mark.ray
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "ensemble.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ.copy(),
-    )
 
 
 def test_live_history_matches_final_database(tiny_cfg, tmp_path):

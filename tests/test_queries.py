@@ -4,9 +4,6 @@ lineage, generations and retention, through the Python API and the CLI."""
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from safetensors.numpy import load_file
 from ensemble.errors import RunDirError
 from ensemble.history import History, HistoryWriter
 from ensemble.history.writer import dropped_by_retention, parse_retention
+from tests.conftest import cli
 
 
 def row(kind, i, j, layer, c, step, epoch=0, merges=0):
@@ -141,16 +139,6 @@ def test_retention_spec_errors():
     for bad in ("every", "last:0", "some:3", "every:x"):
         with pytest.raises(ValueError, match="expected 'all', 'every:K' or 'last:N'"):
             parse_retention(bad)
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "ensemble.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ.copy(),
-    )
 
 
 def test_cli_formats_and_filters(run_dir):

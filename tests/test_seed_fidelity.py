@@ -4,8 +4,6 @@ and using the trained ensemble (eval, predict)."""
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from ensemble.driver import run_job
 from ensemble.history import History
 from ensemble.inference import Ensemble
 from ensemble.plots import plot_all
-from tests.conftest import TINY
+from tests.conftest import TINY, cli
 
 pytestmark = pytest.mark.ray
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -40,17 +38,6 @@ def finished_run(tmp_path_factory):
     )
     run_job(cfg, run_dir)
     return run_dir
-
-
-def cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "ensemble.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=cwd,
-        env=os.environ.copy(),
-    )
 
 
 def test_every_plot_is_a_valid_png_from_the_history(finished_run):
