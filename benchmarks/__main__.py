@@ -3,9 +3,10 @@
 No flags: the default subset at default size. --full: every benchmark at full size.
 --only NAME: one benchmark (at full size with --full). --tiny: tiny sizes, for CI.
 
-Each benchmark writes <out>/<name>.json; the runner then writes <out>/RESULTS.md, one
-table over every JSON in <out>. With more than one benchmark selected, each runs in its own
-fresh process, so one benchmark's threads, memory or Ray instance cannot skew the next.
+Each benchmark writes <out>/<name>.json, plus what its optional `write_report(res, out)`
+adds (e.g. quality.md); the runner then writes <out>/RESULTS.md, one table over every JSON
+in <out>. With more than one benchmark selected, each runs in its own fresh process, so one
+benchmark's threads, memory or Ray instance cannot skew the next.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ REGISTRY = [
     ),
     Bench("scale", False, True, "a 256-model job in stacked workers; round time vs M"),
     Bench("load", False, True, "32 concurrent publishers: publications/s and latency"),
+    Bench(
+        "quality",
+        False,
+        False,
+        "ensemble accuracy/NLL/calibration/diversity of each merge variant vs independent",
+    ),
 ]
 BY_NAME = {b.name: b for b in REGISTRY}
 
@@ -55,6 +62,7 @@ def run_one(name: str, size: str, out: Path) -> bool:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    module = None
     try:
         module = importlib.import_module(f"benchmarks.{name}")
         cases, notes, params = module.run(size)
@@ -65,6 +73,12 @@ def run_one(name: str, size: str, out: Path) -> bool:
     except Exception:
         res = common.result(name, size, [], [], {}, time.perf_counter() - t0)
         res["error"] = traceback.format_exc()
+    report = getattr(module, "write_report", None)  # an optional extra file, e.g. quality.md
+    if report is not None and not (res["error"] or res["skipped"]):
+        try:
+            report(res, out)
+        except Exception:
+            res["error"] = traceback.format_exc()
     path = common.write_json(out, res)
     status = "error" if res["error"] else "skipped" if res["skipped"] else "ok"
     print(f"{name}: {status} in {res['seconds']:.1f} s -> {path}", flush=True)

@@ -1,4 +1,5 @@
-"""Dataset registry: digits (sklearn, offline), the seed's synthetic noise, and text files.
+"""Dataset registry: digits, breast_cancer and wine (bundled with sklearn, offline), the
+seed's synthetic noise, and text files.
 
 Every loader returns a `Dataset` of float32 features and int64 labels, split into
 train/val/test by a seeded, stratified split where the labels allow it.
@@ -79,20 +80,35 @@ def split(
     )
 
 
-def load_digits(cfg: DataConfig, seed: int) -> Dataset:
-    """sklearn's bundled 8x8 handwritten digits (1797 samples, 64 features), standardised."""
-    from sklearn.datasets import load_digits as sk_digits
+def load_bundled(name: str, loader: str, cfg: DataConfig, seed: int) -> Dataset:
+    """A small dataset bundled with scikit-learn (no download), standardised on train."""
+    import sklearn.datasets
 
-    d = sk_digits()
+    d = getattr(sklearn.datasets, loader)()
     return split(
-        "digits",
+        name,
         d.data.astype(np.float64),
         d.target.astype(np.int64),
         cfg,
         seed,
-        10,
+        len(d.target_names),
         standardise=True,
     )
+
+
+def load_digits(cfg: DataConfig, seed: int) -> Dataset:
+    """sklearn's bundled 8x8 handwritten digits (1797 samples, 64 features, 10 classes)."""
+    return load_bundled("digits", "load_digits", cfg, seed)
+
+
+def load_breast_cancer(cfg: DataConfig, seed: int) -> Dataset:
+    """sklearn's bundled Wisconsin breast cancer (569 samples, 30 features, 2 classes)."""
+    return load_bundled("breast_cancer", "load_breast_cancer", cfg, seed)
+
+
+def load_wine(cfg: DataConfig, seed: int) -> Dataset:
+    """sklearn's bundled wine recognition (178 samples, 13 features, 3 classes)."""
+    return load_bundled("wine", "load_wine", cfg, seed)
 
 
 def seed_noise(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,6 +187,8 @@ def load_text(cfg: DataConfig, seed: int) -> Dataset:
 
 DATASETS: dict[str, Callable[[DataConfig, int], Dataset]] = {
     "digits": load_digits,
+    "breast_cancer": load_breast_cancer,
+    "wine": load_wine,
     "synthetic": load_synthetic,
     "text": load_text,
 }

@@ -7,6 +7,7 @@ timing is asserted, ever: timings are for the benchmarks' own reports.
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,7 @@ def test_registry_names_benchmark_modules():
     assert set(BY_NAME) == {b.name for b in REGISTRY}
     assert {b.name for b in REGISTRY if b.ray} == {"overhead", "pbt", "stacked", "scale", "load"}
     assert not BY_NAME["pbt"].default  # needs the bench extra
+    assert not BY_NAME["quality"].default  # minutes of training per dataset at default size
 
 
 def test_results_markdown_reports_misses_and_skips(tmp_path):
@@ -117,3 +119,138 @@ def test_results_markdown_reports_misses_and_skips(tmp_path):
     assert "| one | b | x / y | 60 [60, 60] (n=1) | >= 50 | yes |" in md
     assert "| two | skipped | ray.tune is not importable |" in md
     assert "a note" in md
+
+
+# ---------------------------------------------------------------- quality
+
+
+@pytest.fixture(scope="module")
+def quality_tiny(tmp_path_factory):
+    """One tiny quality run for the tests below (no QUALITY_* subset from the caller)."""
+    out = tmp_path_factory.mktemp("quality")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUALITY_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "quality", "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((out / "quality.json").read_text()), out
+
+
+def test_tiny_quality_rows_metrics_and_counts(quality_tiny):
+    from benchmarks import quality
+
+    res, out = quality_tiny
+    check_result(res, "quality")
+    params = res["params"]
+    tiny = quality.SIZES["tiny"]
+    assert params["datasets"] == ["digits"] and params["seeds"] == [0]
+    rows = params["rows"]["digits"]
+    assert list(rows) == tiny["variants"]  # the table's order is VARIANTS'
+    assert len(params["runs"]) == len(tiny["variants"])  # one run per (variant, seed)
+    for variant, row in rows.items():
+        errored = sum(r["variant"] == variant and "error" in r for r in params["runs"])
+        assert row["n"] + errored == 1, (variant, row)
+        assert row["n"] == 1 or row["errors"], (variant, row)
+    # the baselines must run today; the tethered rows may be error rows while in progress
+    for variant in quality.BASELINES:
+        row = rows[variant]
+        assert row["n"] == 1 and not row["errors"], row
+        assert row["merges"]["mean"] == 0 and row["drifts"]["mean"] == 0
+        assert row["rejected"]["mean"] == 0
+    classes = 10
+    for variant, row in rows.items():
+        if not row["n"]:
+            continue
+        m = {k: row[k]["mean"] for k in quality.METRICS}
+        assert all(math.isfinite(v) for v in m.values()), (variant, m)
+        for k in ("test_acc", "val_acc", "member_test_acc", "test_ece", "disagreement"):
+            assert 0 <= m[k] <= 1, (variant, k, m[k])
+        for k in ("test_nll", "val_nll", "member_test_nll", "pairwise_kl"):
+            assert m[k] >= 0, (variant, k, m[k])
+        assert row["test_nll"]["sd"] is None  # one seed: no spread to report
+    # even one epoch learns something: better than chance and than a uniform guess
+    ind = rows["independent"]
+    assert ind["test_acc"]["mean"] > 1.5 / classes
+    assert ind["val_nll"]["mean"] < math.log(classes)
+    assert ind["disagreement"]["mean"] > 0 and ind["pairwise_kl"]["mean"] > 0
+    single = rows["single model"]
+    assert single["disagreement"]["mean"] == 0 and single["pairwise_kl"]["mean"] == 0
+    # the recommendation is chosen on validation among the tethered rows that ran
+    rec = params["recommended"]["digits"]
+    ran = [v for v, r in rows.items() if r["n"] and v not in quality.BASELINES]
+    assert rec["variant"] in ran
+    assert rec["val_nll"] == min(rows[v]["val_nll"]["mean"] for v in ran)
+    assert isinstance(rec["beats_reference"], bool)
+    # cases: every row but independent, as a ratio to it; the recommended one has targets
+    names = [c["case"] for c in res["cases"]]
+    assert [n for n in names if not n.endswith("(recommended)")] == [
+        f"digits: {v}" for v, r in rows.items() if r["n"] and v != "independent"
+    ]
+    targeted = [c for c in res["cases"] if c["target"] is not None]
+    assert {c["case"] for c in targeted} == {
+        f"digits: {rec['variant']}",
+        f"digits: {rec['variant']} (recommended)",
+    }
+    assert any(rec["variant"] in n and "beat" in n for n in res["notes"])
+    # quality.md beside the JSON, and the rows in RESULTS.md
+    md = (out / "quality.md").read_text()
+    assert "## digits" in md and "| variant | n | test acc | test NLL |" in md
+    for variant in tiny["variants"]:
+        assert f"| {variant}" in md or f"| **{variant}** (recommended)" in md
+    assert f"**{rec['variant']}** (recommended)" in md
+    assert "| quality | digits: " in (out / "RESULTS.md").read_text()
+
+
+def test_quality_variant_that_raises_is_an_error_row(monkeypatch):
+    from benchmarks import quality
+
+    bad = quality.one_run(("digits", "broken", 0, ["compat.fn=no-such-compat"]))
+    assert bad["error"].startswith("ConfigError: ") and "no-such-compat" in bad["error"]
+    assert "Traceback" in bad["traceback"] and bad["seconds"] >= 0
+    p = {"datasets": ["digits"], "variants": ["independent", "broken"]}
+    good = {k: 0.5 for k in [*quality.METRICS, *quality.COUNTS, "failed_members"]}
+    ok = [
+        {"dataset": "digits", "variant": "independent", "seed": s, "seconds": 1.0, **good}
+        for s in (0, 1)
+    ]
+    rows = quality.summarise([*ok, {**bad, "variant": "broken"}], p)["digits"]
+    assert rows["broken"]["n"] == 0 and rows["broken"]["errors"] == [bad["error"]]
+    assert rows["independent"]["n"] == 2 and rows["independent"]["test_nll"]["sd"] == 0.0
+    assert quality.recommend(rows) is None  # no tethered row ran
+    res = {
+        "size": "tiny",
+        "seconds": 1.0,
+        "machine": {"date": "now"},
+        "notes": ["a note"],
+        "params": {
+            "base_config": "configs/default.yaml",
+            "base_overrides": quality.BASE,
+            "rows": {"digits": rows},
+            "recommended": {"digits": None},
+            "variants": {"independent": [], "broken": ["compat.fn=no-such-compat"]},
+        },
+    }
+    md = quality.markdown(res)
+    assert "| broken | 0 | error: ConfigError: " in md
+    assert "| independent | 2 | 0.5000 ± 0.0000 |" in md
+
+
+def test_quality_subset_from_the_environment(monkeypatch):
+    from benchmarks import quality
+
+    monkeypatch.setenv("QUALITY_VARIANTS", "independent, seed rule")
+    monkeypatch.setenv("QUALITY_DATASETS", "wine")
+    monkeypatch.setenv("QUALITY_SEEDS", "3")
+    p = quality.plan("default")
+    assert p["variants"] == ["independent", "seed rule"] and p["datasets"] == ["wine"]
+    assert p["seeds"] == [0, 1, 2]
+    assert p["overrides"]["seed rule"][: len(quality.BASE)] == quality.BASE
+    assert p["overrides"]["seed rule"][-1] == "tether.init=uniform"
+    monkeypatch.setenv("QUALITY_VARIANTS", "indepndent")
+    with pytest.raises(ValueError, match="QUALITY_VARIANTS: unknown"):
+        quality.plan("default")

@@ -1,4 +1,5 @@
-"""Datasets: digits splits and the seed's text files, with every bad-file case."""
+"""Datasets: digits, breast_cancer and wine splits and the seed's text files, with every
+bad-file case."""
 
 import numpy as np
 import pytest
@@ -18,6 +19,39 @@ def test_digits_split_is_fixed_by_seed_and_standardised():
     assert not np.array_equal(a.y_test, c.y_test)
     np.testing.assert_allclose(a.x_train.mean(0), 0, atol=1e-5)
     assert set(np.unique(a.y_test)) == set(range(10))
+
+
+@pytest.mark.parametrize(
+    "name, samples, features, classes, split_sizes",
+    [
+        ("breast_cancer", 569, 30, 2, (340, 86, 143)),
+        ("wine", 178, 13, 3, (106, 27, 45)),
+    ],
+)
+def test_bundled_sklearn_datasets(name, samples, features, classes, split_sizes):
+    d = load_dataset(DataConfig(name=name), seed=0)
+    assert d.name == name and d.features == features and d.classes == classes
+    assert (len(d.y_train), len(d.y_val), len(d.y_test)) == split_sizes
+    assert sum(split_sizes) == samples
+    for x, y in [(d.x_train, d.y_train), (d.x_val, d.y_val), (d.x_test, d.y_test)]:
+        assert x.dtype == np.float32 and y.dtype == np.int64 and x.shape == (len(y), features)
+        assert set(np.unique(y)) == set(range(classes))  # stratified: every class everywhere
+    # standardised with the training split's statistics only
+    np.testing.assert_allclose(d.x_train.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(d.x_train.std(0), 1, atol=1e-4)
+    assert d.mean.shape == d.std.shape == (features,) and (d.std > 0).all()
+    assert not np.allclose(d.x_test.mean(0), 0, atol=1e-5)  # test is not re-centred
+    # the split is fixed by the seed and changes with it
+    again, other = load_dataset(DataConfig(name=name), 0), load_dataset(DataConfig(name=name), 1)
+    np.testing.assert_array_equal(d.x_test, again.x_test)
+    assert not np.array_equal(d.y_test, other.y_test)
+
+
+def test_bundled_datasets_are_valid_config_names():
+    from ensemble.config import load_config
+
+    for name in ("breast_cancer", "wine"):
+        assert load_config(None, [f"data.name={name}"]).data.name == name
 
 
 def test_synthetic_is_the_seed_noise():

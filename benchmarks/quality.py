@@ -1,0 +1,469 @@
+"""Ensemble quality (issue 8, "Make merging pay"): do merges and drifts of tethers give a
+better ensemble than the same members trained independently?
+
+Each (dataset, variant, seed) is one whole job run in one process without Ray: the
+trainers interleaved step by step with the coordinator called directly (`interleave`,
+`DirectLink`), as in `overhead.one_in_process`. The job is `configs/default.yaml` with
+BASE overrides, the size's overrides, then the variant's (VARIANTS, below), then seed,
+dataset and job name. After training, every member that did not fail is scored on the
+validation and test splits: ensemble (mean of member probabilities) accuracy, NLL and ECE,
+mean pairwise disagreement and KL, and the members' own mean accuracy and NLL.
+
+Rows are mean ± sd over seeds. The recommended variant is the tethered row (not a BASELINE)
+with the lowest mean VALIDATION ensemble NLL; test numbers never choose it. A variant that
+raises (e.g. a config key not implemented yet) becomes an error row with its message.
+
+Runs are independent: a spawn Pool of QUALITY_PROCS processes (default 2), one torch
+thread each. Environment variables select a subset (comma-separated, names as in VARIANTS):
+QUALITY_VARIANTS, QUALITY_DATASETS; QUALITY_SEEDS overrides the number of seeds.
+
+Cases (RESULTS.md): per dataset and variant, the ensemble test NLL over independent's, paired
+by seed (< 1 is better); the recommended variant carries targets: NLL ratio <= 1 and test
+accuracy ratio >= 1. The full table is `quality.md` beside the JSON (`write_report`).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import re
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import case
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "configs" / "default.yaml"
+BASE = ["models.count=8", "train.epochs=20", "model.layers=[64, 64, 64]"]
+
+# name -> extra --set overrides on top of BASE (edit freely; the order is the table's)
+VARIANTS: dict[str, list[str]] = {
+    "single model": ["models.count=1", "policy.name=none"],
+    "independent": ["policy.name=none"],
+    "seed rule": [
+        "policy.name=seed",
+        "compat.fn=dot",
+        "compat.normalize=none",
+        "policy.merge_above=50",
+        "tether.init=uniform",
+    ],
+    "threshold (old default)": ["policy.name=threshold"],
+    "shared init": ["model.init=shared"],
+    "function-space (cka)": ["compat.fn=cka"],
+    "aligned": ["policy.align=true"],
+    "merge guard": ["policy.guard=true"],
+    "repulsive drift": ["policy.drift=repulsive"],
+    "weight merge": ["policy.merge=weights"],
+    "combined": [
+        "compat.fn=cka",
+        "policy.align=true",
+        "policy.merge=weights",
+        "policy.guard=true",
+    ],
+}
+BASELINES = ("single model", "independent")  # untethered: never the recommendation
+REFERENCE = "independent"  # what the tethered rows must beat
+
+SIZES = {
+    "tiny": {
+        # 3 models, not 2: z-scored compat over a single pair is 0, so 2 never merge
+        "set": ["models.count=3", "train.epochs=1", "model.layers=[8]"],
+        "seeds": 1,
+        "datasets": ["digits"],
+        "variants": ["single model", "independent", "threshold (old default)", "combined"],
+    },
+    "default": {"set": [], "seeds": 5, "datasets": ["digits", "breast_cancer"], "variants": None},
+    "full": {"set": [], "seeds": 10, "datasets": ["digits", "breast_cancer"], "variants": None},
+}
+
+# per-run metrics, in table order: key -> column title
+METRICS = {
+    "test_acc": "test acc",
+    "test_nll": "test NLL",
+    "test_ece": "test ECE",
+    "disagreement": "disagreement",
+    "pairwise_kl": "pairwise KL",
+    "val_acc": "val acc",
+    "val_nll": "val NLL",
+    "member_test_acc": "member acc",
+    "member_test_nll": "member NLL",
+}
+COUNTS = {"merges": "merges", "drifts": "drifts", "rejected": "rejected"}
+
+
+# ---------------------------------------------------------------- one run
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def job_name(dataset: str, variant: str, seed: int) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", variant).strip("-")
+    return f"quality-{dataset}-{slug}-s{seed}"[:64]
+
+
+def train_and_score(overrides: list[str], dataset: str, seed: int, job: str) -> dict:
+    """One job in this process (no Ray); the scores of its ensemble and members."""
+    from ensemble.config import load_config
+    from ensemble.coordinator import Coordinator
+    from ensemble.data import load_dataset, load_peer_tethers
+    from ensemble.metrics import disagreement, ece, ensemble_probs, pairwise_kl, scores
+    from ensemble.model import layer_names
+    from ensemble.training import DirectLink, Trainer, interleave, model_sizes
+
+    cfg = load_config(
+        BASE_CONFIG, [*overrides, f"seed={seed}", f"data.name={dataset}", f"job={job}"]
+    )
+    data = load_dataset(cfg.data, cfg.seed)
+    sizes = model_sizes(cfg, data)
+    names = layer_names(len(sizes) - 1)
+    shapes = {n: (o, i) for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)}
+    peers = load_peer_tethers(cfg.peers, shapes, cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        coord = Coordinator(cfg, job, shapes, tmp, peers, data.y_val)
+        try:
+            ckpt = Path(tmp) / "checkpoints"  # as a worker has: rollbacks on a poisoned loss
+            trainers = [Trainer(m, cfg, data, ckpt) for m in range(cfg.models.count)]
+            interleave(trainers, DirectLink(coord))
+        finally:
+            coord.close()
+    members = [t for t in trainers if not t.failed]
+    if not members:
+        raise RuntimeError(f"all {len(trainers)} members failed (non-finite loss)")
+    val = [t.predict_proba(data.x_val) for t in members]
+    test = [t.predict_proba(data.x_test) for t in members]
+    ens_val, ens_test = scores(ensemble_probs(val), data.y_val), ensemble_probs(test)
+    ens = scores(ens_test, data.y_test)
+    own = [scores(p, data.y_test) for p in test]
+    return {
+        "test_acc": ens["accuracy"],
+        "test_nll": ens["nll"],
+        "test_ece": ece(ens_test, data.y_test),
+        "disagreement": disagreement(test),
+        "pairwise_kl": pairwise_kl(test),
+        "val_acc": ens_val["accuracy"],
+        "val_nll": ens_val["nll"],
+        "member_test_acc": float(np.mean([s["accuracy"] for s in own])),
+        "member_test_nll": float(np.mean([s["nll"] for s in own])),
+        "merges": coord.merges,
+        "drifts": coord.drifts,
+        "rejected": getattr(coord, "rejected", 0),
+        "members": len(members),
+        "failed_members": len(trainers) - len(members),
+    }
+
+
+def one_run(task: tuple[str, str, int, list[str]]) -> dict:
+    """A run as a record; an exception becomes {'error': message, 'traceback': ...}."""
+    dataset, variant, seed, overrides = task
+    out: dict = {"dataset": dataset, "variant": variant, "seed": seed}
+    t = time.perf_counter()
+    try:
+        out.update(train_and_score(overrides, dataset, seed, job_name(dataset, variant, seed)))
+    except Exception as e:
+        lines = str(e).strip().splitlines() or [""]
+        out["error"] = f"{type(e).__name__}: {lines[0]}"
+        out["traceback"] = traceback.format_exc()[-3000:]
+    out["seconds"] = round(time.perf_counter() - t, 2)
+    return out
+
+
+# ---------------------------------------------------------------- selection and the pool
+
+
+def _subset(env: str, chosen: list[str], known: list[str]) -> list[str]:
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return chosen
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{env}: unknown {unknown}; choose from {known}")
+    return names
+
+
+def plan(size: str) -> dict:
+    """Datasets, variants, seeds and per-variant overrides for this size and environment."""
+    from ensemble.data import DATASETS
+
+    s = SIZES[size]
+    variants = _subset("QUALITY_VARIANTS", s["variants"] or list(VARIANTS), list(VARIANTS))
+    datasets = _subset("QUALITY_DATASETS", s["datasets"], sorted(DATASETS))
+    seeds = int(os.environ.get("QUALITY_SEEDS") or s["seeds"])
+    if seeds < 1:
+        raise ValueError(f"QUALITY_SEEDS: need at least 1 seed, got {seeds}")
+    return {
+        "datasets": datasets,
+        "variants": variants,
+        "seeds": list(range(seeds)),
+        "overrides": {v: [*BASE, *s["set"], *VARIANTS[v]] for v in variants},
+        "processes": max(1, int(os.environ.get("QUALITY_PROCS") or 2)),
+    }
+
+
+def run_all(p: dict) -> list[dict]:
+    """Every (dataset, variant, seed), over a spawn Pool, with a progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    tasks = [
+        (d, v, seed, p["overrides"][v])
+        for seed in p["seeds"]
+        for d in p["datasets"]
+        for v in p["variants"]
+    ]
+    procs = min(p["processes"], len(tasks))
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    out = []
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        job = bar.add_task(f"quality: {len(tasks)} runs on {procs} processes", total=len(tasks))
+        if procs == 1:
+            _init_worker()
+            results = map(one_run, tasks)
+            pool = None
+        else:
+            pool = mp.get_context("spawn").Pool(procs, initializer=_init_worker)
+            results = pool.imap_unordered(one_run, tasks)
+        try:
+            for r in results:
+                out.append(r)
+                what = "error" if "error" in r else f"test NLL {r['test_nll']:.4f}"
+                bar.console.log(f"{r['dataset']} / {r['variant']} / seed {r['seed']}: {what}")
+                bar.advance(job)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    return out
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _stat(xs: list[float]) -> dict:
+    return {
+        "mean": float(np.mean(xs)),
+        "sd": float(np.std(xs, ddof=1)) if len(xs) > 1 else None,
+        "values": [float(x) for x in xs],
+    }
+
+
+def summarise(runs: list[dict], p: dict) -> dict:
+    """dataset -> variant -> {n, errors, <metric>: {mean, sd, values}, seconds}."""
+    rows: dict[str, dict[str, dict]] = {}
+    for d in p["datasets"]:
+        rows[d] = {}
+        for v in p["variants"]:
+            mine = sorted(
+                (r for r in runs if r["dataset"] == d and r["variant"] == v),
+                key=lambda r: r["seed"],
+            )
+            ok = [r for r in mine if "error" not in r]
+            row: dict = {
+                "n": len(ok),
+                "seeds": [r["seed"] for r in ok],
+                "errors": sorted({r["error"] for r in mine if "error" in r}),
+                "seconds": _stat([r["seconds"] for r in mine]),
+            }
+            if ok:
+                for k in [*METRICS, *COUNTS, "failed_members"]:
+                    row[k] = _stat([r[k] for r in ok])
+            rows[d][v] = row
+    return rows
+
+
+def recommend(rows: dict[str, dict]) -> dict | None:
+    """The tethered row with the lowest mean validation NLL; does it beat REFERENCE on test?"""
+    tethered = {v: r for v, r in rows.items() if v not in BASELINES and r["n"]}
+    if not tethered:
+        return None
+    best = min(tethered, key=lambda v: tethered[v]["val_nll"]["mean"])
+    b, ref = tethered[best], rows.get(REFERENCE)
+    out = {
+        "variant": best,
+        "val_nll": b["val_nll"]["mean"],
+        "test_nll": b["test_nll"]["mean"],
+        "test_acc": b["test_acc"]["mean"],
+        "reference": None,
+        "beats_reference": None,
+    }
+    if ref and ref["n"]:
+        nll_better = b["test_nll"]["mean"] < ref["test_nll"]["mean"]
+        acc_ok = b["test_acc"]["mean"] >= ref["test_acc"]["mean"]
+        out["reference"] = {
+            "variant": REFERENCE,
+            "test_nll": ref["test_nll"]["mean"],
+            "test_acc": ref["test_acc"]["mean"],
+        }
+        out["beats_reference"] = bool(nll_better and acc_ok)
+    return out
+
+
+def _paired(a: dict, b: dict, key: str) -> list[float]:
+    """a's key over b's, per seed both rows have."""
+    va = dict(zip(a["seeds"], a[key]["values"], strict=True))
+    vb = dict(zip(b["seeds"], b[key]["values"], strict=True))
+    return [va[s] / vb[s] for s in sorted(set(va) & set(vb)) if vb[s] != 0]
+
+
+def make_cases(rows: dict[str, dict], best: dict[str, dict | None]) -> list[dict]:
+    cases = []
+    for d, by_variant in rows.items():
+        ref = by_variant.get(REFERENCE)
+        rec = (best.get(d) or {}).get("variant")
+        for v, row in by_variant.items():
+            if not row["n"]:
+                continue
+            if ref is None or not ref["n"]:  # nothing to pair with: absolute numbers
+                cases.append(
+                    case(f"{d}: {v}", "ensemble test NLL (absolute)", row["test_nll"]["values"])
+                )
+                continue
+            if v == REFERENCE:
+                continue
+            nll = _paired(row, ref, "test_nll")
+            if not nll:
+                continue
+            target = ("<=", 1.0) if v == rec else None
+            details = {k: row[k]["mean"] for k in METRICS}
+            cases.append(
+                case(
+                    f"{d}: {v}",
+                    f"ensemble test NLL / {REFERENCE}'s (paired by seed)",
+                    nll,
+                    target,
+                    recommended=v == rec,
+                    **details,
+                )
+            )
+            if v == rec:
+                acc = _paired(row, ref, "test_acc")
+                cases.append(
+                    case(
+                        f"{d}: {v} (recommended)",
+                        f"ensemble test accuracy / {REFERENCE}'s (paired by seed)",
+                        acc,
+                        (">=", 1.0),
+                    )
+                )
+    return cases
+
+
+def run(size: str) -> tuple[list[dict], list[str], dict]:
+    from ensemble.config import load_config
+
+    p = plan(size)
+    load_config(BASE_CONFIG, [*BASE, *SIZES[size]["set"]])  # a typo there fails here, once
+    t = time.perf_counter()
+    runs = run_all(p)
+    wall = time.perf_counter() - t
+    rows = summarise(runs, p)
+    best = {d: recommend(r) for d, r in rows.items()}
+    cases = make_cases(rows, best)
+    notes = [
+        f"Each run: one job in one process without Ray (trainers interleaved, coordinator "
+        f"called directly); {BASE_CONFIG.relative_to(ROOT)} with {[*BASE, *SIZES[size]['set']]}, "
+        f"then the variant's overrides. seeds: {len(p['seeds'])}, runs: {len(runs)} on "
+        f"{min(p['processes'], len(runs))} processes in {wall:.0f} s.",
+        "Recommended = the tethered row (not single model or independent) with the lowest "
+        "mean VALIDATION ensemble NLL; it beats independent when its mean test NLL is lower "
+        "and its mean test accuracy no worse.",
+    ]
+    for d, b in best.items():
+        if b is None:
+            notes.append(f"{d}: no tethered row ran.")
+        elif b["reference"] is None:
+            notes.append(
+                f"{d}: recommended {b['variant']!r} (val NLL {b['val_nll']:.4f}); "
+                f"no {REFERENCE} row to compare with."
+            )
+        else:
+            r = b["reference"]
+            notes.append(
+                f"{d}: recommended {b['variant']!r} (val NLL {b['val_nll']:.4f}): test NLL "
+                f"{b['test_nll']:.4f} vs {REFERENCE} {r['test_nll']:.4f}, accuracy "
+                f"{b['test_acc']:.4f} vs {r['test_acc']:.4f}: "
+                + ("beats independent." if b["beats_reference"] else "does NOT beat independent.")
+            )
+    for d, by_variant in rows.items():
+        for v, row in by_variant.items():
+            for e in row["errors"]:
+                notes.append(f"{d}: {v}: error: {e}")
+    params = {
+        "base_config": str(BASE_CONFIG.relative_to(ROOT)),
+        "base_overrides": [*BASE, *SIZES[size]["set"]],
+        "datasets": p["datasets"],
+        "seeds": p["seeds"],
+        "processes": p["processes"],
+        "variants": {v: VARIANTS[v] for v in p["variants"]},
+        "baselines": list(BASELINES),
+        "rows": rows,
+        "recommended": best,
+        "runs": runs,
+        "wall_seconds": round(wall, 2),
+    }
+    return cases, notes, params
+
+
+# ---------------------------------------------------------------- quality.md
+
+
+def _cell(stat: dict | None, digits: int = 4) -> str:
+    if stat is None:
+        return "-"
+    m, sd = stat["mean"], stat["sd"]
+    if not math.isfinite(m):
+        return str(m)
+    return f"{m:.{digits}f}" if sd is None else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def markdown(res: dict) -> str:
+    params = res["params"]
+    cols = [*METRICS.values(), *COUNTS.values()]
+    lines = [
+        "# Ensemble quality",
+        "",
+        f"Generated by `python -m benchmarks --only quality` ({res['size']}, "
+        f"{res['seconds']} s, {res['machine']['date']}). Mean ± sd over seeds; ensemble = "
+        "mean of member probabilities; member acc/NLL = mean over members of their own "
+        "scores; merges/drifts/rejected = mean per run. The recommended row is chosen on "
+        "the validation NLL, never on test.",
+        "",
+        f"Base: `{params['base_config']}` with `{' '.join(params['base_overrides'])}`.",
+    ]
+    for d, by_variant in params["rows"].items():
+        rec = (params["recommended"].get(d) or {}).get("variant")
+        lines += ["", f"## {d}", ""]
+        lines.append("| variant | n | " + " | ".join(cols) + " |")
+        lines.append("| --- " * (len(cols) + 2) + "|")
+        for v, row in by_variant.items():
+            name = f"**{v}** (recommended)" if v == rec else v
+            if not row["n"]:
+                msg = "; ".join(row["errors"]).replace("|", "\\|")
+                lines.append(f"| {name} | 0 | error: {msg} |" + " - |" * (len(cols) - 1))
+                continue
+            if row["errors"]:  # some seeds failed: the messages are in the notes
+                name += " (some seeds failed)"
+            cells = [_cell(row[k]) for k in METRICS] + [_cell(row[k], 1) for k in COUNTS]
+            lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    lines += ["", "## Variants", ""]
+    for v, ov in params["variants"].items():
+        lines.append(f"- **{v}**: `{' '.join(ov) or '(base only)'}`")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(res: dict, out_dir: Path) -> Path:
+    """quality.md beside quality.json: one table per dataset, rows = variants."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / "quality.md"
+    path.write_text(markdown(res))
+    return path
