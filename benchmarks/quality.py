@@ -39,7 +39,23 @@ from benchmarks.common import case
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "default.yaml"
-BASE = ["models.count=8", "train.epochs=20", "model.layers=[64, 64, 64]"]
+BASE = [
+    "models.count=8",
+    "train.epochs=20",
+    "model.layers=[64, 64, 64]",
+    # Every option spelled out at its plain value, so the rows below stay what they say
+    # whatever configs/default.yaml recommends.
+    "model.init=independent",
+    "compat.fn=cosine",
+    "compat.normalize=zscore",
+    "policy.name=threshold",
+    "policy.merge_above=1.0",
+    "policy.drift_below=-1.0",
+    "policy.align=false",
+    "policy.guard=false",
+    "policy.merge=tethers",
+    "policy.drift=pairwise",
+]
 
 # name -> extra --set overrides on top of BASE (edit freely; the order is the table's)
 VARIANTS: dict[str, list[str]] = {
@@ -59,11 +75,25 @@ VARIANTS: dict[str, list[str]] = {
     "merge guard": ["policy.guard=true"],
     "repulsive drift": ["policy.drift=repulsive"],
     "weight merge": ["policy.merge=weights"],
+    "aligned weight merge": ["policy.align=true", "policy.merge=weights"],
+    "aligned + guard": ["policy.align=true", "policy.guard=true"],
+    "aligned weight merge + guard": [
+        "policy.align=true",
+        "policy.merge=weights",
+        "policy.guard=true",
+    ],
     "combined": [
         "compat.fn=cka",
         "policy.align=true",
         "policy.merge=weights",
         "policy.guard=true",
+    ],
+    "combined + repulsive": [
+        "compat.fn=cka",
+        "policy.align=true",
+        "policy.merge=weights",
+        "policy.guard=true",
+        "policy.drift=repulsive",
     ],
 }
 BASELINES = ("single model", "independent")  # untethered: never the recommendation

@@ -19,6 +19,9 @@ COMPAT: dict[str, CompatFn] = {
     "dot": lambda g: g,  # the seed's sum(T_i * T_j)
     "cosine": maths.cosine_from_gram,
     "rbf": maths.rbf_from_gram,  # exp(-||T_i - T_j||^2 / h), h by the median heuristic
+    # Function space: linear CKA of the models' layer outputs on a fixed probe batch. The
+    # coordinator applies it to the Gram of its bank of probe-batch Grams, not to tethers.
+    "cka": maths.cosine_from_gram,
 }
 
 

@@ -29,6 +29,9 @@ class ModelsConfig(Section):
 class ModelConfig(Section):
     preset: str = "seed-dtnn"  # named hidden-layer layout, see ensemble.model.PRESETS
     layers: list[int] | None = None  # explicit hidden sizes; overrides the preset when set
+    # shared: every member starts from model 0's weights and tethers (as in model soups) and
+    # diverges through its own data order; independent: each member has its own init
+    init: Literal["independent", "shared"] = "independent"
 
     @field_validator("layers")
     @classmethod
@@ -67,6 +70,7 @@ class TetherConfig(Section):
 class CompatConfig(Section):
     fn: str = "cosine"  # registry name, see ensemble.compat.COMPAT
     normalize: Literal["none", "zscore"] = "zscore"  # zscore: thresholds in standard deviations
+    probe_size: int = Field(64, ge=4)  # cka: validation inputs in the fixed probe batch
 
 
 class PolicyConfig(Section):
@@ -78,6 +82,14 @@ class PolicyConfig(Section):
     max_merges_per_epoch: int = Field(5, ge=0)  # per model, the seed's cap
     max_drifts_per_epoch: int = Field(5, ge=0)  # per model; drift feeds on itself otherwise
     layers: list[str] | None = None  # layers to coordinate; None means all
+    # pairwise: drift apart from the least compatible partner; repulsive: every model drifts
+    # along the RBF-kernel repulsion from all others (SVGD), median-heuristic bandwidth
+    drift: Literal["pairwise", "repulsive"] = "pairwise"
+    # tethers: a merge averages tethers only; weights: it averages the tethered weights W*T
+    # (and biases) of the merged layer too, so the two layers compute alike
+    merge: Literal["tethers", "weights"] = "tethers"
+    align: bool = False  # match partner hidden units (weight matching) before a merge
+    guard: bool = False  # keep a merge only if the model's validation loss is no worse
 
     @model_validator(mode="after")
     def _ordered(self) -> PolicyConfig:
@@ -207,6 +219,11 @@ class Config(Section):
         ]:
             if value not in names:
                 raise ValueError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
+        if self.compat.fn == "cka" and self.peers:
+            raise ValueError(
+                "compat.fn: cka compares models by their outputs on a probe batch, and fixed "
+                "peers have none; use a tether compatibility (cosine, dot, rbf) with peers"
+            )
         if self.tether.min >= self.tether.max:
             raise ValueError(f"tether.min ({self.tether.min}) must be < tether.max")
         return self

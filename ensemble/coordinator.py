@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble import maths
-from ensemble.compat import TetherBank
+from ensemble import align, maths
+from ensemble.compat import SAME_TOL, TetherBank
 from ensemble.config import Config, dump_config
 from ensemble.history import HistoryWriter
 from ensemble.metrics import ensemble_probs, scores
-from ensemble.policy import Instruction, LayerView, PolicyParams, make_policy
+from ensemble.policy import ENSEMBLE, Instruction, LayerView, PolicyParams, make_policy
 from ensemble.recovery import restore
 
-ENSEMBLE = -1  # the model id under which ensemble metrics are recorded
+__all__ = ["ENSEMBLE", "Coordinator", "TetherReport", "apply_instruction"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,22 @@ class TetherReport:
     grad_norm: float
     tethers: dict[str, np.ndarray]  # layer -> (out, in) float32
     probes: dict[str, float] | None = None  # probe1, probe2, entropy, sparsity (for plots)
+    # compat.fn cka: layer -> (n, n) centred Gram of the layer's outputs on the probe batch
+    features: dict[str, np.ndarray] | None = None
+    # alignment or weight merge: layer -> (W * T, bias), the tethered weights
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def policy_params(cfg: Config) -> PolicyParams:
     p = cfg.policy
     return PolicyParams(
-        p.merge_above, p.drift_below, p.alpha, p.eta, p.max_merges_per_epoch, p.max_drifts_per_epoch
+        p.merge_above,
+        p.drift_below,
+        p.alpha,
+        p.eta,
+        p.max_merges_per_epoch,
+        p.max_drifts_per_epoch,
+        p.drift,
     )
 
 
@@ -74,6 +84,12 @@ class Coordinator:
             self.peer_rows.setdefault(layer, []).append(pid)
             self.peer_names[pid] = name
         self.layers = list(cfg.policy.layers or shapes)
+        self.order = list(shapes)  # forward order: alignment permutes neighbouring layers
+        # Function space: compat from each model's probe-batch Grams, not from its tethers;
+        # the bank is made on the first publication that carries them.
+        self.features: TetherBank | None = None
+        self.has_features = np.zeros(self.count, dtype=bool)
+        self.params: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # latest W*T, b
         self.policy = make_policy(cfg.policy.name, policy_params(cfg))
         self.history = HistoryWriter(
             Path(run_dir) / "history.sqlite",
@@ -95,7 +111,7 @@ class Coordinator:
         self.val_labels = val_labels
         self.failed: set[int] = set()  # stopped for good: not ensemble members
         self.since_round = 0
-        self.rounds = self.merges = self.drifts = self.publications = 0
+        self.rounds = self.merges = self.drifts = self.publications = self.rejected = 0
         if self.history.reopened:  # a restart, or a resumed job: the history is the truth
             restore(self)
 
@@ -115,6 +131,14 @@ class Coordinator:
             return self.poll(m)
         if not self.mailbox[m]:  # with mail pending, the bank is already ahead of the report
             self.bank.write(m, report.tethers)
+        if self.cfg.compat.fn == "cka" and report.features is not None:
+            if self.features is None:
+                shapes = {k: v.shape for k, v in report.features.items()}
+                self.features = TetherBank(self.count, shapes)
+            self.features.write(m, report.features)
+            self.has_features[m] = True
+        if report.weights is not None:
+            self.params[m] = report.weights
         if not self.known[m]:  # generation 0: the tethers a model starts with
             self.known[m] = True
             self.snapshot(m, None)
@@ -163,6 +187,35 @@ class Coordinator:
             for layer in self.bank.shapes
         ]
 
+    def reject(
+        self,
+        model: int,
+        step: int,
+        merges: list[Instruction],
+        loss_before: float,
+        loss_after: float,
+        tethers: dict[str, np.ndarray],
+    ) -> None:
+        """The merge guard: the model undid `merges` because they raised its validation loss.
+
+        Each is recorded as a `rejected` event; the model's tethers, as the worker holds them
+        again, become the bank's row and a new generation."""
+        for ins in merges:
+            self.history.event(
+                "rejected",
+                model,
+                step,
+                partner=ins.partner,
+                layer=ins.layer,
+                compat=ins.compat,
+                val_loss_before=loss_before,
+                val_loss_after=loss_after,
+            )
+        self.rejected += len(merges)
+        if not self.mailbox[model]:
+            self.bank.write(model, tethers)
+            self.snapshot(model, None)
+
     def record_metrics(self, model: int, epoch: int, split: str, loss: float, acc: float):
         self.contact[model] = time.time()
         self.history.metrics(model, epoch, split, loss, acc)
@@ -206,13 +259,15 @@ class Coordinator:
 
     def run_round(self) -> list[Instruction]:
         self.since_round = 0
-        models = np.flatnonzero(self.known & self.active & ~self.quarantined)
+        eligible = self.known & self.active & ~self.quarantined
+        if self.cfg.compat.fn == "cka":  # function space: only models whose outputs we know
+            eligible &= self.has_features
+        models = np.flatnonzero(eligible)
         views = {}
         for layer in self.layers:  # fixed peers join the layer their tether belongs to
             rows = np.concatenate([models, self.peer_rows.get(layer, [])]).astype(np.int64)
             if len(rows) >= 2:
-                c, sq = self.bank.compat(layer, self.cfg.compat.fn, rows, self.cfg.compat.normalize)
-                views[layer] = LayerView(rows, c, sq)
+                views[layer] = LayerView(rows, *self.layer_compat(layer, rows))
         if not views:
             return []
         counts = {
@@ -227,11 +282,14 @@ class Coordinator:
             (m, i.layer): self.bank.row(m, i.layer).copy()
             for i in decided
             for m in (i.model, i.partner)
+            if m != ENSEMBLE
         }
         lo, hi = self.cfg.tether.min, self.cfg.tether.max
         out, records = [], []
+        forces: dict[str, dict[int, np.ndarray]] = {}  # layer -> model -> repulsion
+        perms: dict[tuple[int, int], list[np.ndarray] | None] = {}
         for ins in decided:
-            ins = replace(ins, partner_tether=pre[(ins.partner, ins.layer)])
+            ins = self.payload(ins, pre, views, forces, perms)
             new = apply_instruction(pre[(ins.model, ins.layer)], ins, lo, hi)
             m, epoch = ins.model, self.epoch[ins.model]
             self.per_epoch[(ins.kind, m, epoch)] = self.per_epoch.get((ins.kind, m, epoch), 0) + 1
@@ -261,10 +319,53 @@ class Coordinator:
         for m in sorted({ins.model for ins in decided}):  # a new generation per changed model
             self.snapshot(m, round_id)
         self.rounds += 1
-        once = [i for i in decided if i.partner >= self.count or i.model < i.partner]
+        once = [i for i in decided if not 0 <= i.partner < self.count or i.model < i.partner]
         self.merges += sum(i.kind == "merge" for i in once)
         self.drifts += sum(i.kind == "drift" for i in once)
         return [ins for ins, _ in out]
+
+    def layer_compat(self, layer: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Compatibility and squared tether distances among `rows`, each (k, k)."""
+        cc = self.cfg.compat
+        if self.features is None or cc.fn != "cka":
+            return self.bank.compat(layer, cc.fn, rows, cc.normalize)
+        g = self.bank.gram(layer)[np.ix_(rows, rows)].astype(np.float64)
+        sq = maths.sq_dist_from_gram(g)
+        c = self.features.compat(layer, "cosine", rows)[0]  # linear CKA
+        if cc.normalize == "zscore":
+            c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
+        return c, sq
+
+    def payload(self, ins, pre, views, forces, perms) -> Instruction:
+        """What the worker needs to carry out `ins`: the partner's tether (aligned, or the
+        virtual partner T - r of a repulsive drift) and, for a weight merge, its weights."""
+        own = pre[(ins.model, ins.layer)]
+        if ins.partner == ENSEMBLE:
+            if ins.layer not in forces:
+                v = views[ins.layer]
+                r, _ = maths.rbf_repulsion(self.bank.buffers[ins.layer][v.models], v.sq_dist)
+                forces[ins.layer] = dict(zip(v.models.tolist(), r, strict=True))
+            force = forces[ins.layer][ins.model].reshape(own.shape)
+            return replace(ins, partner_tether=own - force)
+        partner = pre[(ins.partner, ins.layer)]
+        p = self.cfg.policy
+        if ins.kind != "merge" or not (p.align or p.merge == "weights"):
+            return replace(ins, partner_tether=partner)
+        mine, theirs = self.params.get(ins.model), self.params.get(ins.partner)
+        if mine is None or theirs is None or ins.partner >= self.count:
+            return replace(ins, partner_tether=partner)  # nothing published to align by
+        key = (min(ins.model, ins.partner), max(ins.model, ins.partner))
+        if p.align and key not in perms:  # units of the larger id in the smaller id's order
+            perms[key] = align.weight_matching(self.params[key[0]], self.params[key[1]])
+        pm = perms.get(key)
+        if pm is not None and ins.model == key[1]:
+            pm = align.inverse(pm)
+        li = self.order.index(ins.layer)
+        w, b = theirs[ins.layer]
+        if pm is not None:
+            partner, w, b = (align.permute(x, li, pm) for x in (partner, w, b))
+        weights = (w, b) if p.merge == "weights" else None
+        return replace(ins, partner_tether=partner, partner_weights=weights)
 
     def snapshot(self, model: int, round_id: int | None) -> None:
         self.generation[model] += 1

@@ -65,3 +65,40 @@ def merge(ti: np.ndarray, tj: np.ndarray, alpha: float) -> np.ndarray:
 def drift(ti: np.ndarray, tj: np.ndarray, eta: float, lo: float, hi: float) -> np.ndarray:
     """Push T_i away from T_j, then clip into the tether range [lo, hi]."""
     return np.clip(ti + eta * (ti - tj), lo, hi).astype(ti.dtype, copy=False)
+
+
+def centered_gram(x: np.ndarray) -> np.ndarray:
+    """(n, H) activations on a probe batch -> (n, n) Gram of the centred activations.
+
+    Linear CKA between two models' layers is the cosine of their flattened centred Grams,
+    so a bank of these rows gives every pair's CKA from one matmul. CKA does not change
+    when hidden units are permuted (or rotated, or scaled), which tethers' cosine does.
+    """
+    xc = x - x.mean(axis=0, keepdims=True)
+    return (xc @ xc.T).astype(np.float32, copy=False)
+
+
+def rbf_repulsion(x: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Repulsive force on each row of x (k, P) from all others, and the kernel (k, k).
+
+    r_i = sum_j k_ij (x_i - x_j) / (k - 1), k_ij = exp(-||x_i - x_j||^2 / h) with h by the
+    median heuristic: SVGD's repulsive term sum_j grad_{x_j} k(x_j, x_i), times h / 2 so that
+    a drift of rate eta moves a model at most eta of its mean distance to the others.
+    """
+    m = len(x)
+    kern = np.exp(-sq / median_bandwidth(sq))
+    np.fill_diagonal(kern, 0.0)
+    r = kern.sum(axis=1, keepdims=True) * x - kern @ x
+    return r / max(m - 1, 1), kern
+
+
+def merge_weights(
+    w: np.ndarray, t_old: np.ndarray, t_new: np.ndarray, partner_eff: np.ndarray, alpha: float
+) -> np.ndarray:
+    """Weight merge: the new W such that W * t_new = (1 - alpha) W * t_old + alpha partner_eff.
+
+    Where a merged tether is (near) zero the layer's output ignores W, so W is kept.
+    """
+    eff = (1.0 - alpha) * w * t_old + alpha * partner_eff
+    ok = np.abs(t_new) > 1e-3
+    return np.where(ok, eff / np.where(ok, t_new, 1.0), w).astype(w.dtype, copy=False)

@@ -60,11 +60,13 @@ class TetheredMLP(nn.Module):
         tether_init: str = "normal",
         tether_std: float = 0.1,
         seed: int = 0,
+        tether_seed: int | None = None,
     ):
-        """sizes: [in, hidden..., out]."""
+        """sizes: [in, hidden..., out]. seed: the weight init; tether_seed: the tether init
+        (default seed + 7919, its own stream), so models can share weights but not tethers."""
         super().__init__()
         torch.manual_seed(seed)  # weight init
-        gen = torch.Generator().manual_seed(seed + 7919)  # tether init, independent stream
+        gen = torch.Generator().manual_seed(seed + 7919 if tether_seed is None else tether_seed)
         self.sizes = list(sizes)
         self.names = layer_names(len(sizes) - 1)
         self.layers = nn.ModuleDict(
@@ -116,6 +118,15 @@ class TetheredMLP(nn.Module):
                     f"tether {name!r} has shape {tuple(arr.shape)}, expected {tuple(buf.shape)}"
                 )
             buf.copy_(torch.as_tensor(np.asarray(arr, dtype=np.float32)))
+
+    def tethered_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """layer -> (W * T, bias) as numpy copies: what the layer computes with."""
+        out = {}
+        for n in self.names:
+            layer = self.layers[n]
+            w = (layer.linear.weight * layer.tether).detach().cpu().numpy()
+            out[n] = (w, layer.linear.bias.detach().cpu().numpy().copy())
+        return out
 
     def weights(self) -> dict[str, np.ndarray]:
         """Every parameter and tether as numpy, keyed for safetensors."""

@@ -14,6 +14,7 @@ import numpy as np
 from ensemble.compat import SAME_TOL
 
 Kind = Literal["merge", "drift", "sync"]
+ENSEMBLE = -1  # partner of a repulsive drift (all other models), and the id of ensemble metrics
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,10 @@ class Instruction:
     merge: T <- (1 - rate) T + rate T_partner.   drift: T <- clip(T + rate (T - T_partner)).
     sync: T <- partner_tether, the coordinator's record of this model's own tether (sent after
     a restart or rollback, so worker and coordinator agree again; partner == model).
-    `partner_tether` is the partner's tether at decision time, so the worker needs nothing else.
+    `partner_tether` is the partner's tether at decision time, so the worker needs nothing else;
+    with alignment it is already permuted into this model's unit order. A repulsive drift has
+    partner ENSEMBLE and partner_tether T - r, r the repulsion from all others.
+    `partner_weights`: for a weight merge, the partner's (aligned) W * T and bias of the layer.
     """
 
     kind: Kind
@@ -34,6 +38,9 @@ class Instruction:
     compat: float
     rule: str
     partner_tether: np.ndarray | None = field(default=None, compare=False, repr=False)
+    partner_weights: tuple[np.ndarray, np.ndarray] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class PolicyParams:
     eta: float
     max_merges_per_epoch: int
     max_drifts_per_epoch: int
+    drift: str = "pairwise"  # or "repulsive"
 
 
 class Policy:
@@ -103,6 +111,8 @@ class ThresholdPolicy(Policy):
     Per layer, each model takes at most one partner: greedy matching, most compatible pairs
     first for merges, then least compatible first for drifts. Both respect per-epoch caps.
     Pairs whose tethers are already identical are not merged again.
+    With drift "repulsive", the drift pass is replaced: every model not merged on the layer
+    drifts along the RBF-kernel repulsion from all the others (partner ENSEMBLE).
     """
 
     name = "threshold"
@@ -115,10 +125,9 @@ class ThresholdPolicy(Policy):
             iu, ju = np.triu_indices(len(v.models), k=1)
             vals = v.compat[iu, ju]
             matched: set[int] = set()
-            passes = [
-                ("merge", np.argsort(-vals, kind="stable"), p.alpha),
-                ("drift", np.argsort(vals, kind="stable"), p.eta),
-            ]
+            passes = [("merge", np.argsort(-vals, kind="stable"), p.alpha)]
+            if p.drift == "pairwise":
+                passes.append(("drift", np.argsort(vals, kind="stable"), p.eta))
             for kind, order, rate in passes:
                 for idx in order:
                     a, b, c = int(iu[idx]), int(ju[idx]), float(vals[idx])
@@ -134,6 +143,24 @@ class ThresholdPolicy(Policy):
                     sign = ">" if kind == "merge" else "<"
                     bound = "merge_above" if kind == "merge" else "drift_below"
                     out += _pair(kind, i, j, layer, rate, c, f"compat {c:.4g} {sign} {bound}")
+            if p.drift == "repulsive":
+                out += self.repulse(layer, v, matched, budget)
+        return out
+
+    def repulse(self, layer: str, v: LayerView, matched: set[int], budget: _Budget):
+        """One repulsive drift per model not merged on this layer; compat is its mean
+        compatibility with the others. The coordinator computes the force from the bank."""
+        out = []
+        k = len(v.models)
+        for a in range(k):
+            i = int(v.models[a])
+            if i in matched or not budget.allows("drift", i, i):
+                continue
+            budget.counts[("drift", i)] = budget.counts.get(("drift", i), 0) + 1
+            c = float((v.compat[a].sum() - v.compat[a, a]) / max(k - 1, 1))
+            out.append(
+                Instruction("drift", i, ENSEMBLE, layer, self.p.eta, c, "repulsive: rbf kernel")
+            )
         return out
 
 

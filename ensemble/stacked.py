@@ -21,14 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble import checkpoint
+from ensemble import checkpoint, maths
 from ensemble.config import Config
 from ensemble.coordinator import TetherReport, apply_instruction
 from ensemble.data import Dataset
 from ensemble.dynamics import Action, SurgeCollapse, activation_entropy
 from ensemble.model import TetheredLinear, TetheredMLP
 from ensemble.policy import Instruction
-from ensemble.training import Link, MemberResult, member_seed, model_sizes
+from ensemble.training import (
+    Link,
+    MemberResult,
+    init_seeds,
+    member_seed,
+    model_sizes,
+    needs_weights,
+    probe_batch,
+)
 from ensemble.triggers import make_trigger
 
 
@@ -70,9 +78,11 @@ class StackedMLP(nn.Module):
     def __init__(
         self, sizes: list[int], tether_init: str = "normal", tether_std: float = 0.1, seeds=(0,)
     ):
-        """sizes: [in, hidden..., out]; model i is TetheredMLP(sizes, ..., seed=seeds[i])."""
+        """sizes: [in, hidden..., out]; model i is TetheredMLP(sizes, ..., *seeds[i]): seeds
+        are weight seeds, or (weight seed, tether seed) pairs."""
         super().__init__()
-        members = [TetheredMLP(sizes, tether_init, tether_std, s) for s in seeds]
+        pairs = [s if isinstance(s, tuple) else (s, None) for s in seeds]
+        members = [TetheredMLP(sizes, tether_init, tether_std, *s) for s in pairs]
         self.k, self.sizes, self.names = len(members), list(sizes), members[0].names
         self.layers = nn.ModuleDict(
             {n: StackedLinear([m.layers[n] for m in members]) for n in self.names}
@@ -145,7 +155,8 @@ class StackedTrainer:
         self.device = dev = resolve_device(device)
         seeds = [member_seed(cfg, m) for m in self.ids]
         sizes = model_sizes(cfg, data)
-        self.model = StackedMLP(sizes, cfg.tether.init, cfg.tether.std, seeds).to(dev)
+        inits = [init_seeds(cfg, m) for m in self.ids]
+        self.model = StackedMLP(sizes, cfg.tether.init, cfg.tether.std, inits).to(dev)
         # Adam is elementwise: per-model state in effect. fused: a few kernels, not ~60 ops.
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, fused=True)
         self.triggers = [make_trigger(cfg.trigger) for _ in ids]
@@ -161,6 +172,8 @@ class StackedTrainer:
         else:
             self.n, self.offset = [len(y)] * self.k, [0] * self.k
         self.x, self.y = torch.tensor(x).to(dev), torch.tensor(y).to(dev)
+        self.probe = torch.tensor(probe_batch(cfg, data)).to(dev)
+        self.rejected = [0] * self.k  # merges undone by the merge guard, per model
         bs = cfg.train.batch_size
         if len({math.ceil(n / bs) for n in self.n}) > 1:
             raise ValueError(
@@ -263,15 +276,54 @@ class StackedTrainer:
                         w.copy_(ws[n])
         return loss_list, norm_list
 
+    @torch.no_grad()
     def apply(self, instructions: list[Instruction]) -> None:
         """Apply instructions in the order decided, each to its model's slice."""
         lo, hi = self.cfg.tether.min, self.cfg.tether.max
         for ins in instructions:
             i = self.row[ins.model]
-            buf = self.model.layers[ins.layer].tether[i]  # (out, in), a view
-            new = apply_instruction(buf.cpu().numpy(), ins, lo, hi)
+            layer = self.model.layers[ins.layer]
+            buf = layer.tether[i]  # (out, in), a view
+            old = buf.cpu().numpy()
+            new = apply_instruction(old, ins, lo, hi)
+            if ins.kind == "merge" and ins.partner_weights is not None:
+                w, b = layer.weight.data[i], layer.bias.data[i]
+                pw, pb = ins.partner_weights
+                merged = maths.merge_weights(w.cpu().numpy(), old, new, pw, ins.rate)
+                w.copy_(torch.from_numpy(merged))
+                b.copy_(torch.from_numpy(maths.merge(b.cpu().numpy(), pb, ins.rate)))
             buf.copy_(torch.from_numpy(new))
             self.applied[i] += 1
+
+    def receive(self, link: Link, mail: list[Instruction]) -> None:
+        """Trainer.receive for the stack: the guard judges each model on its own val loss."""
+        merges = [ins for ins in mail if ins.kind == "merge"]
+        if not (self.cfg.policy.guard and merges):
+            self.apply(mail)
+            return
+        rows = sorted({self.row[ins.model] for ins in merges})
+        d = self.data
+        before = self.evaluate(d.x_val, d.y_val)
+        saved = {
+            (n, key, i): getattr(layer, key).data[i].clone()
+            for n, layer in self.model.layers.items()
+            for key in ("weight", "bias", "tether")
+            for i in rows
+        }
+        self.apply(mail)
+        after = self.evaluate(d.x_val, d.y_val)
+        for i in rows:
+            if after[i][0] <= before[i][0]:
+                continue
+            for (n, key, r), v in saved.items():
+                if r == i:
+                    getattr(self.model.layers[n], key).data[i].copy_(v)
+            m = self.ids[i]
+            mine = [ins for ins in merges if ins.model == m]
+            self.apply([ins for ins in mail if ins.model == m and ins.kind != "merge"])
+            self.rejected[i] += len(mine)
+            tethers = self.model.export_tethers(i)
+            link.get(link.call("reject", m, self.step, mine, before[i][0], after[i][0], tethers))
 
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -293,7 +345,39 @@ class StackedTrainer:
 
     def report(self, i: int, epoch: int, loss: float, grad_norm: float) -> TetherReport:
         tethers = self.model.export_tethers(i)
-        return TetherReport(self.ids[i], self.step, epoch, loss, grad_norm, tethers, self.probes(i))
+        return TetherReport(
+            self.ids[i],
+            self.step,
+            epoch,
+            loss,
+            grad_norm,
+            tethers,
+            self.probes(i),
+            self.features(i),
+            self.tethered_weights(i),
+        )
+
+    @torch.no_grad()
+    def features(self, i: int) -> dict[str, np.ndarray] | None:
+        """Trainer.features for model i."""
+        if self.cfg.compat.fn != "cka":
+            return None
+        self.model.eval()
+        logits, hidden = self.model.forward_hidden(self.probe)  # shared probe: (k, n, H)
+        outs = [*hidden, logits]
+        return {
+            n: maths.centered_gram(h[i].cpu().numpy())
+            for n, h in zip(self.model.names, outs, strict=True)
+        }
+
+    @torch.no_grad()
+    def tethered_weights(self, i: int) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        if not needs_weights(self.cfg):
+            return None
+        return {
+            n: ((layer.weight[i] * layer.tether[i]).cpu().numpy(), layer.bias[i].cpu().numpy())
+            for n, layer in self.model.layers.items()
+        }
 
     def probes(self, i: int) -> dict[str, float | None]:
         """Trainer.probes for model i; computed for all k at once, once per step."""
@@ -342,7 +426,7 @@ class StackedTrainer:
                     if self.failed[i]:
                         continue
                     if inflight[i] is not None and link.ready(inflight[i]):
-                        self.apply(link.get(inflight[i]))
+                        self.receive(link, link.get(inflight[i]))
                         inflight[i] = None
                     if not (math.isfinite(losses[i]) and math.isfinite(norms[i])):
                         self.poison(link, i, losses[i], inflight[i])
@@ -374,10 +458,10 @@ class StackedTrainer:
             self.epoch = epoch + 1
         for h in inflight:
             if h is not None:
-                self.apply(link.get(h))
+                self.receive(link, link.get(h))
         finals = [link.call("finish", m, self.step, self.failed[i]) for i, m in enumerate(self.ids)]
         for h in finals:  # all in flight at once
-            self.apply(link.get(h))
+            self.receive(link, link.get(h))
         if self.epoch >= self.cfg.train.epochs:
             self.save_checkpoint()  # a resumed, finished job restarts nothing
         test = self.predict_proba(d.x_test)  # (k, N_test, C)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemble import checkpoint
+from ensemble import checkpoint, maths
 from ensemble.config import Config
 from ensemble.coordinator import TetherReport, apply_instruction
 from ensemble.data import Dataset
@@ -72,6 +72,24 @@ def member_seed(cfg: Config, model: int) -> int:
     return cfg.seed * 100_003 + model
 
 
+def init_seeds(cfg: Config, model: int) -> tuple[int, int]:
+    """Seeds of a model's weight init and tether init. With a shared init every model starts
+    from model 0's weights; tethers stay its own, so drift has something to push apart."""
+    own = member_seed(cfg, model)
+    return (member_seed(cfg, 0) if cfg.model.init == "shared" else own), own + 7919
+
+
+def probe_batch(cfg: Config, data: Dataset) -> np.ndarray:
+    """The fixed inputs on which function-space compatibility compares models: the first
+    compat.probe_size validation samples (all of them when the split is smaller)."""
+    return data.x_val[: cfg.compat.probe_size]
+
+
+def needs_weights(cfg: Config) -> bool:
+    """Whether publications carry the tethered weights (alignment or weight merge)."""
+    return cfg.policy.align or cfg.policy.merge == "weights"
+
+
 class Trainer:
     def __init__(
         self,
@@ -90,7 +108,10 @@ class Trainer:
         self.data = data
         seed = member_seed(cfg, model)
         self.device = torch.device(device)
-        self.model = TetheredMLP(model_sizes(cfg, data), cfg.tether.init, cfg.tether.std, seed)
+        w_seed, t_seed = init_seeds(cfg, model)
+        self.model = TetheredMLP(
+            model_sizes(cfg, data), cfg.tether.init, cfg.tether.std, w_seed, t_seed
+        )
         self.model.to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
         self.trigger = make_trigger(cfg.trigger)
@@ -100,6 +121,8 @@ class Trainer:
             x, y = x[model :: cfg.models.count], y[model :: cfg.models.count]
         # own, writable copies, on the device
         self.x, self.y = torch.tensor(x, device=self.device), torch.tensor(y, device=self.device)
+        self.probe = torch.tensor(probe_batch(cfg, data), device=self.device)
+        self.rejected = 0  # merges undone by the merge guard
         self.step = 0
         self.applied = 0
         on = cfg.dynamics.mode != "off"
@@ -165,15 +188,42 @@ class Trainer:
             self.actions += dyn.act(self.step, self.model.weight_matrices(), ents)
         return float(loss.detach()), grad_norm
 
+    @torch.no_grad()
     def apply(self, instructions: list[Instruction]) -> None:
         """Apply instructions in the order decided, at a step boundary."""
         lo, hi = self.cfg.tether.min, self.cfg.tether.max
         for ins in instructions:
             assert ins.model == self.id, (ins.model, self.id)
-            buf = self.model.layers[ins.layer].tether
-            new = apply_instruction(buf.detach().cpu().numpy(), ins, lo, hi)
-            buf.copy_(torch.from_numpy(new))  # to the buffer's device
+            layer = self.model.layers[ins.layer]
+            old = layer.tether.detach().cpu().numpy()
+            new = apply_instruction(old, ins, lo, hi)
+            if ins.kind == "merge" and ins.partner_weights is not None:
+                lin = layer.linear
+                w, b = lin.weight.detach().cpu().numpy(), lin.bias.detach().cpu().numpy()
+                pw, pb = ins.partner_weights
+                lin.weight.copy_(torch.from_numpy(maths.merge_weights(w, old, new, pw, ins.rate)))
+                lin.bias.copy_(torch.from_numpy(maths.merge(b, pb, ins.rate)))
+            layer.tether.copy_(torch.from_numpy(new))  # to the buffer's device
             self.applied += 1
+
+    def receive(self, link: Link, mail: list[Instruction]) -> None:
+        """Apply mail; with the merge guard on, undo its merges if they raised the model's
+        validation loss (the greedy-soup rule) and tell the coordinator they were rejected."""
+        merges = [i for i in mail if i.kind == "merge"]
+        if not (self.cfg.policy.guard and merges):
+            self.apply(mail)
+            return
+        before = self.evaluate(self.data.x_val, self.data.y_val)[0]
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.apply(mail)
+        after = self.evaluate(self.data.x_val, self.data.y_val)[0]
+        if after <= before:
+            return
+        self.model.load_state_dict(saved)
+        self.apply([i for i in mail if i.kind != "merge"])
+        self.rejected += len(merges)
+        tethers = self.model.export_tethers()
+        link.get(link.call("reject", self.id, self.step, merges, before, after, tethers))
 
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -190,8 +240,34 @@ class Trainer:
 
     def report(self, epoch: int, loss: float, grad_norm: float) -> TetherReport:
         return TetherReport(
-            self.id, self.step, epoch, loss, grad_norm, self.model.export_tethers(), self.probes()
+            self.id,
+            self.step,
+            epoch,
+            loss,
+            grad_norm,
+            self.model.export_tethers(),
+            self.probes(),
+            self.features(),
+            self.tethered_weights(),
         )
+
+    @torch.no_grad()
+    def features(self) -> dict[str, np.ndarray] | None:
+        """compat.fn cka: each layer's centred output Gram on the probe batch."""
+        if self.cfg.compat.fn != "cka":
+            return None
+        self.model.eval()
+        logits, hidden = self.model.forward_hidden(self.probe)
+        outs = [*hidden, logits]
+        return {
+            n: maths.centered_gram(h.cpu().numpy())
+            for n, h in zip(self.model.names, outs, strict=True)
+        }
+
+    def tethered_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        if not needs_weights(self.cfg):
+            return None
+        return self.model.tethered_weights()
 
     def probes(self) -> dict[str, float | None]:
         p1, p2 = self.model.probes()
@@ -229,7 +305,7 @@ class Trainer:
                     link.get(link.call("record_event", a.kind, self.id, a.step, a.detail))
                 self.actions = []
                 if inflight is not None and link.ready(inflight):
-                    self.apply(link.get(inflight))
+                    self.receive(link, link.get(inflight))
                     inflight = None
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     if inflight is not None:  # settle the call before rewinding
@@ -259,8 +335,8 @@ class Trainer:
             )
             self.epoch = epoch + 1
         if inflight is not None:
-            self.apply(link.get(inflight))
-        self.apply(link.get(link.call("finish", self.id, self.step, self.failed)))
+            self.receive(link, link.get(inflight))
+        self.receive(link, link.get(link.call("finish", self.id, self.step, self.failed)))
         return MemberResult(
             self.id,
             self.step,

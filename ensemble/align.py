@@ -1,0 +1,62 @@
+"""Permutation alignment of two MLPs by weight matching (Ainsworth et al., git re-basin).
+
+Hidden units of two independently trained MLPs compute similar features in different orders.
+Before their layers are compared or averaged, the partner's units are permuted into this
+model's order. Weight matching picks, per hidden layer, the permutation that maximises
+<W_a, P W_b P_prev^T> summed over the layers the units touch, by coordinate descent with
+one linear assignment per layer and step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+# layer -> (effective weight W * T of shape (out, in), bias (out,)), layers in forward order
+Params = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def weight_matching(a: Params, b: Params, max_iter: int = 30, seed: int = 0) -> list[np.ndarray]:
+    """Permutations of b's hidden units that align b to a: one per hidden layer.
+
+    perm[l][k] is the unit of b that plays a's unit k in hidden layer l, so
+    b's aligned layer l is W_b[perm[l]][:, perm[l - 1]] (see `permute`).
+    """
+    names = list(a)
+    if list(b) != names:
+        raise ValueError(f"layers differ: {names} vs {list(b)}")
+    widths = [a[n][0].shape[0] for n in names[:-1]]  # hidden widths
+    perms = [np.arange(h) for h in widths]
+    rng = np.random.default_rng(seed)
+    for _ in range(max_iter):
+        changed = False
+        for l in rng.permutation(len(widths)):  # noqa: E741 - layer index, as in the paper
+            wa, ba = a[names[l]]
+            wb, bb = b[names[l]]
+            if l > 0:  # inputs of layer l are the units of layer l - 1
+                wb = wb[:, perms[l - 1]]
+            score = wa @ wb.T + np.outer(ba, bb)  # (H_l, H_l): a's unit k vs b's unit k'
+            wa_next, wb_next = a[names[l + 1]][0], b[names[l + 1]][0]
+            if l + 1 < len(widths):  # outputs of the next layer are permuted too
+                wb_next = wb_next[perms[l + 1]]
+            score += wa_next.T @ wb_next
+            _, cols = linear_sum_assignment(score, maximize=True)
+            if not np.array_equal(cols, perms[l]):
+                perms[l], changed = cols, True
+        if not changed:
+            break
+    return perms
+
+
+def permute(x: np.ndarray, layer: int, perms: list[np.ndarray]) -> np.ndarray:
+    """Layer `layer`'s (out, in) matrix, or (out,) bias, of b in a's unit order."""
+    if layer < len(perms):
+        x = x[perms[layer]]
+    if x.ndim == 2 and layer > 0:
+        x = x[:, perms[layer - 1]]
+    return x
+
+
+def inverse(perms: list[np.ndarray]) -> list[np.ndarray]:
+    """The permutations that align a to b, given those that align b to a."""
+    return [np.argsort(p) for p in perms]

@@ -1,0 +1,307 @@
+"""The options that give merging a chance, each on tiny inputs: alignment, weight merge,
+function-space compatibility, the merge guard, repulsive drift and shared initialisation."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ensemble import align, maths
+from ensemble.config import load_config
+from ensemble.coordinator import ENSEMBLE, Coordinator
+from ensemble.data import load_dataset
+from ensemble.errors import ConfigError
+from ensemble.history import HistoryReader
+from ensemble.policy import Instruction
+from ensemble.stacked import StackedTrainer
+from ensemble.training import DirectLink, Trainer
+from tests.conftest import TINY
+
+
+def cfg_with(tmp_path, *extra):
+    return load_config(None, TINY + [f"job=m-{tmp_path.name}", *extra])
+
+
+def random_params(rng, sizes):
+    names = [f"fc{i + 1}" for i in range(len(sizes) - 2)] + ["out"]
+    return {
+        n: (rng.normal(size=(o, i)).astype(np.float32), rng.normal(size=o).astype(np.float32))
+        for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)
+    }
+
+
+def permuted(params, perms):
+    return {
+        n: tuple(align.permute(x, li, perms) for x in wb)
+        for li, (n, wb) in enumerate(params.items())
+    }
+
+
+def test_weight_matching_recovers_a_known_permutation():
+    rng = np.random.default_rng(0)
+    a = random_params(rng, [10, 12, 9, 7, 3])
+    q = [rng.permutation(h) for h in (12, 9, 7)]
+    b = permuted(a, q)  # a with its hidden units shuffled
+    perms = align.weight_matching(a, b)
+    assert [p.tolist() for p in perms] == [p.tolist() for p in align.inverse(q)]
+    back = permuted(b, perms)
+    for n in a:
+        np.testing.assert_array_equal(back[n][0], a[n][0])
+        np.testing.assert_array_equal(back[n][1], a[n][1])
+
+
+def test_weight_matching_survives_noise():
+    rng = np.random.default_rng(1)
+    a = random_params(rng, [20, 32, 32, 5])
+    q = [rng.permutation(32) for _ in range(2)]
+    noisy = {n: (w + 0.1 * rng.normal(size=w.shape), b) for n, (w, b) in a.items()}
+    perms = align.weight_matching(a, permuted(noisy, q))
+    assert [p.tolist() for p in perms] == [p.tolist() for p in align.inverse(q)]
+
+
+def test_weight_matching_rejects_different_layers():
+    rng = np.random.default_rng(2)
+    a, b = random_params(rng, [4, 5, 3]), random_params(rng, [4, 5, 5, 3])
+    with pytest.raises(ValueError, match="layers differ"):
+        align.weight_matching(a, b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.05, 1.0), st.integers(0, 2**31 - 1))
+def test_merge_weights_averages_the_tethered_weights(alpha, seed):
+    rng = np.random.default_rng(seed)
+    w, t_old, pw = (rng.normal(size=(4, 3)) for _ in range(3))
+    t_old = 1.0 + 0.1 * t_old
+    t_new = 1.0 + 0.1 * rng.normal(size=(4, 3))
+    got = maths.merge_weights(w, t_old, t_new, pw, alpha)
+    np.testing.assert_allclose(got * t_new, (1 - alpha) * w * t_old + alpha * pw, rtol=1e-9)
+
+
+def test_merge_weights_keeps_w_where_the_tether_is_zero():
+    w = np.ones((2, 2))
+    t_new = np.array([[0.0, 1.0], [1.0, 1.0]])
+    got = maths.merge_weights(w, np.ones((2, 2)), t_new, np.full((2, 2), 3.0), 0.5)
+    assert got[0, 0] == 1.0 and got[0, 1] == 2.0
+
+
+def copy_permuted(src: Trainer, dst: Trainer, perms):
+    """Make dst's model src's model with hidden units shuffled: the same function."""
+    with torch.no_grad():
+        for li, n in enumerate(src.model.names):
+            s, d = src.model.layers[n], dst.model.layers[n]
+            for a, b in ((s.linear.weight, d.linear.weight), (s.linear.bias, d.linear.bias)):
+                b.copy_(torch.from_numpy(align.permute(a.numpy(), li, perms).copy()))
+            d.tether.copy_(torch.from_numpy(align.permute(s.tether.numpy(), li, perms).copy()))
+
+
+def merge_pair(tmp_path, *extra):
+    """Two trainers, model 1 a permuted copy of model 0; one round that merges them."""
+    cfg = cfg_with(
+        tmp_path,
+        "models.count=2",
+        "compat.normalize=none",
+        "policy.merge_above=0.0",
+        "policy.drift_below=-1.0",
+        *extra,
+    )
+    data = load_dataset(cfg.data, cfg.seed)
+    t0, t1 = Trainer(0, cfg, data), Trainer(1, cfg, data)
+    rng = np.random.default_rng(3)
+    copy_permuted(t0, t1, [rng.permutation(16), rng.permutation(16)])
+    before = [t.predict_proba(data.x_test) for t in (t0, t1)]
+    c = Coordinator(cfg, cfg.job, t0.model.tether_shapes(), str(tmp_path))
+    c.publish(t0.report(0, 1.0, 1.0))
+    t1.apply(c.publish(t1.report(0, 1.0, 1.0)))
+    t0.apply(c.poll(0))
+    after = [t.predict_proba(data.x_test) for t in (t0, t1)]
+    return c, (t0, t1), before, after
+
+
+def test_aligned_weight_merge_of_a_permuted_copy_keeps_both_functions(tmp_path):
+    c, trainers, before, after = merge_pair(tmp_path, "policy.align=true", "policy.merge=weights")
+    assert c.merges == len(c.layers)  # every layer merged
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for m, t in enumerate(trainers):  # the coordinator's bank still equals what workers hold
+        for n, arr in t.model.export_tethers().items():
+            np.testing.assert_allclose(c.bank.row(m, n), arr, atol=1e-6)
+
+
+def test_unaligned_weight_merge_of_a_permuted_copy_changes_the_function(tmp_path):
+    c, _, before, after = merge_pair(tmp_path, "policy.merge=weights")
+    assert c.merges == len(c.layers)
+    assert max(np.abs(a - b).max() for a, b in zip(before, after, strict=True)) > 1e-2
+
+
+def test_cka_is_linear_cka_and_ignores_unit_order():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(30, 8)), rng.normal(size=(30, 5))
+    g = np.stack([maths.centered_gram(v).ravel() for v in (x, y, x[:, rng.permutation(8)])])
+    cka = maths.cosine_from_gram(g.astype(np.float64) @ g.T.astype(np.float64))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expected = np.linalg.norm(yc.T @ xc) ** 2 / (
+        np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    )
+    assert cka[0, 1] == pytest.approx(expected, rel=1e-4)
+    assert cka[0, 2] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_function_space_compat_finds_the_permuted_copy(tmp_path):
+    cfg = cfg_with(tmp_path, "compat.fn=cka", "compat.normalize=none", "policy.name=none")
+    data = load_dataset(cfg.data, cfg.seed)
+    ts = [Trainer(m, cfg, data) for m in range(4)]
+    rng = np.random.default_rng(5)
+    copy_permuted(ts[0], ts[1], [rng.permutation(16), rng.permutation(16)])
+    c = Coordinator(cfg, cfg.job, ts[0].model.tether_shapes(), str(tmp_path))
+    for t in ts:
+        c.publish(t.report(0, 1.0, 1.0))
+    rows = np.arange(4)
+    for layer in c.layers:
+        cka, _ = c.layer_compat(layer, rows)
+        assert cka[0, 1] == pytest.approx(1.0, abs=1e-4)
+        assert cka[0, 1] > max(cka[0, 2], cka[0, 3], cka[2, 3])
+        tether_cos, _ = c.bank.compat(layer, "cosine", rows)
+        assert tether_cos[0, 1] < 0.999  # the tethers alone do not see it
+
+
+def trained(cfg, model=0):
+    data = load_dataset(cfg.data, cfg.seed)
+    t = Trainer(model, cfg, data)
+    for _ in range(3):
+        for xb, yb in t.batches():
+            t.train_step(xb, yb)
+    return t, data
+
+
+def test_merge_guard_rolls_back_a_merge_that_raises_validation_loss(tmp_path):
+    cfg = cfg_with(tmp_path, "policy.guard=true")
+    t, data = trained(cfg)
+    c = Coordinator(cfg, cfg.job, t.model.tether_shapes(), str(tmp_path))
+    c.publish(t.report(0, 1.0, 1.0))
+    state = {k: v.clone() for k, v in t.model.state_dict().items()}
+    zeros = np.zeros_like(t.model.export_tethers()["out"])
+    bad = Instruction("merge", 0, 1, "out", 1.0, 0.7, "test", partner_tether=zeros)
+    drift = Instruction(
+        "drift", 0, 1, "fc1", 0.1, -2.0, "test", partner_tether=np.zeros((16, 64), np.float32)
+    )
+    t.receive(DirectLink(c), [bad, drift])
+    after = t.model.state_dict()
+    for k, v in state.items():
+        if k != "layers.fc1.tether":
+            assert torch.equal(after[k], v), k  # the merge is undone
+    assert not torch.equal(after["layers.fc1.tether"], state["layers.fc1.tether"])  # drift kept
+    assert t.rejected == 1 and c.rejected == 1
+    np.testing.assert_array_equal(c.bank.row(0, "fc1"), t.model.export_tethers()["fc1"])
+    c.close()
+    events = HistoryReader(tmp_path / "history.sqlite").events("rejected")
+    assert len(events) == 1
+    d = events[0].detail
+    assert (events[0].model, d["partner"], d["layer"]) == (0, 1, "out")
+    assert d["val_loss_after"] > d["val_loss_before"]
+
+
+def test_merge_guard_keeps_a_merge_that_does_not_hurt(tmp_path):
+    cfg = cfg_with(tmp_path, "policy.guard=true")
+    t, _ = trained(cfg)
+    c = Coordinator(cfg, cfg.job, t.model.tether_shapes(), str(tmp_path))
+    own = t.model.export_tethers()["fc2"]
+    t.receive(DirectLink(c), [Instruction("merge", 0, 1, "fc2", 0.5, 0.7, "t", partner_tether=own)])
+    assert t.rejected == 0 and c.rejected == 0 and t.applied == 1
+
+
+def test_stacked_merge_guard_rolls_back_only_the_harmed_model(tmp_path):
+    cfg = cfg_with(tmp_path, "policy.guard=true")
+    data = load_dataset(cfg.data, cfg.seed)
+    st_ = StackedTrainer([0, 1], cfg, data, device="cpu")
+    for _ in range(3):
+        for xb, yb, mask in st_.batches():
+            st_.train_step(xb, yb, mask)
+    c = Coordinator(cfg, cfg.job, {n: tuple(v) for n, v in _shapes(st_).items()}, str(tmp_path))
+    before = [st_.model.export_tethers(i) for i in range(2)]
+    zeros = np.zeros_like(before[0]["out"])
+    mail = [
+        Instruction("merge", 0, 2, "out", 1.0, 0.7, "t", partner_tether=zeros),
+        Instruction("merge", 1, 3, "fc2", 0.5, 0.7, "t", partner_tether=before[1]["fc2"]),
+    ]
+    st_.receive(DirectLink(c), mail)
+    np.testing.assert_array_equal(st_.model.export_tethers(0)["out"], before[0]["out"])
+    assert st_.rejected == [1, 0] and c.rejected == 1
+
+
+def _shapes(st_):
+    return {n: layer.tether.shape[1:] for n, layer in st_.model.layers.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_repulsion_conserves_momentum_and_spreads_the_models(k, p, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(k, p))
+    sq = ((x[:, None] - x[None]) ** 2).sum(-1)
+    r, kern = maths.rbf_repulsion(x, sq)
+    np.testing.assert_allclose(r.sum(0), 0.0, atol=1e-9)  # forces cancel: the centre stays
+    assert np.all(np.diag(kern) == 0) and np.all((kern >= 0) & (kern <= 1))
+    moved = x + 0.1 * r
+    mean_sq = sq[np.triu_indices(k, 1)].mean()
+    new_sq = ((moved[:, None] - moved[None]) ** 2).sum(-1)[np.triu_indices(k, 1)].mean()
+    assert new_sq >= mean_sq - 1e-12
+
+
+def test_repulsive_drift_moves_every_model_away_from_the_others(tmp_path):
+    cfg = cfg_with(
+        tmp_path,
+        "policy.drift=repulsive",
+        "compat.normalize=none",
+        "policy.merge_above=2.0",  # no merges: cosine never exceeds 1
+        "policy.drift_below=-1.0",
+    )
+    data = load_dataset(cfg.data, cfg.seed)
+    ts = [Trainer(m, cfg, data) for m in range(4)]
+    c = Coordinator(cfg, cfg.job, ts[0].model.tether_shapes(), str(tmp_path))
+
+    def spread(layer):
+        x = np.stack([t.model.export_tethers()[layer].ravel() for t in ts]).astype(np.float64)
+        return ((x[:, None] - x[None]) ** 2).sum(-1)[np.triu_indices(4, 1)].mean()
+
+    start = {n: spread(n) for n in c.layers}
+    mails = [c.publish(t.report(0, 1.0, 1.0)) for t in ts]  # the last publish runs the round
+    for m, t in enumerate(ts):
+        mail = mails[m] + c.poll(m)
+        assert {(i.kind, i.partner) for i in mail} == {("drift", ENSEMBLE)}
+        assert len(mail) == len(c.layers)
+        t.apply(mail)
+    assert c.drifts == 4 * len(c.layers) and c.merges == 0
+    for n in c.layers:
+        assert spread(n) > start[n]
+        for m, t in enumerate(ts):
+            np.testing.assert_allclose(c.bank.row(m, n), t.model.export_tethers()[n], atol=1e-6)
+
+
+def test_shared_init_shares_weights_but_not_tethers(tmp_path):
+    data = None
+    for init, same in (("shared", True), ("independent", False)):
+        cfg = cfg_with(tmp_path, f"model.init={init}")
+        data = data or load_dataset(cfg.data, cfg.seed)
+        a, b = Trainer(0, cfg, data).model, Trainer(1, cfg, data).model
+        assert torch.equal(a.layers["fc1"].linear.weight, b.layers["fc1"].linear.weight) == same
+        assert not torch.equal(a.layers["fc1"].tether, b.layers["fc1"].tether)
+        sa = StackedTrainer([0, 1], cfg, data, device="cpu").model.layers["fc1"].weight
+        assert torch.equal(sa[0], sa[1]) == same
+        assert torch.equal(sa[1], b.layers["fc1"].linear.weight)
+
+
+def test_cka_with_fixed_peers_is_a_clear_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cka"):
+        load_config(
+            None,
+            ["compat.fn=cka", "peers=[{name: p, layer: fc2, file: t.txt}]"],
+        )
+
+
+@pytest.mark.parametrize(
+    "key, value", [("policy.drift", "sideways"), ("policy.merge", "both"), ("model.init", "x")]
+)
+def test_unknown_option_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        load_config(None, [f"{key}={value}"])
