@@ -68,6 +68,8 @@ VARIANTS: dict[str, list[str]] = {
         "policy.merge_above=50",
         "tether.init=uniform",
     ],
+    # control: the seed rule's uniform U[0,1) tethers with no coordination at all
+    "independent, uniform tethers": ["policy.name=none", "tether.init=uniform"],
     "threshold (old default)": ["policy.name=threshold"],
     "shared init": ["model.init=shared"],
     "function-space (cka)": ["compat.fn=cka"],
@@ -96,7 +98,11 @@ VARIANTS: dict[str, list[str]] = {
         "policy.drift=repulsive",
     ],
 }
-BASELINES = ("single model", "independent")  # untethered: never the recommendation
+BASELINES = (
+    "single model",
+    "independent",
+    "independent, uniform tethers",
+)  # untethered: never the recommendation
 REFERENCE = "independent"  # what the tethered rows must beat
 
 SIZES = {
@@ -310,13 +316,28 @@ def summarise(runs: list[dict], p: dict) -> dict:
     return rows
 
 
-def recommend(rows: dict[str, dict]) -> dict | None:
-    """The tethered row with the lowest mean validation NLL; does it beat REFERENCE on test?"""
-    tethered = {v: r for v, r in rows.items() if v not in BASELINES and r["n"]}
-    if not tethered:
+def choose(rows: dict[str, dict[str, dict]]) -> str | None:
+    """One recommendation for every dataset: the tethered row (ran on all of them) with the
+    lowest geometric mean, over datasets, of its mean validation NLL relative to REFERENCE's
+    (its plain mean validation NLL where REFERENCE did not run). Test numbers never choose."""
+    scores: dict[str, float] = {}
+    for v in VARIANTS:
+        if v in BASELINES or not all(v in r and r[v]["n"] for r in rows.values()):
+            continue
+        logs = []
+        for r in rows.values():
+            ref = r.get(REFERENCE)
+            scale = ref["val_nll"]["mean"] if ref and ref["n"] else 1.0
+            logs.append(math.log(max(r[v]["val_nll"]["mean"], 1e-12) / scale))
+        scores[v] = sum(logs) / len(logs)
+    return min(scores, key=scores.get) if scores else None
+
+
+def recommend(rows: dict[str, dict], best: str | None) -> dict | None:
+    """How the chosen row does on one dataset: does it beat REFERENCE on test?"""
+    if best is None or best not in rows or not rows[best]["n"]:
         return None
-    best = min(tethered, key=lambda v: tethered[v]["val_nll"]["mean"])
-    b, ref = tethered[best], rows.get(REFERENCE)
+    b, ref = rows[best], rows.get(REFERENCE)
     out = {
         "variant": best,
         "val_nll": b["val_nll"]["mean"],
@@ -396,16 +417,19 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
     runs = run_all(p)
     wall = time.perf_counter() - t
     rows = summarise(runs, p)
-    best = {d: recommend(r) for d, r in rows.items()}
+    chosen = choose(rows)
+    best = {d: recommend(r, chosen) for d, r in rows.items()}
     cases = make_cases(rows, best)
     notes = [
         f"Each run: one job in one process without Ray (trainers interleaved, coordinator "
         f"called directly); {BASE_CONFIG.relative_to(ROOT)} with {[*BASE, *SIZES[size]['set']]}, "
         f"then the variant's overrides. seeds: {len(p['seeds'])}, runs: {len(runs)} on "
         f"{min(p['processes'], len(runs))} processes in {wall:.0f} s.",
-        "Recommended = the tethered row (not single model or independent) with the lowest "
-        "mean VALIDATION ensemble NLL; it beats independent when its mean test NLL is lower "
-        "and its mean test accuracy no worse.",
+        "Recommended = one tethered row for all datasets (not single model or independent): "
+        "the lowest geometric mean over datasets of its mean VALIDATION ensemble NLL relative "
+        "to independent's. It beats independent when its mean test NLL is lower and its mean "
+        "test accuracy no worse. Δ columns: test NLL minus independent's, paired by seed "
+        "(same split, same member seeds), mean ± sd, and on how many seeds it was lower.",
     ]
     for d, b in best.items():
         if b is None:
@@ -455,9 +479,22 @@ def _cell(stat: dict | None, digits: int = 4) -> str:
     return f"{m:.{digits}f}" if sd is None else f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
+def paired_delta(row: dict, ref: dict | None, key: str = "test_nll") -> tuple[str, str]:
+    """(mean ± sd of row - ref per seed, 'k/n' seeds where row is lower) as table cells."""
+    if ref is None or not ref["n"] or row is ref:
+        return "-", "-"
+    va = dict(zip(row["seeds"], row[key]["values"], strict=True))
+    vb = dict(zip(ref["seeds"], ref[key]["values"], strict=True))
+    d = [va[k] - vb[k] for k in sorted(set(va) & set(vb))]
+    if not d:
+        return "-", "-"
+    sd = f" ± {np.std(d, ddof=1):.4f}" if len(d) > 1 else ""
+    return f"{np.mean(d):+.4f}{sd}", f"{sum(x < 0 for x in d)}/{len(d)}"
+
+
 def markdown(res: dict) -> str:
     params = res["params"]
-    cols = [*METRICS.values(), *COUNTS.values()]
+    cols = [*METRICS.values(), "Δ test NLL", "seeds lower", *COUNTS.values()]
     lines = [
         "# Ensemble quality",
         "",
@@ -482,7 +519,9 @@ def markdown(res: dict) -> str:
                 continue
             if row["errors"]:  # some seeds failed: the messages are in the notes
                 name += " (some seeds failed)"
-            cells = [_cell(row[k]) for k in METRICS] + [_cell(row[k], 1) for k in COUNTS]
+            cells = [_cell(row[k]) for k in METRICS]
+            cells += paired_delta(row, by_variant.get(REFERENCE))
+            cells += [_cell(row[k], 1) for k in COUNTS]
             lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     lines += ["", "## Variants", ""]

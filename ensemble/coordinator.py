@@ -379,6 +379,7 @@ class Coordinator:
             "rounds": self.rounds,
             "merges": self.merges,
             "drifts": self.drifts,
+            "rejected": self.rejected,
             "publications": self.publications,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "models": [

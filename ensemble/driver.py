@@ -218,6 +218,7 @@ def summarise(cfg: Config, data, results: list[MemberResult], progress: dict, wa
         "rounds": progress["rounds"],
         "merges": progress["merges"],
         "drifts": progress["drifts"],
+        "rejected": progress.get("rejected", 0),
         "publications": progress["publications"],
         "coordinator_peak_rss_mb": round(progress["peak_rss_mb"], 1),
         "wall_seconds": round(wall, 3),

@@ -155,8 +155,9 @@ def orbit_animation(h: HistoryReader, path: Path, models: list[int]) -> Path | N
 
 
 def lineage_graph(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
-    """Models as lifelines over rounds; merges (and drifts, faint) join pairs."""
-    decisions = h.decisions()
+    """Models as lifelines over rounds; merges (and drifts, faint) join pairs. Repulsive
+    drifts (partner ENSEMBLE: away from all the others) join no pair and are left out."""
+    decisions = [d for d in h.decisions() if d.partner != ENSEMBLE]
     if not decisions:
         return None
     fig, ax = plt.subplots(figsize=(11, 0.5 * len(models) + 2.5))

@@ -47,13 +47,14 @@ def restore(c: Coordinator) -> None:
         c.publications = r.count("publications")
         for kind, n in q(
             "SELECT kind, COUNT(*) FROM instructions WHERE model < partner"
-            " OR partner >= ? GROUP BY kind",
+            " OR partner >= ? OR partner < 0 GROUP BY kind",
             (c.count,),
         ):
             if kind == "merge":
                 c.merges = n
             elif kind == "drift":
                 c.drifts = n
+        c.rejected = q("SELECT COUNT(*) FROM events WHERE kind = 'rejected'").fetchone()[0]
     finally:
         r.close()
     c.history.event(

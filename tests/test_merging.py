@@ -1,6 +1,8 @@
 """The options that give merging a chance, each on tiny inputs: alignment, weight merge,
 function-space compatibility, the merge guard, repulsive drift and shared initialisation."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from ensemble.history import HistoryReader
 from ensemble.policy import Instruction
 from ensemble.stacked import StackedTrainer
 from ensemble.training import DirectLink, Trainer
-from tests.conftest import TINY
+from tests.conftest import TINY, cli
 
 
 def cfg_with(tmp_path, *extra):
@@ -199,6 +201,16 @@ def test_merge_guard_rolls_back_a_merge_that_raises_validation_loss(tmp_path):
     d = events[0].detail
     assert (events[0].model, d["partner"], d["layer"]) == (0, 1, "out")
     assert d["val_loss_after"] > d["val_loss_before"]
+    # a restarted coordinator counts it again; the CLI lists it
+    c2 = Coordinator(cfg, cfg.job, t.model.tether_shapes(), str(tmp_path))
+    assert c2.rejected == 1
+    c2.close()
+    out = cli("history", str(tmp_path), "--kind", "rejected", "--json")
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)
+    assert (row["model"], row["partner"], row["layer"]) == (0, 1, "out")
+    bad_kind = cli("history", str(tmp_path), "--kind", "merged")
+    assert bad_kind.returncode == 2 and "rejected" in bad_kind.stderr
 
 
 def test_merge_guard_keeps_a_merge_that_does_not_hurt(tmp_path):
@@ -272,6 +284,9 @@ def test_repulsive_drift_moves_every_model_away_from_the_others(tmp_path):
         assert len(mail) == len(c.layers)
         t.apply(mail)
     assert c.drifts == 4 * len(c.layers) and c.merges == 0
+    c.history.close()  # the history lists each repulsive drift once, partner ENSEMBLE
+    drifts = HistoryReader(tmp_path / "history.sqlite").decisions(kind="drift")
+    assert len(drifts) == 4 * len(c.layers) and {d.partner for d in drifts} == {ENSEMBLE}
     for n in c.layers:
         assert spread(n) > start[n]
         for m, t in enumerate(ts):

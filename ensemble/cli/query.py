@@ -46,7 +46,9 @@ def emit(records: list, fmt: str) -> None:
 def history(
     source: Source,
     address: Address = None,
-    kind: Annotated[str | None, typer.Option(help="merge or drift")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="merge, drift, or rejected (merges the guard undid)")
+    ] = None,
     model: Annotated[int | None, typer.Option(help="Decisions involving this model")] = None,
     layer: Annotated[str | None, typer.Option(help="Only this layer, e.g. fc2")] = None,
     since_step: Annotated[int | None, typer.Option(help="Decided at or after this step")] = None,
@@ -60,13 +62,15 @@ def history(
     ] = None,
 ) -> None:
     """What merged and drifted, and why: one line per pair and layer."""
-    if kind not in (None, "merge", "drift"):
-        fail(f"--kind: expected 'merge' or 'drift', got {kind!r}")
+    if kind not in (None, "merge", "drift", "rejected"):
+        fail(f"--kind: expected 'merge', 'drift' or 'rejected', got {kind!r}")
     fmt = "json" if as_json else fmt
     try:
         h = open_history(source, address)
         if explain is not None:
             return show_explanation(h.explain(explain), fmt)
+        if kind == "rejected":
+            return show_rejected(h, model, layer, since_step, limit, fmt)
         decisions = h.decisions(
             kind=kind, model=model, layer=layer, since_step=since_step, limit=limit
         )
@@ -83,12 +87,39 @@ def history(
             str(d.id),
             str(d.round),
             d.kind,
-            f"{d.model} & {d.partner}",
+            f"{d.model} & {d.partner if d.partner >= 0 else 'all'}",
             d.layer,
             f"{d.compat:.4f}",
             str(d.step),
             str(d.epoch + 1),
             d.rule,
+        )
+    console.print(t)
+
+
+def show_rejected(h, model, layer, since_step, limit, fmt: str) -> None:
+    """Merges the merge guard undid: recorded as `rejected` events with their losses."""
+    rows = [
+        {"id": e.id, "model": e.model, "step": e.step, **e.detail}
+        for e in h.events("rejected")
+        if (model is None or model in (e.model, e.detail.get("partner")))
+        and (layer is None or e.detail.get("layer") == layer)
+        and (since_step is None or (e.step or 0) >= since_step)
+    ][:limit]
+    if fmt != "table":
+        return emit(rows, fmt)
+    t = Table(title=f"{len(rows)} rejected merges", title_justify="left")
+    for col in ("id", "model", "partner", "layer", "compat", "step", "val loss before → after"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            str(r["id"]),
+            str(r["model"]),
+            str(r["partner"]),
+            r["layer"],
+            f"{r['compat']:.4f}",
+            str(r["step"]),
+            f"{r['val_loss_before']:.4f} → {r['val_loss_after']:.4f}",
         )
     console.print(t)
 

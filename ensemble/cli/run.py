@@ -56,7 +56,9 @@ def summary_table(s: dict) -> Table:
         "",
     )
     t.caption = (
-        f"merges {s['merges']}   drifts {s['drifts']}   rounds {s['rounds']}   "
+        f"merges {s['merges']}   drifts {s['drifts']}   "
+        + (f"rejected {s['rejected']}   " if s.get("rejected") else "")
+        + f"rounds {s['rounds']}   "
         f"wall {s['wall_seconds']:.1f}s"
     )
     return t

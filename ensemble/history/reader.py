@@ -79,7 +79,7 @@ class HistoryReader:
             ("(model = ? OR partner = ?)", (model, model)) if pairs else ("model = ?", (model,))
         )
         conds = [
-            ("model < partner", ()) if pairs else None,
+            ("(model < partner OR partner < 0)", ()) if pairs else None,
             _eq("kind = ?", kind),
             either if model is not None else None,
             _eq("layer = ?", layer),
