@@ -68,7 +68,9 @@ class TetherConfig(Section):
 
 
 class CompatConfig(Section):
-    fn: str = "cosine"  # registry name, see ensemble.compat.COMPAT
+    # registry name, see ensemble.compat.COMPAT; cka (function space) won the quality
+    # benchmark on validation data (README, "Does merging pay?")
+    fn: str = "cka"
     normalize: Literal["none", "zscore"] = "zscore"  # zscore: thresholds in standard deviations
     probe_size: int = Field(64, ge=4)  # cka: validation inputs in the fixed probe batch
 
@@ -84,12 +86,12 @@ class PolicyConfig(Section):
     layers: list[str] | None = None  # layers to coordinate; None means all
     # pairwise: drift apart from the least compatible partner; repulsive: every model drifts
     # along the RBF-kernel repulsion from all others (SVGD), median-heuristic bandwidth
-    drift: Literal["pairwise", "repulsive"] = "pairwise"
+    drift: Literal["pairwise", "repulsive"] = "repulsive"
     # tethers: a merge averages tethers only; weights: it averages the tethered weights W*T
     # (and biases) of the merged layer too, so the two layers compute alike
-    merge: Literal["tethers", "weights"] = "tethers"
-    align: bool = False  # match partner hidden units (weight matching) before a merge
-    guard: bool = False  # keep a merge only if the model's validation loss is no worse
+    merge: Literal["tethers", "weights"] = "weights"
+    align: bool = True  # match partner hidden units (weight matching) before a merge
+    guard: bool = True  # keep a merge only if the model's validation loss is no worse
 
     @model_validator(mode="after")
     def _ordered(self) -> PolicyConfig:

@@ -25,6 +25,13 @@ TINY = [
     "compat.fn=cosine",
     "policy.merge_above=0.9",
     "policy.drift_below=-0.9",
+    # the plain mechanics, whatever the defaults recommend (tests/test_merging.py covers
+    # alignment, weight merge, guard, repulsive drift and shared init)
+    "model.init=independent",
+    "policy.align=false",
+    "policy.merge=tethers",
+    "policy.guard=false",
+    "policy.drift=pairwise",
 ]
 
 

@@ -72,3 +72,38 @@ def test_joins_an_existing_cluster_and_leaves_it_running(tiny_cfg, tmp_path):
         ray.shutdown()
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.parametrize("per_worker", [1, 2])
+def test_ray_job_with_every_merging_option(tmp_path, tiny_overrides, per_worker):
+    """Function-space compat, alignment, weight merge, guard and repulsive drift, through
+    real Ray workers (single-model and stacked): the history and summary agree."""
+    from ensemble.config import load_config
+
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides,
+            f"job=opts-{per_worker}",
+            "compat.fn=cka",
+            "compat.normalize=zscore",
+            "policy.merge_above=0.5",
+            "policy.align=true",
+            "policy.merge=weights",
+            "policy.guard=true",
+            "policy.drift=repulsive",
+            f"resources.models_per_worker={per_worker}",
+        ],
+    )
+    summary = run_job(cfg, tmp_path / "run", poll_seconds=0.2)
+    h = HistoryReader(tmp_path / "run" / "history.sqlite")
+    decisions = h.decisions()
+    assert summary["merges"] == sum(d.kind == "merge" for d in decisions) > 0
+    drifts = [d for d in decisions if d.kind == "drift"]
+    assert summary["drifts"] == len(drifts) > 0 and {d.partner for d in drifts} == {-1}
+    assert summary["rejected"] == len(h.events("rejected"))
+    assert len(h.events("finished")) == 4
+    assert summary["ensemble"]["accuracy"] > 0.5
+    for m in range(4):
+        w = load_file(str(tmp_path / "run" / "models" / f"model_{m}.safetensors"))
+        assert all(np.isfinite(v).all() for v in w.values())

@@ -171,7 +171,10 @@ def test_cli_tethers_export(run_dir, tmp_path):
 
 def test_cli_query_errors(run_dir, tmp_path):
     for args, msg in [
-        (("history", str(run_dir), "--kind", "both"), "--kind: expected 'merge' or 'drift'"),
+        (
+            ("history", str(run_dir), "--kind", "both"),
+            "--kind: expected 'merge', 'drift' or 'rejected'",
+        ),
         (("history", str(run_dir), "--explain", "77"), "no instruction with id 77"),
         (("tethers", str(run_dir), "--model", "3", "--generation", "8"), "no generation 8"),
         (("lineage", str(tmp_path / "nope"), "--model", "1"), "run directory does not exist"),
