@@ -320,3 +320,25 @@ def test_cka_with_fixed_peers_is_a_clear_config_error(tmp_path):
 def test_unknown_option_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
         load_config(None, [f"{key}={value}"])
+
+
+def test_stacked_weight_merge_matches_the_single_trainer(tmp_path):
+    cfg = cfg_with(tmp_path, "policy.merge=weights")
+    data = load_dataset(cfg.data, cfg.seed)
+    single, stack = Trainer(0, cfg, data), StackedTrainer([0, 1], cfg, data, device="cpu")
+    rng = np.random.default_rng(6)
+    pw = rng.normal(size=(16, 16)).astype(np.float32)
+    pb = rng.normal(size=16).astype(np.float32)
+    pt = (1 + 0.1 * rng.normal(size=(16, 16))).astype(np.float32)
+    ins = Instruction(
+        "merge", 0, 1, "fc2", 0.5, 0.7, "t", partner_tether=pt, partner_weights=(pw, pb)
+    )
+    single.apply([ins])
+    stack.apply([ins])
+    mine = single.model.weights()
+    theirs = stack.model.member_state(0)
+    for k in ("layers.fc2.linear.weight", "layers.fc2.linear.bias", "layers.fc2.tether"):
+        np.testing.assert_allclose(theirs[k], mine[k], rtol=1e-6, atol=1e-6)
+    eff = mine["layers.fc2.linear.weight"] * mine["layers.fc2.tether"]
+    w0 = Trainer(0, cfg, data).model.tethered_weights()["fc2"][0]
+    np.testing.assert_allclose(eff, 0.5 * w0 + 0.5 * pw, rtol=1e-4, atol=1e-5)
