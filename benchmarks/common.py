@@ -17,6 +17,23 @@ from importlib import metadata
 from pathlib import Path
 
 SIZES = ("tiny", "default", "full")
+
+# The plain mechanics: tether-space cosine compatibility, pairwise drift, tether-only merges,
+# no alignment or guard. The speed benchmarks were measured with these (and the load and
+# scale ones publish synthetic tethers with no probe-batch outputs), so they pin them
+# whatever the defaults recommend. benchmarks/quality.py compares the options.
+PLAIN = [
+    "model.init=independent",
+    "compat.fn=cosine",
+    "compat.normalize=zscore",
+    "policy.name=threshold",
+    "policy.merge_above=1.0",
+    "policy.drift_below=-1.0",
+    "policy.align=false",
+    "policy.guard=false",
+    "policy.merge=tethers",
+    "policy.drift=pairwise",
+]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

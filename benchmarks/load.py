@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from benchmarks.common import case
+from benchmarks.common import PLAIN, case
 
 SIZES = {
     "tiny": {"publishers": 4, "actors": 2, "seconds": 2.0},
@@ -68,7 +68,7 @@ def drive(run_dir: Path, publishers: int, actors: int, seconds: float) -> dict:
     from ensemble.config import load_config
     from ensemble.service import CoordinatorActor
 
-    cfg = load_config(None, [f"models.count={publishers}", "job=load", "model.layers=[16]"])
+    cfg = load_config(None, [*PLAIN, f"models.count={publishers}", "job=load", "model.layers=[16]"])
     shapes = {"fc1": (16, 64), "out": (10, 16)}
     coordinator = CoordinatorActor.remote(cfg, "load", shapes, str(run_dir))
     ray.get(coordinator.progress.remote())

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import case, local_ray, ratios, spread
+from benchmarks.common import PLAIN, case, local_ray, ratios, spread
 
 SIZES = {
     "tiny": {"repeats": 1, "set": ["models.count=2", "model.layers=[16, 16]", "train.epochs=1"]},
@@ -33,7 +33,7 @@ def one_run(overrides: list[str], job: str, root: Path) -> dict:
     from ensemble.config import load_config
     from ensemble.driver import run_job
 
-    cfg = load_config(None, [*overrides, f"job={job}"])
+    cfg = load_config(None, [*PLAIN, *overrides, f"job={job}"])
     t = time.perf_counter()
     summary = run_job(cfg, root / job)
     total = time.perf_counter() - t
@@ -59,7 +59,7 @@ def one_in_process(overrides: list[str], job: str, root: Path) -> float:
     from ensemble.model import layer_names
     from ensemble.training import DirectLink, Trainer, interleave, model_sizes
 
-    cfg = load_config(None, [*overrides, f"job={job}"])
+    cfg = load_config(None, [*PLAIN, *overrides, f"job={job}"])
     data = load_dataset(cfg.data, cfg.seed)
     sizes = model_sizes(cfg, data)
     names = layer_names(len(sizes) - 1)
@@ -151,7 +151,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
     ]
     from ensemble.config import load_config
 
-    base = load_config(None, cfg["set"])
+    base = load_config(None, [*PLAIN, *cfg["set"]])
     params = {
         "repeats": cfg["repeats"],
         "overrides": modes,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Skipped, case, local_ray, ratios, spread
+from benchmarks.common import PLAIN, Skipped, case, local_ray, ratios, spread
 from benchmarks.tether_cost import plain_mlp
 
 SIZES = {
@@ -157,7 +157,7 @@ def run_ours(cfg: dict, job: str, root: Path) -> dict:
     overrides = [f"models.count={cfg['population']}", f"train.epochs={cfg['epochs']}"]
     overrides += [f"model.layers=[{hidden}]", f"train.lr={LR}", f"train.batch_size={BATCH}"]
     t0 = time.perf_counter()
-    summary = run_job(load_config(None, [*overrides, f"job={job}"]), root / job)
+    summary = run_job(load_config(None, [*PLAIN, *overrides, f"job={job}"]), root / job)
     return {
         "wall": time.perf_counter() - t0,
         "ensemble": summary["ensemble"],
@@ -177,7 +177,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
     from ensemble.data import load_dataset
 
     cfg = SIZES[size]
-    base = load_config(None, [])
+    base = load_config(None, PLAIN)
     data = load_dataset(base.data, base.seed)  # the split our job uses
     per = min(1.0, int(os.cpu_count() / cfg["population"] * 100) / 100)  # as worker_cpus()
     runs: dict[str, list[dict]] = {"ours": [], "pbt": []}

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import case
+from benchmarks.common import PLAIN, case
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "default.yaml"
@@ -45,16 +45,7 @@ BASE = [
     "model.layers=[64, 64, 64]",
     # Every option spelled out at its plain value, so the rows below stay what they say
     # whatever configs/default.yaml recommends.
-    "model.init=independent",
-    "compat.fn=cosine",
-    "compat.normalize=zscore",
-    "policy.name=threshold",
-    "policy.merge_above=1.0",
-    "policy.drift_below=-1.0",
-    "policy.align=false",
-    "policy.guard=false",
-    "policy.merge=tethers",
-    "policy.drift=pairwise",
+    *PLAIN,
 ]
 
 # name -> extra --set overrides on top of BASE (edit freely; the order is the table's)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import case
+from benchmarks.common import PLAIN, case
 
 SIZES = {
     "tiny": {"job_models": 8, "k": 8, "epochs": 1, "grid": [4, 8, 16], "rounds": 3},
@@ -45,7 +45,7 @@ def coordinator_times(m: int, rounds: int, root: Path) -> tuple[float, float]:
     from ensemble.coordinator import Coordinator, TetherReport
 
     cfg = load_config(
-        None, [f"models.count={m}", f"job=scale-{m}", f"coordinator.round_every={10**9}"]
+        None, [*PLAIN, f"models.count={m}", f"job=scale-{m}", f"coordinator.round_every={10**9}"]
     )
     shapes = {"fc1": (64, 64), "fc2": (64, 64), "out": (10, 64)}
     c = Coordinator(cfg, cfg.job, shapes, str(root))
@@ -76,6 +76,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
         job = load_config(
             None,
             [
+                *PLAIN,
                 f"models.count={cfg['job_models']}",
                 f"resources.models_per_worker={cfg['k']}",
                 f"train.epochs={cfg['epochs']}",

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import case, ratios
+from benchmarks.common import PLAIN, case, ratios
 
 SIZES = {
     "tiny": {"repeats": 1, "epochs": 1, "k_big": 8},
@@ -35,6 +35,7 @@ def job_rate(count: int, k: int, epochs: int, root: Path, tag: str) -> float:
     cfg = load_config(
         None,
         [
+            *PLAIN,
             f"models.count={count}",
             f"resources.models_per_worker={k}",
             f"train.epochs={epochs}",
@@ -53,7 +54,7 @@ def bare_rate(count: int, epochs: int) -> float:
     from ensemble.data import load_dataset
     from ensemble.stacked import StackedTrainer
 
-    cfg = load_config(None, [f"models.count={count}", f"train.epochs={epochs}"])
+    cfg = load_config(None, [*PLAIN, f"models.count={count}", f"train.epochs={epochs}"])
     data = load_dataset(cfg.data, cfg.seed)
     t = StackedTrainer(list(range(count)), cfg, data, device="cpu")
     torch.set_num_threads(1)

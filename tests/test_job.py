@@ -87,7 +87,10 @@ def test_ray_job_with_every_merging_option(tmp_path, tiny_overrides, per_worker)
             f"job=opts-{per_worker}",
             "compat.fn=cka",
             "compat.normalize=zscore",
-            "policy.merge_above=0.5",
+            "train.epochs=3",
+            "coordinator.round_every=2",  # many rounds, so decisions happen under any load
+            "policy.merge_above=0.0",  # about half the pairs: merges happen under any timing
+            "policy.drift_below=0.0",
             "policy.align=true",
             "policy.merge=weights",
             "policy.guard=true",
@@ -98,7 +101,8 @@ def test_ray_job_with_every_merging_option(tmp_path, tiny_overrides, per_worker)
     summary = run_job(cfg, tmp_path / "run", poll_seconds=0.2)
     h = HistoryReader(tmp_path / "run" / "history.sqlite")
     decisions = h.decisions()
-    assert summary["merges"] == sum(d.kind == "merge" for d in decisions) > 0
+    why = (summary, h.count("rounds"), h.count("publications"), h.events())
+    assert summary["merges"] == sum(d.kind == "merge" for d in decisions) > 0, why
     drifts = [d for d in decisions if d.kind == "drift"]
     assert summary["drifts"] == len(drifts) > 0 and {d.partner for d in drifts} == {-1}
     assert summary["rejected"] == len(h.events("rejected"))
