@@ -207,6 +207,7 @@ class Coordinator:
                 step,
                 partner=ins.partner,
                 layer=ins.layer,
+                round=ins.round,
                 compat=ins.compat,
                 val_loss_before=loss_before,
                 val_loss_after=loss_after,
@@ -311,11 +312,11 @@ class Coordinator:
                 )
             )
             out.append((ins, new))
-        for ins, new in out:
-            self.bank.write(ins.model, {ins.layer: new})
-            self.mailbox[ins.model].append(ins)
         compat = {layer: (v.models.tolist(), v.compat.tolist()) for layer, v in views.items()}
         round_id = self.history.round(models.tolist(), compat, records)
+        for ins, new in out:  # recorded first: nothing is sent that the history lacks
+            self.bank.write(ins.model, {ins.layer: new})
+            self.mailbox[ins.model].append(replace(ins, round=round_id))
         for m in sorted({ins.model for ins in decided}):  # a new generation per changed model
             self.snapshot(m, round_id)
         self.rounds += 1

@@ -41,6 +41,7 @@ class Instruction:
     partner_weights: tuple[np.ndarray, np.ndarray] | None = field(
         default=None, compare=False, repr=False
     )
+    round: int | None = field(default=None, compare=False)  # the decision round, once recorded
 
 
 @dataclass(frozen=True)

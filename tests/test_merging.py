@@ -342,3 +342,27 @@ def test_stacked_weight_merge_matches_the_single_trainer(tmp_path):
     eff = mine["layers.fc2.linear.weight"] * mine["layers.fc2.tether"]
     w0 = Trainer(0, cfg, data).model.tethered_weights()["fc2"][0]
     np.testing.assert_allclose(eff, 0.5 * w0 + 0.5 * pw, rtol=1e-4, atol=1e-5)
+
+
+def test_lineage_leaves_out_merges_the_guard_undid(tmp_path):
+    cfg = cfg_with(
+        tmp_path,
+        "models.count=2",
+        "compat.normalize=none",
+        "policy.merge_above=0.0",
+        "policy.drift_below=-1.0",
+    )
+    data = load_dataset(cfg.data, cfg.seed)
+    t0, t1 = Trainer(0, cfg, data), Trainer(1, cfg, data)
+    c = Coordinator(cfg, cfg.job, t0.model.tether_shapes(), str(tmp_path))
+    c.publish(t0.report(0, 1.0, 1.0))
+    mail1 = c.publish(t1.report(0, 1.0, 1.0))
+    mail0 = c.poll(0)
+    assert len(mail0) == len(mail1) == 3 and {i.round for i in mail0 + mail1} == {1}
+    t1.apply(mail1)
+    c.reject(0, 5, mail0[:2], 0.1, 0.2, t0.model.export_tethers())  # two of three layers
+    c.close()
+    h = HistoryReader(tmp_path / "history.sqlite")
+    assert {e.detail["round"] for e in h.events("rejected")} == {1}
+    assert [e.layer for e in h.lineage(0).edges] == [mail0[2].layer]  # the one kept
+    assert len(h.lineage(1).edges) == 3  # model 1 kept all three

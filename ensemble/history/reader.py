@@ -173,11 +173,17 @@ class HistoryReader:
         )
 
     def lineage(self, model: int) -> Lineage:
-        """Every merge whose tethers flowed into `model`, recursively back in time."""
+        """Every merge whose tethers flowed into `model`, recursively back in time. Merges
+        the merge guard undid (a `rejected` event for the same round, partner and layer)
+        carried nothing and are left out."""
         into: dict[int, list[tuple]] = {}
         for r in self.conn.execute(
-            "SELECT model, partner, round, step, layer, rate, compat FROM instructions"
-            " WHERE kind = 'merge' ORDER BY id"
+            "SELECT model, partner, round, step, layer, rate, compat FROM instructions i"
+            " WHERE kind = 'merge' AND NOT EXISTS (SELECT 1 FROM events e"
+            " WHERE e.kind = 'rejected' AND e.model = i.model"
+            " AND json_extract(e.detail, '$.round') = i.round"
+            " AND json_extract(e.detail, '$.partner') = i.partner"
+            " AND json_extract(e.detail, '$.layer') = i.layer) ORDER BY id"
         ):
             into.setdefault(r[0], []).append(r)
         return build_lineage(model, into)
