@@ -349,11 +349,16 @@ def recommend(rows: dict[str, dict], best: str | None) -> dict | None:
     return out
 
 
-def _paired(a: dict, b: dict, key: str) -> list[float]:
-    """a's key over b's, per seed both rows have."""
+def _by_seed(a: dict, b: dict, key: str) -> list[tuple[float, float]]:
+    """(a's key, b's key) for each seed both rows have, in seed order."""
     va = dict(zip(a["seeds"], a[key]["values"], strict=True))
     vb = dict(zip(b["seeds"], b[key]["values"], strict=True))
-    return [va[s] / vb[s] for s in sorted(set(va) & set(vb)) if vb[s] != 0]
+    return [(va[s], vb[s]) for s in sorted(set(va) & set(vb))]
+
+
+def _paired(a: dict, b: dict, key: str) -> list[float]:
+    """a's key over b's, per seed both rows have."""
+    return [x / y for x, y in _by_seed(a, b, key) if y != 0]
 
 
 def make_cases(rows: dict[str, dict], best: dict[str, dict | None]) -> list[dict]:
@@ -474,9 +479,7 @@ def paired_delta(row: dict, ref: dict | None, key: str = "test_nll") -> tuple[st
     """(mean ± sd of row - ref per seed, 'k/n' seeds where row is lower) as table cells."""
     if ref is None or not ref["n"] or row is ref:
         return "-", "-"
-    va = dict(zip(row["seeds"], row[key]["values"], strict=True))
-    vb = dict(zip(ref["seeds"], ref[key]["values"], strict=True))
-    d = [va[k] - vb[k] for k in sorted(set(va) & set(vb))]
+    d = [x - y for x, y in _by_seed(row, ref, key)]
     if not d:
         return "-", "-"
     sd = f" ± {np.std(d, ddof=1):.4f}" if len(d) > 1 else ""

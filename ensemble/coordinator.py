@@ -84,7 +84,6 @@ class Coordinator:
             self.peer_rows.setdefault(layer, []).append(pid)
             self.peer_names[pid] = name
         self.layers = list(cfg.policy.layers or shapes)
-        self.order = list(shapes)  # forward order: alignment permutes neighbouring layers
         # Function space: compat from each model's probe-batch Grams, not from its tethers;
         # the bank is made on the first publication that carries them.
         self.features: TetherBank | None = None
@@ -361,7 +360,7 @@ class Coordinator:
         pm = perms.get(key)
         if pm is not None and ins.model == key[1]:
             pm = align.inverse(pm)
-        li = self.order.index(ins.layer)
+        li = list(self.bank.shapes).index(ins.layer)  # forward order: neighbours permute too
         w, b = theirs[ins.layer]
         if pm is not None:
             partner, w, b = (align.permute(x, li, pm) for x in (partner, w, b))

@@ -35,6 +35,7 @@ from ensemble.training import (
     member_seed,
     model_sizes,
     needs_weights,
+    output_grams,
     probe_batch,
 )
 from ensemble.triggers import make_trigger
@@ -182,6 +183,7 @@ class StackedTrainer:
             )
         self.step = 0
         self._probes: tuple[int, list] = (-1, [])  # (step, [probe1s, probe2s, sparsities])
+        self._outputs: tuple[int, list] = (-1, [])  # (step, per layer (k, n, H) on the probe)
         self.applied = [0] * self.k
         on = cfg.dynamics.mode != "off"
         self.dynamics = [SurgeCollapse(cfg.dynamics, s) for s in seeds] if on else None
@@ -280,6 +282,8 @@ class StackedTrainer:
     def apply(self, instructions: list[Instruction]) -> None:
         """Apply instructions in the order decided, each to its model's slice."""
         lo, hi = self.cfg.tether.min, self.cfg.tether.max
+        if instructions:  # the models change: outputs cached this step are stale
+            self._outputs = (-1, [])
         for ins in instructions:
             i = self.row[ins.model]
             layer = self.model.layers[ins.layer]
@@ -359,16 +363,14 @@ class StackedTrainer:
 
     @torch.no_grad()
     def features(self, i: int) -> dict[str, np.ndarray] | None:
-        """Trainer.features for model i."""
+        """Trainer.features for model i; one forward of the stack per step serves all k."""
         if self.cfg.compat.fn != "cka":
             return None
-        self.model.eval()
-        logits, hidden = self.model.forward_hidden(self.probe)  # shared probe: (k, n, H)
-        outs = [*hidden, logits]
-        return {
-            n: maths.centered_gram(h[i].cpu().numpy())
-            for n, h in zip(self.model.names, outs, strict=True)
-        }
+        if self._outputs[0] != self.step:
+            self.model.eval()
+            logits, hidden = self.model.forward_hidden(self.probe)  # shared probe: (k, n, H)
+            self._outputs = (self.step, [h.cpu().numpy() for h in (*hidden, logits)])
+        return output_grams(self.model.names, [h[i] for h in self._outputs[1]])
 
     @torch.no_grad()
     def tethered_weights(self, i: int) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:

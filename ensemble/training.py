@@ -85,6 +85,11 @@ def probe_batch(cfg: Config, data: Dataset) -> np.ndarray:
     return data.x_val[: cfg.compat.probe_size]
 
 
+def output_grams(names: list[str], outs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """layer -> centred Gram of its outputs on the probe batch (hidden layers, then logits)."""
+    return {n: maths.centered_gram(h) for n, h in zip(names, outs, strict=True)}
+
+
 def needs_weights(cfg: Config) -> bool:
     """Whether publications carry the tethered weights (alignment or weight merge)."""
     return cfg.policy.align or cfg.policy.merge == "weights"
@@ -258,11 +263,7 @@ class Trainer:
             return None
         self.model.eval()
         logits, hidden = self.model.forward_hidden(self.probe)
-        outs = [*hidden, logits]
-        return {
-            n: maths.centered_gram(h.cpu().numpy())
-            for n, h in zip(self.model.names, outs, strict=True)
-        }
+        return output_grams(self.model.names, [h.cpu().numpy() for h in (*hidden, logits)])
 
     def tethered_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
         if not needs_weights(self.cfg):

@@ -97,9 +97,9 @@ def copy_permuted(src: Trainer, dst: Trainer, perms):
             d.tether.copy_(torch.from_numpy(align.permute(s.tether.numpy(), li, perms).copy()))
 
 
-def merge_pair(tmp_path, *extra):
-    """Two trainers, model 1 a permuted copy of model 0; one round that merges them."""
-    cfg = cfg_with(
+def pair_cfg(tmp_path, *extra):
+    """Two models whose one pair merges at every round (raw compat above 0)."""
+    return cfg_with(
         tmp_path,
         "models.count=2",
         "compat.normalize=none",
@@ -107,6 +107,11 @@ def merge_pair(tmp_path, *extra):
         "policy.drift_below=-1.0",
         *extra,
     )
+
+
+def merge_pair(tmp_path, *extra):
+    """Two trainers, model 1 a permuted copy of model 0; one round that merges them."""
+    cfg = pair_cfg(tmp_path, *extra)
     data = load_dataset(cfg.data, cfg.seed)
     t0, t1 = Trainer(0, cfg, data), Trainer(1, cfg, data)
     rng = np.random.default_rng(3)
@@ -345,13 +350,7 @@ def test_stacked_weight_merge_matches_the_single_trainer(tmp_path):
 
 
 def test_lineage_leaves_out_merges_the_guard_undid(tmp_path):
-    cfg = cfg_with(
-        tmp_path,
-        "models.count=2",
-        "compat.normalize=none",
-        "policy.merge_above=0.0",
-        "policy.drift_below=-1.0",
-    )
+    cfg = pair_cfg(tmp_path)
     data = load_dataset(cfg.data, cfg.seed)
     t0, t1 = Trainer(0, cfg, data), Trainer(1, cfg, data)
     c = Coordinator(cfg, cfg.job, t0.model.tether_shapes(), str(tmp_path))
