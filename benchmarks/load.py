@@ -29,12 +29,10 @@ class Publisher:
     """Publishes for several model ids, one call in flight per model, until time is up."""
 
     def __init__(self, coordinator, models: list[int], shapes: dict, seed: int):
-        from ensemble.coordinator import TetherReport
-
-        self.c, self.models, self.Report = coordinator, models, TetherReport
+        self.c, self.models = coordinator, models
         rng = np.random.default_rng(seed)
         self.tethers = {
-            m: {k: rng.normal(1, 0.1, s).astype(np.float32) for k, s in shapes.items()}
+            m: {k: rng.normal(1, 0.1, (1, *s)).astype(np.float32) for k, s in shapes.items()}
             for m in models
         }
 
@@ -44,9 +42,14 @@ class Publisher:
         deadline = time.perf_counter() + seconds
 
         def send(m):
+            from ensemble.protocol import StackReport
+
             step[m] += 1
-            report = self.Report(m, step[m], 0, 1.0, 1.0, self.tethers[m])
-            inflight[self.c.publish.remote(report)] = (m, step[m], time.perf_counter())
+            one = np.ones(1)
+            report = StackReport(
+                np.array([m]), step[m], 0, one, one, np.ones(1, dtype=bool), self.tethers[m]
+            )
+            inflight[self.c.exchange.remote(report)] = (m, step[m], time.perf_counter())
 
         for m in self.models:
             send(m)
@@ -54,8 +57,7 @@ class Publisher:
             done, _ = ray.wait(list(inflight), num_returns=1)
             for ref in done:
                 m, s, t0 = inflight.pop(ref)
-                for ins in ray.get(ref):  # apply nothing; just keep the bank consistent
-                    del ins
+                ray.get(ref)  # a reply: nothing to apply it to
                 acked.append((m, s))
                 latencies.append(time.perf_counter() - t0)
                 if time.perf_counter() < deadline:
@@ -66,11 +68,22 @@ class Publisher:
 def drive(run_dir: Path, publishers: int, actors: int, seconds: float) -> dict:
     """Start a coordinator for `publishers` models and hammer it. Needs ray.init first."""
     from ensemble.config import load_config
+    from ensemble.job import prepare
     from ensemble.service import CoordinatorActor
 
-    cfg = load_config(None, [*PLAIN, f"models.count={publishers}", "job=load", "model.layers=[16]"])
-    shapes = {"fc1": (16, 64), "out": (10, 16)}
-    coordinator = CoordinatorActor.remote(cfg, "load", shapes, str(run_dir))
+    cfg = load_config(
+        None,
+        [
+            *PLAIN,
+            f"models.count={publishers}",
+            "job=load",
+            "model.layers=[16]",
+            "coordinator.mode=async",  # free-running publishers, not lockstep workers
+        ],
+    )
+    prep = prepare(cfg)
+    shapes = prep.shapes
+    coordinator = CoordinatorActor.remote(prep, str(run_dir))
     ray.get(coordinator.progress.remote())
     ids = np.array_split(np.arange(publishers), actors)
     pubs = [

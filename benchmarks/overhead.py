@@ -52,23 +52,13 @@ def one_run(overrides: list[str], job: str, root: Path) -> dict:
 
 
 def one_in_process(overrides: list[str], job: str, root: Path) -> float:
-    """The same job with trainers interleaved in this process (DirectLink, no Ray): seconds."""
+    """The same job in this process (ensemble.job.run_local, no Ray): seconds."""
     from ensemble.config import load_config
-    from ensemble.coordinator import Coordinator
-    from ensemble.data import load_dataset
-    from ensemble.model import layer_names
-    from ensemble.training import DirectLink, Trainer, interleave, model_sizes
+    from ensemble.job import run_local
 
     cfg = load_config(None, [*PLAIN, *overrides, f"job={job}"])
-    data = load_dataset(cfg.data, cfg.seed)
-    sizes = model_sizes(cfg, data)
-    names = layer_names(len(sizes) - 1)
-    shapes = {n: (o, i) for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)}
-    (root / job).mkdir()
     t = time.perf_counter()
-    coord = Coordinator(cfg, job, shapes, str(root / job))
-    interleave([Trainer(m, cfg, data) for m in range(cfg.models.count)], DirectLink(coord))
-    coord.close()
+    run_local(cfg, root / job)
     return time.perf_counter() - t
 
 
@@ -136,8 +126,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
     notes = [
         "Each run starts its own local Ray instance (loopback, auth off) via run_job. "
         "Except at --tiny, a tiny job runs first and is discarded (cold start).",
-        "No-Ray case: the trainers interleaved step by step in one process with the "
-        "coordinator called directly (ensemble.training.interleave, DirectLink): all "
+        "No-Ray case: the whole job in one process (ensemble.job.run_local): all "
         "coordination work is on the critical path, none overlaps training on a spare core. "
         "It shows the CPU cost of coordination; the <= 1.05 target is for the Ray job.",
         "Blocked fraction: a worker's time inside Ray calls to the coordinator (submit, "

@@ -1,9 +1,9 @@
 """Ensemble quality (issue 8, "Make merging pay"): do merges and drifts of tethers give a
 better ensemble than the same members trained independently?
 
-Each (dataset, variant, seed) is one whole job run in one process without Ray: the
-trainers interleaved step by step with the coordinator called directly (`interleave`,
-`DirectLink`), as in `overhead.one_in_process`. The job is `configs/default.yaml` with
+Each (dataset, variant, seed) is one whole job run in one process without Ray: every
+member in one stack, driven by `ensemble.job.drive` (the synchronous protocol, which a Ray
+job in `coordinator.mode: sync` reproduces exactly). The job is `configs/default.yaml` with
 BASE overrides, the size's overrides, then the variant's (VARIANTS, below), then seed,
 dataset and job name. After training, every member that did not fail is scored on the
 validation and test splits: ensemble (mean of member probabilities) accuracy, NLL and ECE,
@@ -140,33 +140,26 @@ def job_name(dataset: str, variant: str, seed: int) -> str:
 def train_and_score(overrides: list[str], dataset: str, seed: int, job: str) -> dict:
     """One job in this process (no Ray); the scores of its ensemble and members."""
     from ensemble.config import load_config
-    from ensemble.coordinator import Coordinator
-    from ensemble.data import load_dataset, load_peer_tethers
+    from ensemble.job import drive, make_trainer, open_coordinator, prepare
     from ensemble.metrics import disagreement, ece, ensemble_probs, pairwise_kl, scores
-    from ensemble.model import layer_names
-    from ensemble.training import DirectLink, Trainer, interleave, model_sizes
 
     cfg = load_config(
         BASE_CONFIG, [*overrides, f"seed={seed}", f"data.name={dataset}", f"job={job}"]
     )
-    data = load_dataset(cfg.data, cfg.seed)
-    sizes = model_sizes(cfg, data)
-    names = layer_names(len(sizes) - 1)
-    shapes = {n: (o, i) for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)}
-    peers = load_peer_tethers(cfg.peers, shapes, cfg.seed)
+    prep = prepare(cfg)
+    data = prep.data
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        coord = Coordinator(cfg, job, shapes, tmp, peers, data.y_val)
-        try:
-            ckpt = Path(tmp) / "checkpoints"  # as a worker has: rollbacks on a poisoned loss
-            trainers = [Trainer(m, cfg, data, ckpt) for m in range(cfg.models.count)]
-            interleave(trainers, DirectLink(coord))
+        coord = open_coordinator(prep, Path(tmp))
+        try:  # one stack of every member, with a checkpoint for rollbacks on a poisoned loss
+            ckpt = Path(tmp) / "checkpoints"
+            t = make_trainer(prep, list(range(cfg.models.count)), checkpoint_dir=ckpt)
+            drive([t], coord)
         finally:
-            coord.close()
-    members = [t for t in trainers if not t.failed]
-    if not members:
-        raise RuntimeError(f"all {len(trainers)} members failed (non-finite loss)")
-    val = [t.predict_proba(data.x_val) for t in members]
-    test = [t.predict_proba(data.x_test) for t in members]
+            coord.history.close()
+    live = ~t.failed
+    if not live.any():
+        raise RuntimeError(f"all {t.k} members failed (non-finite loss)")
+    val, test = list(t.predict_proba(data.x_val)[live]), list(t.predict_proba(data.x_test)[live])
     ens_val, ens_test = scores(ensemble_probs(val), data.y_val), ensemble_probs(test)
     ens = scores(ens_test, data.y_test)
     own = [scores(p, data.y_test) for p in test]
@@ -183,8 +176,8 @@ def train_and_score(overrides: list[str], dataset: str, seed: int, job: str) -> 
         "merges": coord.merges,
         "drifts": coord.drifts,
         "rejected": getattr(coord, "rejected", 0),
-        "members": len(members),
-        "failed_members": len(trainers) - len(members),
+        "members": int(live.sum()),
+        "failed_members": int((~live).sum()),
     }
 
 
@@ -417,7 +410,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
     best = {d: recommend(r, chosen) for d, r in rows.items()}
     cases = make_cases(rows, best)
     notes = [
-        f"Each run: one job in one process without Ray (trainers interleaved, coordinator "
+        f"Each run: one job in one process without Ray (one stack, the synchronous protocol, "
         f"called directly); {BASE_CONFIG.relative_to(ROOT)} with {[*BASE, *SIZES[size]['set']]}, "
         f"then the variant's overrides. seeds: {len(p['seeds'])}, runs: {len(runs)} on "
         f"{min(p['processes'], len(runs))} processes in {wall:.0f} s.",

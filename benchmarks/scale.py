@@ -40,21 +40,26 @@ SIZES = {
 
 
 def coordinator_times(m: int, rounds: int, root: Path) -> tuple[float, float]:
-    """Median seconds of one round and of one publication, M models, seed-dtnn tethers."""
+    """Median seconds of one round and of taking in one report of one model, M models,
+    seed-dtnn tethers."""
     from ensemble.config import load_config
-    from ensemble.coordinator import Coordinator, TetherReport
+    from ensemble.coordinator import Coordinator
+    from ensemble.history import HistoryWriter
+    from ensemble.protocol import StackReport
 
     cfg = load_config(
         None, [*PLAIN, f"models.count={m}", f"job=scale-{m}", f"coordinator.round_every={10**9}"]
     )
     shapes = {"fc1": (64, 64), "fc2": (64, 64), "out": (10, 64)}
-    c = Coordinator(cfg, cfg.job, shapes, str(root))
+    c = Coordinator(cfg, shapes, HistoryWriter(root / "history.sqlite", cfg.job, ""))
     rng = np.random.default_rng(0)
     pub = []
+    one = np.ones(1)
     for i in range(m):  # every model known
-        t = {k: rng.normal(1, 0.1, s).astype(np.float32) for k, s in shapes.items()}
+        t = {k: rng.normal(1, 0.1, (1, *s)).astype(np.float32) for k, s in shapes.items()}
+        report = StackReport(np.array([i]), 1, 0, one, one, np.ones(1, dtype=bool), t)
         t0 = time.perf_counter()
-        c.publish(TetherReport(i, 1, 0, 1.0, 1.0, t))
+        c.receive(report)
         pub.append(time.perf_counter() - t0)
     times = []
     for _ in range(rounds):
@@ -62,7 +67,7 @@ def coordinator_times(m: int, rounds: int, root: Path) -> tuple[float, float]:
         c.run_round()
         times.append(time.perf_counter() - t0)
         c.mailbox = {i: [] for i in range(m)}
-    c.close()
+    c.history.close()
     return float(np.median(times)), float(np.median(pub[1:]))
 
 

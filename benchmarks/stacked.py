@@ -1,15 +1,17 @@
-"""Stacked workers: model-steps per second of one actor training k models as one stacked
-computation, against one model per actor, and against a bare stacked loop with no Ray.
+"""Stacked training: how fast k models train as one computation, alone and inside a job.
 
-- k=8: a job of 8 models as 8 single-model actors vs the same job as one 8-model actor
-  (target >= 3x);
-- k=64: one 64-model actor vs single-model actors (8 of them: 64 single actors do not fit
-  in this machine's memory, so the per-model throughput of 8 stands in; target >= 5x);
-- the bare limit: one stacked 8-model actor in a job vs the same StackedTrainer stepping in
-  this process with no Ray and no coordinator (target >= 0.8x).
+In this process, one torch thread, the default MLP (64-64) on digits-sized batches of 32,
+forward + cross-entropy + backward + Adam, model-steps per second side by side:
+- the stack's two forward paths, the hand-fused MLP (baddbmm) and torch.func
+  (vmap of functional_call, the path any module takes), against a Python loop over k
+  separate modules (target for torch.func: >= 3x the loop at k = 8).
 
-Throughput counts training time only (each member's train_seconds: from its first step to
-its test predictions), not Ray start-up. Runs alternate within each repeat.
+Inside a real Ray job, one worker training k models (k = 8 and 64), against the bare
+stacked loop of the same models in this process (no Ray, no coordinator, no bookkeeping:
+forward, loss, backward, Adam): the training phase's model-steps/s over the bare loop's
+(target >= 0.8). Throughput counts training time only (each member's train_seconds, from
+its first exchange to its test predictions), not Ray's start-up. Each k is measured with
+coordination off (policy none), and with the default policy in both coordinator modes.
 """
 
 from __future__ import annotations
@@ -18,96 +20,159 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PLAIN, case, ratios
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import case, ratios, side_by_side, spread
 
 SIZES = {
-    "tiny": {"repeats": 1, "epochs": 1, "k_big": 8},
-    "default": {"repeats": 3, "epochs": 10, "k_big": 64},
-    "full": {"repeats": 5, "epochs": 20, "k_big": 64},
+    "tiny": {"repeats": 1, "epochs": 1, "ks": [8], "step_ks": [8], "min_seconds": 0.01},
+    "default": {"repeats": 2, "epochs": 10, "ks": [8, 64], "step_ks": [8, 64], "min_seconds": 0.3},
+    "full": {"repeats": 3, "epochs": 20, "ks": [8, 64], "step_ks": [1, 8, 64], "min_seconds": 0.5},
 }
+JOBS = {  # name -> overrides on configs/default.yaml
+    "none": ["policy.name=none"],
+    "default, sync": ["coordinator.mode=sync"],
+    "default, async": ["coordinator.mode=async"],
+}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def job_rate(count: int, k: int, epochs: int, root: Path, tag: str) -> float:
-    """Model-steps per second of a real job: all steps over the slowest worker's time."""
+def step_fns(k: int) -> dict:
+    """One training step of k 64-64 MLPs, three ways."""
+    from ensemble.model import init_tethers, mlp
+    from ensemble.stack import Stack, cross_entropy
+
+    sizes = [64, 64, 64, 10]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(k, 32, 64, generator=gen), torch.randint(0, 10, (k, 32), generator=gen)
+    nets = [mlp(sizes, seed=i) for i in range(k)]
+    tethers = [init_tethers(n, "normal", 0.1, seed=i) for i, n in enumerate(nets)]
+    out = {}
+    for name, fused in (("fused", True), ("torch.func", False)):
+        stack = Stack(nets, tethers, fused=fused)
+        opt = torch.optim.Adam(stack.parameters(), lr=1e-3, fused=True)
+
+        def step(stack=stack, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            cross_entropy(stack.forward(x), y).sum().backward()
+            opt.step()
+
+        out[name] = step
+    opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in nets]
+
+    def loop():
+        for i, (net, opt) in enumerate(zip(nets, opts, strict=True)):
+            eff = {
+                p: w * tethers[i][p.removesuffix(".weight")] if p.endswith("weight") else w
+                for p, w in net.named_parameters()
+            }
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(torch.func.functional_call(net, eff, (x[i],)), y[i]).backward()
+            opt.step()
+
+    out["loop"] = loop
+    return out
+
+
+def bare_rate(k: int, epochs: int) -> float:
+    """The same k models of the default job stepping in this process: the bare loop."""
+    from ensemble.config import load_config
+    from ensemble.job import make_trainer, prepare
+    from ensemble.stack import cross_entropy
+
+    prep = prepare(load_config(ROOT / "configs" / "default.yaml", [f"models.count={k}"]))
+    t = make_trainer(prep, list(range(k)))  # its stack, optimiser and batches; not its loop
+    b = prep.cfg.train.batch_size
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        index = t.batches.epoch()
+        for s in range(t.steps_per_epoch):
+            idx = index[:, s * b : (s + 1) * b]
+            t.opt.zero_grad(set_to_none=True)
+            cross_entropy(t.stack.forward(t.x[idx]), t.y[idx]).sum().backward()
+            t.opt.step()
+    return k * epochs * t.steps_per_epoch / (time.perf_counter() - t0)
+
+
+def job_rate(k: int, epochs: int, extra: list[str], root: Path, tag: str) -> dict:
+    """Model-steps/s of a real job with one worker of k models: steps over training time."""
     from ensemble.config import load_config
     from ensemble.driver import run_job
 
     cfg = load_config(
-        None,
+        ROOT / "configs" / "default.yaml",
         [
-            *PLAIN,
-            f"models.count={count}",
+            *extra,
+            f"models.count={k}",
             f"resources.models_per_worker={k}",
             f"train.epochs={epochs}",
             f"job={tag}",
         ],
     )
     s = run_job(cfg, root / tag)
-    return sum(m["steps"] for m in s["members"]) / max(m["train_seconds"] for m in s["members"])
-
-
-def bare_rate(count: int, epochs: int) -> float:
-    """The same stacked models stepping in this process: no Ray, no coordinator."""
-    import torch
-
-    from ensemble.config import load_config
-    from ensemble.data import load_dataset
-    from ensemble.stacked import StackedTrainer
-
-    cfg = load_config(None, [*PLAIN, f"models.count={count}", f"train.epochs={epochs}"])
-    data = load_dataset(cfg.data, cfg.seed)
-    t = StackedTrainer(list(range(count)), cfg, data, device="cpu")
-    torch.set_num_threads(1)
-    steps = 0
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        for batch in t.batches():
-            t.train_step(*batch)
-            steps += count
-    return steps / (time.perf_counter() - t0)
+    ms = s["members"]
+    rate = sum(m["steps"] for m in ms) / max(m["train_seconds"] for m in ms)
+    return {
+        "rate": rate,
+        "blocked": max(m["blocked_fraction"] for m in ms),
+        "merges": s["merges"],
+        "rounds": s["rounds"],
+    }
 
 
 def run(size: str) -> tuple[list[dict], list[str], dict]:
+    from benchmarks.common import local_ray
+
+    local_ray()
     cfg = SIZES[size]
-    e, kb = cfg["epochs"], cfg["k_big"]
-    single, stack8, stack_big, ray8, bare8 = [], [], [], [], []
+    cases, notes = [], []
+    for k in cfg["step_ks"]:
+        t = side_by_side(step_fns(k), cfg["repeats"] * 3, cfg["min_seconds"])
+        for name in ("fused", "torch.func"):
+            cases.append(
+                case(
+                    f"k={k}: {name} stack vs a Python loop over {k} modules",
+                    "model-steps/s stack / loop",
+                    ratios(t["loop"], t[name]),
+                    (">=", 3.0) if name == "torch.func" and k == 8 else None,
+                    stack_seconds=spread(t[name]),
+                    loop_seconds=spread(t["loop"]),
+                )
+            )
+        cases.append(
+            case(
+                f"k={k}: torch.func stack vs the fused MLP stack",
+                "model-steps/s func / fused",
+                ratios(t["fused"], t["torch.func"]),
+            )
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for r in range(cfg["repeats"]):
-            single.append(job_rate(8, 1, e, root, f"single-{r}"))
-            stack8.append(job_rate(8, 8, e, root, f"stack8-{r}"))
-            stack_big.append(job_rate(kb, kb, e, root, f"big-{r}"))
-            bare8.append(bare_rate(8, e))
-            ray8.append(stack8[-1])
-    cases = [
-        case(
-            "k=8: one 8-model actor vs 8 single-model actors (8 models)",
-            "model-steps/s stacked / single",
-            ratios(stack8, single),
-            (">=", 3.0),
-            stacked=stack8,
-            single=single,
-        ),
-        case(
-            f"k={kb}: one {kb}-model actor vs single-model actors (8 of them)",
-            "model-steps/s stacked / single",
-            ratios(stack_big, single),
-            (">=", 5.0),
-            stacked=stack_big,
-            single=single,
-        ),
-        case(
-            "k=8 stacked actor in a job vs the bare stacked loop (no Ray)",
-            "model-steps/s job / bare",
-            ratios(ray8, bare8),
-            (">=", 0.8),
-            job=ray8,
-            bare=bare8,
-        ),
-    ]
-    notes = [
-        f"digits, default model (64-64), batch 32, {e} epochs; model-steps/s = all "
-        "members' steps / the slowest member's training seconds. On 2 cores, 8 "
-        "single-model actors share 2 CPUs."
-    ]
+        for k in cfg["ks"]:
+            runs: dict[str, list] = {name: [] for name in JOBS}
+            bare = []
+            for r in range(cfg["repeats"]):
+                bare.append(bare_rate(k, cfg["epochs"]))
+                for name, extra in JOBS.items():
+                    tag = f"stacked-{k}-{name.replace(', ', '-')}-{r}"
+                    runs[name].append(job_rate(k, cfg["epochs"], extra, Path(tmp), tag))
+            for name, rs in runs.items():
+                cases.append(
+                    case(
+                        f"k={k}, {name}: one {k}-model worker in a job vs the bare stacked loop",
+                        "model-steps/s job / bare",
+                        ratios([x["rate"] for x in rs], bare),
+                        (">=", 0.8),
+                        job=[round(x["rate"]) for x in rs],
+                        bare=[round(b) for b in bare],
+                        blocked_fraction=[round(x["blocked"], 3) for x in rs],
+                        merges=[x["merges"] for x in rs],
+                        rounds=[x["rounds"] for x in rs],
+                    )
+                )
+    notes.append(
+        f"digits, the default 64-64 MLP, batch 32, {cfg['epochs']} epochs per job. "
+        "model-steps/s = all members' steps / the slowest member's training seconds. "
+        "Stack vs loop ratios are loop seconds / stack seconds per k model-steps."
+    )
     return cases, notes, cfg

@@ -1,0 +1,21 @@
+"""tether-ensemble: many small models that train side by side, merging and drifting.
+
+from ensemble import History, Ensemble
+"""
+
+from __future__ import annotations
+
+__all__ = ["Ensemble", "History"]
+
+
+def __getattr__(name: str):
+    # Lazy: `ensemble --help` must not pay for torch and Ray.
+    if name == "History":
+        from ensemble.api import History
+
+        return History
+    if name == "Ensemble":
+        from ensemble.inference import Ensemble
+
+        return Ensemble
+    raise AttributeError(f"module 'ensemble' has no attribute {name!r}")

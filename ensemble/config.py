@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ensemble.errors import ConfigError
+from ensemble.history.retention import parse_retention
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -108,11 +109,15 @@ class TriggerConfig(Section):
     grad_threshold: float = Field(0.1, ge=0)  # plateau: gradient norm below this
     k: int = Field(10, ge=1)  # every_k_steps: publish every k steps
     cooldown_steps: int = Field(10, ge=0)  # min steps between publications of one model
-    poll_steps: int = Field(10, ge=1)  # fetch pending instructions at least this often
+    poll_steps: int = Field(10, ge=1)  # steps between a worker's exchanges with the coordinator
 
 
 class CoordinatorConfig(Section):
     round_every: int | None = Field(None, ge=1)  # publications per round; None: one per model
+    # sync: every worker waits at each exchange (every trigger.poll_steps steps) until all
+    # have reported; rounds fall at fixed steps and a seed gives one ensemble, on Ray or in
+    # one process. async: workers never wait; a round works on the latest bank it has.
+    mode: Literal["sync", "async"] = "sync"
 
 
 class DynamicsConfig(Section):
@@ -159,10 +164,19 @@ class FaultsConfig(Section):
 class ResourcesConfig(Section):
     num_cpus_per_worker: float | None = Field(None, gt=0)  # None: share the cluster's CPUs
     num_gpus_per_model: float = Field(0.0, ge=0)  # fractional packs: 0.25 = 4 models a GPU
-    models_per_worker: int = Field(1, ge=1)  # >1: one actor trains k models, stacked
+    # models a worker actor trains as one stacked computation; auto: as few workers as the
+    # cluster allows, one per GPU (with num_gpus_per_model > 0) or one per CPU
+    models_per_worker: int | Literal["auto"] = Field("auto")
     placement: Literal["spread", "pack"] = "pack"  # placement group strategy for workers
     placement_timeout: float = Field(120.0, gt=0)  # wait this long for resources, then fail
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when given a GPU
+
+    @field_validator("models_per_worker")
+    @classmethod
+    def _per_worker(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be 'auto' or an integer >= 1, got {v}")
+        return v
 
 
 class HistoryConfig(Section):
@@ -171,8 +185,6 @@ class HistoryConfig(Section):
     @field_validator("generations")
     @classmethod
     def _retention(cls, v: str) -> str:
-        from ensemble.history.writer import parse_retention
-
         parse_retention(v)
         return v
 
@@ -206,21 +218,9 @@ class Config(Section):
         return v
 
     @model_validator(mode="after")
-    def _registries(self) -> Config:
-        # Late imports: the registries import torch, and config must stay importable alone.
-        from ensemble.compat import COMPAT
-        from ensemble.data import DATASETS
-        from ensemble.model import PRESETS
-        from ensemble.policy import POLICIES
-
-        for path, value, names in [
-            ("model.preset", self.model.preset, PRESETS),
-            ("data.name", self.data.name, DATASETS),
-            ("compat.fn", self.compat.fn, COMPAT),
-            ("policy.name", self.policy.name, POLICIES),
-        ]:
-            if value not in names:
-                raise ValueError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
+    def _across(self) -> Config:
+        # Names (model.preset, data.name, compat.fn, policy.name) are looked up in their
+        # registries by ensemble.job.check before any work starts; config never imports them.
         if self.compat.fn == "cka" and self.peers:
             raise ValueError(
                 "compat.fn: cka compares models by their outputs on a probe batch, and fixed "

@@ -1,9 +1,13 @@
-"""The coordinator: latest tethers in, merge/drift instructions out, everything recorded.
+"""The coordinator: stack reports in, merge/drift instructions out, everything recorded.
 
-Plain Python. The driver runs it as a named Ray actor (`ray.remote(Coordinator)`); tests
-and benchmarks can drive it in-process. Tethers change only through instructions, so the
-coordinator applies each instruction to its own bank when it decides it: the bank always
-equals what every worker holds once it has applied its mailbox.
+Plain Python: the Ray actor (ensemble.service) and the in-process job (ensemble.job) both
+wrap it. It is built from a `CoordinatorState` (fresh, or what a history holds) and the
+`HistoryWriter` it records into; its constructor does no I/O.
+
+Tethers change only through instructions, so the coordinator applies each instruction to
+its bank when it decides it. A model's bank row is therefore what its worker last reported
+with the mail it has not received yet applied on top: the bank equals what every worker
+holds once it has applied its mail.
 """
 
 from __future__ import annotations
@@ -11,37 +15,27 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 
 from ensemble import align, maths
 from ensemble.compat import SAME_TOL, TetherBank
-from ensemble.config import Config, dump_config
+from ensemble.config import Config
 from ensemble.history import HistoryWriter
+from ensemble.history.records import CoordinatorState
 from ensemble.metrics import ensemble_probs, scores
-from ensemble.policy import ENSEMBLE, Instruction, LayerView, PolicyParams, make_policy
-from ensemble.recovery import restore
-
-__all__ = ["ENSEMBLE", "Coordinator", "TetherReport", "apply_instruction"]
-
-
-@dataclass(frozen=True)
-class TetherReport:
-    """Worker -> coordinator: one model's tethers and training state at a step."""
-
-    model: int
-    step: int
-    epoch: int
-    loss: float
-    grad_norm: float
-    tethers: dict[str, np.ndarray]  # layer -> (out, in) float32
-    probes: dict[str, float] | None = None  # probe1, probe2, entropy, sparsity (for plots)
-    # compat.fn cka: layer -> (n, n) centred Gram of the layer's outputs on the probe batch
-    features: dict[str, np.ndarray] | None = None
-    # alignment or weight merge: layer -> (W * T, bias), the tethered weights
-    weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+from ensemble.policy import LayerView, PolicyParams, make_policy
+from ensemble.protocol import (
+    ENSEMBLE,
+    EpochReport,
+    Instruction,
+    JoinRequest,
+    Rejection,
+    Reply,
+    StackReport,
+    apply_instruction,
+)
 
 
 def policy_params(cfg: Config) -> PolicyParams:
@@ -61,95 +55,154 @@ class Coordinator:
     def __init__(
         self,
         cfg: Config,
-        job: str,
-        shapes: dict[str, tuple[int, int]],
-        run_dir: str,
+        shapes: dict[str, tuple[int, ...]],
+        history: HistoryWriter,
+        state: CoordinatorState | None = None,
         peers: dict[str, tuple[str, np.ndarray]] | None = None,
         val_labels: np.ndarray | None = None,
     ):
-        """peers: name -> (layer, tether): fixed, non-training tethers that take part in
-        compatibility and decisions on their layer but never change (the seed's external
-        `tether_other_model.txt`). They get the model ids after the trained models.
-        val_labels: the validation split's labels, to score the ensemble every epoch."""
+        """shapes: tethered layer -> its tether shape. peers: name -> (layer, tether): fixed,
+        non-training tethers that take part in compatibility and decisions on their layer but
+        never change (the seed's external `tether_other_model.txt`); they get the model ids
+        after the trained models. val_labels: the validation labels, to score the ensemble
+        every epoch."""
+        state = state or CoordinatorState()
         self.cfg = cfg
-        self.job = job
-        self.count = cfg.models.count
+        self.job = cfg.job
+        self.count = m = cfg.models.count
         peers = peers or {}
-        self.bank = TetherBank(self.count + len(peers), shapes)
+        self.bank = TetherBank(m + len(peers), shapes)
         self.peer_rows: dict[str, list[int]] = {}
-        self.peer_names: dict[int, str] = {}
-        for k, (name, (layer, tether)) in enumerate(peers.items()):
-            pid = self.count + k
-            self.bank.write(pid, {layer: tether})
-            self.peer_rows.setdefault(layer, []).append(pid)
-            self.peer_names[pid] = name
+        for k, (layer, tether) in enumerate(peers.values()):
+            self.bank.write(m + k, {layer: tether})
+            self.peer_rows.setdefault(layer, []).append(m + k)
         self.layers = list(cfg.policy.layers or shapes)
         # Function space: compat from each model's probe-batch Grams, not from its tethers;
         # the bank is made on the first publication that carries them.
         self.features: TetherBank | None = None
-        self.has_features = np.zeros(self.count, dtype=bool)
+        self.has_features = np.zeros(m, dtype=bool)
         self.params: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # latest W*T, b
         self.policy = make_policy(cfg.policy.name, policy_params(cfg))
-        self.history = HistoryWriter(
-            Path(run_dir) / "history.sqlite",
-            job,
-            dump_config(cfg),
-            retention=cfg.history.generations,
-        )
-        self.generation = [-1] * self.count  # latest tether generation snapshotted
-        self.known = np.zeros(self.count, dtype=bool)  # has published at least once
-        self.active = np.ones(self.count, dtype=bool)  # still training
-        self.quarantined = np.zeros(self.count, dtype=bool)  # non-finite: never a partner
-        self.contact = [time.time()] * self.count  # last call from each model
-        self.mailbox: dict[int, list[Instruction]] = {m: [] for m in range(self.count)}
-        self.step = [0] * self.count
-        self.epoch = [0] * self.count
-        self.loss = [math.nan] * self.count
-        self.val_acc = [math.nan] * self.count
-        self.per_epoch: dict[tuple[str, int, int], int] = {}  # (kind, model, epoch) -> count
+        self.history = history
         self.val_labels = val_labels
-        self.failed: set[int] = set()  # stopped for good: not ensemble members
+        # per model
+        self.generation = np.array([state.generation.get(i, -1) for i in range(m)])
+        self.known = self.generation >= 0  # has published at least once
+        self.active = np.array([i not in state.finished for i in range(m)])  # still training
+        self.quarantined = np.zeros(m, dtype=bool)  # non-finite: never a partner
+        self.contact = np.full(m, time.time())  # last call from each model
+        self.step = np.array([state.step.get(i, 0) for i in range(m)])
+        self.epoch = np.array([state.epoch.get(i, 0) for i in range(m)])
+        self.loss = np.array([state.loss.get(i, math.nan) for i in range(m)])
+        self.val_acc = np.full(m, math.nan)
+        self.reported = np.full(m, -1)  # latest step each model reported (the sync barrier)
+        self.failed = set(state.failed)
+        self.ended = set(state.finished)  # models whose finished/failed event is recorded
+        self.failed_recorded = set(state.failed)
+        self.mailbox: dict[int, list[Instruction]] = {i: [] for i in range(m)}
+        for i, tethers in state.tethers.items():  # the history's record is the truth
+            self.bank.write(i, tethers)
+            self.mailbox[i] = self.sync_mail(i)  # which mail arrived is unknown: resync
+        self.per_epoch = dict(state.per_epoch)  # (kind, model, epoch) -> decisions
         self.since_round = 0
-        self.rounds = self.merges = self.drifts = self.publications = self.rejected = 0
-        if self.history.reopened:  # a restart, or a resumed job: the history is the truth
-            restore(self)
+        self.rounds, self.merges, self.drifts = state.rounds, state.merges, state.drifts
+        self.publications, self.rejected = state.publications, state.rejected
+        self.staleness: list[int] = []
 
     # --- worker-facing -------------------------------------------------------------------
-    def publish(self, report: TetherReport) -> list[Instruction]:
-        """Record a publication, maybe run a round, and return the model's pending mail."""
-        m = report.model
-        self.contact[m] = time.time()
-        self.history.publication(
-            m, report.step, report.epoch, report.loss, report.grad_norm, report.probes
-        )
-        self.publications += 1
-        self.step[m], self.epoch[m], self.loss[m] = report.step, report.epoch, report.loss
-        bad = poisoned(report)
-        if bad:  # never let a non-finite tether into the bank, so no partner ever gets one
-            self.quarantine(m, report.step, bad)
-            return self.poll(m)
-        if not self.mailbox[m]:  # with mail pending, the bank is already ahead of the report
-            self.bank.write(m, report.tethers)
-        if self.cfg.compat.fn == "cka" and report.features is not None:
-            if self.features is None:
-                shapes = {k: v.shape for k, v in report.features.items()}
-                self.features = TetherBank(self.count, shapes)
-            self.features.write(m, report.features)
-            self.has_features[m] = True
-        if report.weights is not None:
-            self.params[m] = report.weights
-        if not self.known[m]:  # generation 0: the tethers a model starts with
-            self.known[m] = True
-            self.snapshot(m, None)
-        self.since_round += 1
-        if self.policy.coordinates and self.since_round >= self.round_every():
-            self.run_round()
-        return self.poll(m)
+    def join(self, req: JoinRequest) -> Reply:
+        """A stack starts, or rejoins after a restart or a resume: its tethers may be older
+        than the bank's, so each known model's pending mail becomes one `sync` per layer."""
+        with self.history.tx():
+            for m in req.models.tolist():
+                self.active[m] = True
+                self.contact[m] = time.time()
+                if req.reason == "started" and not self.known[m]:
+                    self.history.event("started", m, req.step, **req.where)
+                else:
+                    self.rejoin(m, req.step, req.reason, req.where)
+        return self.take_mail(req.models)
 
-    def poll(self, model: int) -> list[Instruction]:
-        self.contact[model] = time.time()
-        out, self.mailbox[model] = self.mailbox[model], []
+    def exchange(self, report: StackReport) -> Reply:
+        """Asynchronous mode: take in a report, run a round when one is due, hand back mail."""
+        self.receive(report)
+        if self.round_due():
+            self.run_round()
+        return self.take_mail(report.models)
+
+    def receive(self, r: StackReport) -> None:
+        """Record a stack's report, in one transaction, and bring the bank up to date."""
+        now = time.time()
+        live = r.models[~(r.failed if r.failed is not None else np.zeros(len(r.models), bool))]
+        self.contact[r.models] = now
+        self.reported[r.models] = np.maximum(self.reported[r.models], r.step)
+        with self.history.tx():
+            for ev in r.events:  # quarantine first: a poisoned model is never banked
+                self.history.event(ev.kind, ev.model, ev.step, **ev.detail)
+                if ev.kind == "quarantined":
+                    self.quarantined[ev.model] = True
+            for m, why in r.rejoined:
+                self.rejoin(m, r.step, why)
+            for rej in r.rejections:
+                self.reject(rej)
+            self.record_publications(r)
+            self.step[live], self.epoch[live] = r.step, r.epoch
+            self.loss[r.models] = r.losses
+            if r.epoch_report is not None:
+                self.record_epoch(r.epoch_report)
+            self.staleness += list(r.staleness)
+            if r.finished is not None:
+                for i in np.flatnonzero(r.finished):
+                    self.finish(int(r.models[i]), r.step, bool(r.failed[i]))
+
+    def record_publications(self, r: StackReport) -> None:
+        ids = r.published_ids()
+        if not len(ids):
+            return
+        row = {m: i for i, m in enumerate(r.models.tolist())}
+        p = r.probes or {}
+        cols = [p.get(k) for k in ("probe1", "probe2", "entropy", "sparsity")]
+        rows = []
+        for m in ids.tolist():
+            i = row[m]
+            extra = [None if c is None or not math.isfinite(c[i]) else float(c[i]) for c in cols]
+            rows.append((m, r.step, r.epoch, float(r.losses[i]), float(r.grad_norms[i]), *extra))
+        self.history.publications(rows)
+        self.publications += len(ids)
+        for j, m in enumerate(ids.tolist()):
+            tethers = {n: t[j] for n, t in r.tethers.items()}
+            bad = next((n for n, t in tethers.items() if not np.isfinite(t).all()), None)
+            if bad is not None:  # never in the bank: no partner ever gets it
+                self.quarantine(m, r.step, f"tether {bad} has non-finite values")
+                continue
+            self.bank.write(m, self.pending_applied(m, tethers))
+            if r.features is not None:
+                if self.features is None:
+                    shapes = {n: f.shape[1:] for n, f in r.features.items()}
+                    self.features = TetherBank(self.count, shapes)
+                self.features.write(m, {n: f[j] for n, f in r.features.items()})
+                self.has_features[m] = True
+            if r.weights is not None:
+                self.params[m] = {n: (w[j], b[j]) for n, (w, b) in r.weights.items()}
+            if not self.known[m]:  # generation 0: the tethers a model starts with
+                self.known[m] = True
+                self.snapshot(m, None)
+        self.since_round += len(ids)
+
+    def pending_applied(self, model: int, tethers: dict[str, np.ndarray]) -> dict:
+        """A model's reported tethers with its undelivered mail applied: what it will hold."""
+        lo, hi = self.cfg.tether.min, self.cfg.tether.max
+        out = {n: np.array(t, dtype=np.float32) for n, t in tethers.items()}
+        for ins in self.mailbox[model]:
+            out[ins.layer] = apply_instruction(out[ins.layer], ins, lo, hi)
         return out
+
+    def take_mail(self, models) -> Reply:
+        out = []
+        for m in np.asarray(models).tolist():
+            out += self.mailbox[m]
+            self.mailbox[m] = []
+        return Reply(tuple(out))
 
     def quarantine(self, model: int, step: int, reason: str) -> None:
         """A model with non-finite loss or tethers: never a partner until it rejoins."""
@@ -157,105 +210,103 @@ class Coordinator:
             self.quarantined[model] = True
             self.history.event("quarantined", model, step, reason=reason)
 
-    def rejoin(self, model: int, step: int, reason: str) -> list[Instruction]:
-        """A worker restarted, resumed or rolled back from a checkpoint: its tethers are older
-        than the bank's. Replace its pending mail by one `sync` per layer (the bank's rows,
-        which already include every decision made for it) and let it take part again."""
+    def rejoin(self, model: int, step: int, reason: str, where: dict | None = None) -> None:
+        """A model restarted, resumed or rolled back: its tethers are older than the bank's.
+        Replace its pending mail by one `sync` per layer (the bank's rows, which already
+        include every decision made for it), and let it take part again."""
         pending = len(self.mailbox[model])
         self.quarantined[model] = False
         self.active[model] = True
         self.step[model] = step
         self.history.event(
-            reason, model, step, pending_instructions=pending, synced=bool(self.known[model])
+            reason,
+            model,
+            step,
+            pending_instructions=pending,
+            synced=bool(self.known[model]),
+            **(where or {}),
         )
         self.mailbox[model] = self.sync_mail(model) if self.known[model] else []
-        return self.poll(model)
 
     def sync_mail(self, model: int) -> list[Instruction]:
         return [
             Instruction(
-                "sync",
-                model,
-                model,
-                layer,
-                1.0,
-                math.nan,
-                "resync",
-                self.bank.row(model, layer).copy(),
+                "sync", model, model, layer, 1.0, math.nan, "resync", self.bank.row(model, layer)
             )
             for layer in self.bank.shapes
         ]
 
-    def reject(
-        self,
-        model: int,
-        step: int,
-        merges: list[Instruction],
-        loss_before: float,
-        loss_after: float,
-        tethers: dict[str, np.ndarray],
-    ) -> None:
-        """The merge guard: the model undid `merges` because they raised its validation loss.
-
-        Each is recorded as a `rejected` event; the model's tethers, as the worker holds them
-        again, become the bank's row and a new generation."""
-        for ins in merges:
+    def reject(self, rej: Rejection) -> None:
+        """The merge guard undid `rej.merges`: each becomes a `rejected` event, and the
+        model's tethers as its worker holds them again (with its newer mail on top) become
+        the bank's row at once, and a new generation."""
+        for ins in rej.merges:
             self.history.event(
                 "rejected",
-                model,
-                step,
+                rej.model,
+                rej.step,
                 partner=ins.partner,
                 layer=ins.layer,
                 round=ins.round,
                 compat=ins.compat,
-                val_loss_before=loss_before,
-                val_loss_after=loss_after,
+                val_loss_before=rej.loss_before,
+                val_loss_after=rej.loss_after,
             )
-        self.rejected += len(merges)
-        if not self.mailbox[model]:
-            self.bank.write(model, tethers)
-            self.snapshot(model, None)
+        self.rejected += len(rej.merges)
+        self.bank.write(rej.model, self.pending_applied(rej.model, rej.tethers))
+        self.snapshot(rej.model, None)
 
-    def record_metrics(self, model: int, epoch: int, split: str, loss: float, acc: float):
-        self.contact[model] = time.time()
-        self.history.metrics(model, epoch, split, loss, acc)
-        if split == "val":
-            self.val_acc[model] = acc
-
-    def record_val_probs(self, model: int, epoch: int, probs: np.ndarray) -> None:
-        """Keep a member's validation probabilities (in the history, so they survive a
-        restart); once every model still in the job has reported an epoch, record the
-        ensemble's score under model -1."""
-        if self.val_labels is None:
+    def record_epoch(self, er: EpochReport) -> None:
+        """Members' epoch scores; once every model still in the job has reported an epoch,
+        the ensemble's validation score under model -1 (the probabilities are kept in the
+        history, so this survives a restart)."""
+        got: dict[int, np.ndarray] = {}
+        for j, m in enumerate(er.models.tolist()):
+            for split, (loss, acc) in (("train", er.train[j]), ("val", er.val[j])):
+                self.history.metrics(m, er.epoch, split, float(loss), float(acc))
+            self.val_acc[m] = er.val[j][1]
+            if self.val_labels is not None:
+                got = self.history.val_probs(m, er.epoch, er.val_probs[j])
+        if self.val_labels is None or not got:
             return
-        got = self.history.val_probs(model, epoch, probs)
         members = [m for m in range(self.count) if m not in self.failed]
         if set(members) <= set(got):
-            p = ensemble_probs([got[m] for m in members])
-            s = scores(p, self.val_labels)
-            self.history.metrics(ENSEMBLE, epoch, "val", s["nll"], s["accuracy"])
+            s = scores(ensemble_probs([got[m] for m in members]), self.val_labels)
+            self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
 
-    def record_event(
-        self,
-        kind: str,
-        model: int | None = None,
-        step: int | None = None,
-        detail: dict | None = None,
-    ):
-        self.history.event(kind, model, step, **(detail or {}))
-
-    def finish(self, model: int, step: int, failed: bool = False) -> list[Instruction]:
-        """The model stops training: no further decisions involve it; hand over its mail."""
+    def finish(self, model: int, step: int, failed: bool = False, **detail) -> None:
+        """The model stops training: no further decisions involve it. Its `finished` (or
+        `failed`) event is recorded once, even when a resumed job finishes it again."""
         self.active[model] = False
-        self.step[model] = step
+        self.step[model] = max(self.step[model], step)
         if failed:
             self.failed.add(model)
-        self.history.event("failed" if failed else "finished", model, step)
-        return self.poll(model)
+        if model in self.ended and not (failed and model not in self.failed_recorded):
+            return
+        self.ended.add(model)
+        if failed:
+            self.failed_recorded.add(model)
+        self.history.event("failed" if failed else "finished", model, step, **detail)
+
+    def fail(self, models: list[int], detail: dict) -> None:
+        """A worker is gone for good: its models are recorded as failed, out of the job."""
+        with self.history.tx():
+            for m in models:
+                if self.active[m]:
+                    self.finish(m, int(self.step[m]), True, **detail)
+
+    # --- the synchronous barrier -----------------------------------------------------------
+    def frontier(self) -> float:
+        """The step every model still training has reported up to (inf when none is)."""
+        live = self.reported[self.active]
+        return float(live.min()) if len(live) else math.inf
 
     # --- decisions -----------------------------------------------------------------------
     def round_every(self) -> int:
         return self.cfg.coordinator.round_every or max(1, int(self.active.sum()))
+
+    def round_due(self) -> bool:
+        return self.policy.coordinates and self.since_round >= self.round_every()
 
     def run_round(self) -> list[Instruction]:
         self.since_round = 0
@@ -271,7 +322,7 @@ class Coordinator:
         if not views:
             return []
         counts = {
-            (kind, int(m)): self.per_epoch.get((kind, int(m), self.epoch[m]), 0)
+            (kind, int(m)): self.per_epoch.get((kind, int(m), int(self.epoch[m])), 0)
             for m in models
             for kind in ("merge", "drift")
         }
@@ -288,12 +339,14 @@ class Coordinator:
         out, records = [], []
         forces: dict[str, dict[int, np.ndarray]] = {}  # layer -> model -> repulsion
         perms: dict[tuple[int, int], list[np.ndarray] | None] = {}
+        p = self.cfg.policy
         for ins in decided:
             ins = self.payload(ins, pre, views, forces, perms)
             new = apply_instruction(pre[(ins.model, ins.layer)], ins, lo, hi)
-            m, epoch = ins.model, self.epoch[ins.model]
-            self.per_epoch[(ins.kind, m, epoch)] = self.per_epoch.get((ins.kind, m, epoch), 0) + 1
-            p = self.cfg.policy
+            m = ins.model
+            epoch = int(self.epoch[m])
+            key = (ins.kind, m, epoch)
+            self.per_epoch[key] = self.per_epoch.get(key, 0) + 1
             records.append(
                 (
                     ins.kind,
@@ -305,19 +358,21 @@ class Coordinator:
                     ins.rule,
                     p.merge_above,
                     p.drift_below,
-                    self.step[m],
+                    int(self.step[m]),
                     epoch,
                     self.per_epoch.get(("merge", m, epoch), 0),
                 )
             )
             out.append((ins, new))
         compat = {layer: (v.models.tolist(), v.compat.tolist()) for layer, v in views.items()}
-        round_id = self.history.round(models.tolist(), compat, records)
-        for ins, new in out:  # recorded first: nothing is sent that the history lacks
-            self.bank.write(ins.model, {ins.layer: new})
-            self.mailbox[ins.model].append(replace(ins, round=round_id))
-        for m in sorted({ins.model for ins in decided}):  # a new generation per changed model
-            self.snapshot(m, round_id)
+        with self.history.tx():  # the round, its instructions and new generations: one commit
+            round_id = self.history.round(models.tolist(), compat, records)
+            for ins, new in out:  # recorded first: nothing is sent that the history lacks
+                self.bank.write(ins.model, {ins.layer: new})
+                step = int(self.step[ins.model])
+                self.mailbox[ins.model].append(replace(ins, round=round_id, step=step))
+            for m in sorted({ins.model for ins in decided}):  # a new generation per change
+                self.snapshot(m, round_id)
         self.rounds += 1
         once = [i for i in decided if not 0 <= i.partner < self.count or i.model < i.partner]
         self.merges += sum(i.kind == "merge" for i in once)
@@ -370,7 +425,11 @@ class Coordinator:
     def snapshot(self, model: int, round_id: int | None) -> None:
         self.generation[model] += 1
         self.history.generation(
-            model, self.generation[model], round_id, self.step[model], self.bank.tethers(model)
+            model,
+            int(self.generation[model]),
+            round_id,
+            int(self.step[model]),
+            self.bank.tethers(model),
         )
 
     # --- observers -----------------------------------------------------------------------
@@ -382,16 +441,17 @@ class Coordinator:
             "rejected": self.rejected,
             "publications": self.publications,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "staleness": spread(self.staleness),
             "models": [
                 {
                     "model": m,
-                    "step": self.step[m],
-                    "epoch": self.epoch[m],
-                    "loss": self.loss[m],
-                    "val_acc": self.val_acc[m],
+                    "step": int(self.step[m]),
+                    "epoch": int(self.epoch[m]),
+                    "loss": float(self.loss[m]),
+                    "val_acc": float(self.val_acc[m]),
                     "active": bool(self.active[m]),
                     "quarantined": bool(self.quarantined[m]),
-                    "idle_seconds": time.time() - self.contact[m],
+                    "idle_seconds": time.time() - float(self.contact[m]),
                 }
                 for m in range(self.count)
             ],
@@ -400,25 +460,9 @@ class Coordinator:
     def tethers(self, model: int) -> dict[str, np.ndarray]:
         return self.bank.tethers(model)
 
-    def close(self) -> None:
-        self.history.close()
 
-
-def poisoned(report: TetherReport) -> str | None:
-    """Why a report must not be trusted, or None."""
-    if not math.isfinite(report.loss):
-        return f"loss is {report.loss}"
-    for layer, t in report.tethers.items():
-        if not np.isfinite(t).all():
-            return f"tether {layer} has non-finite values"
-    return None
-
-
-def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float) -> np.ndarray:
-    """The one place merge/drift maths meets an instruction; workers call it too."""
-    assert ins.partner_tether is not None and ins.partner_tether.shape == tether.shape
-    if ins.kind == "merge":
-        return maths.merge(tether, ins.partner_tether, ins.rate)
-    if ins.kind == "sync":
-        return ins.partner_tether.astype(tether.dtype, copy=True)
-    return maths.drift(tether, ins.partner_tether, ins.rate, lo, hi)
+def spread(xs: list[int]) -> dict | None:
+    """Mean and max of instruction staleness in steps (None before any was applied)."""
+    if not xs:
+        return None
+    return {"applied": len(xs), "mean": float(np.mean(xs)), "max": int(max(xs))}

@@ -223,3 +223,19 @@ def load_peer_tethers(
             raise DataError(f"{e} ({peer.layer} is {shape[0]}x{shape[1]})") from None
         out[peer.name] = (peer.layer, values.reshape(shape).astype(np.float32))
     return out
+
+
+def member_rows(cfg: DataConfig, y_train: np.ndarray, count: int) -> list[np.ndarray]:
+    """Each model's training rows (indices into the training split): all of them, or with
+    data.shard a disjoint slice per model."""
+    n = len(y_train)
+    if cfg.shard:
+        rows = [np.arange(m, n, count) for m in range(count)]
+        empty = [m for m, r in enumerate(rows) if not len(r)]
+        if empty:
+            raise DataError(
+                f"data.shard: {n} training samples cannot give each of {count} models a "
+                f"shard (models {empty[:5]} would get none); use fewer models"
+            )
+        return rows
+    return [np.arange(n)] * count

@@ -10,23 +10,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from ensemble import metrics
 from ensemble.config import Config, load_config
 from ensemble.errors import DataError, RunDirError
-from ensemble.model import TetheredMLP, layer_names
+from ensemble.model import attach_tethers, build_member
 
 
-def _member(weights: dict[str, np.ndarray]) -> TetheredMLP:
-    """Rebuild a member from its safetensors: sizes come from the weight shapes."""
-    n = sum(1 for k in weights if k.endswith(".linear.weight"))
-    names = layer_names(n)
-    shapes = [weights[f"layers.{name}.linear.weight"].shape for name in names]
-    sizes = [shapes[0][1], *(s[0] for s in shapes)]
-    model = TetheredMLP(sizes)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    return model.eval()
+def load_member(cfg: Config, features: int, classes: int, state: dict[str, np.ndarray]):
+    """A saved member as a plain module of the job's architecture, its tethers attached as
+    parametrizations (state: module keys plus `tether.<layer>`, as the run saves them)."""
+    module, _ = build_member(cfg, features, classes, 0)
+    tethers = {
+        k.removeprefix("tether."): torch.from_numpy(np.array(v))
+        for k, v in state.items()
+        if k.startswith("tether.")
+    }
+    params = {
+        k: torch.from_numpy(np.array(v)) for k, v in state.items() if not k.startswith("tether.")
+    }
+    module.load_state_dict(params)
+    return attach_tethers(module, tethers).eval()
 
 
 class Ensemble:
@@ -34,29 +40,33 @@ class Ensemble:
         self,
         run_dir: Path,
         cfg: Config,
-        members: list[TetheredMLP],
+        members: list[torch.nn.Module],
+        features: int,
+        classes: int,
         mean: np.ndarray | None,
         std: np.ndarray | None,
     ):
         self.run_dir, self.cfg, self.members = run_dir, cfg, members
+        self.features, self.classes = features, classes
         self.mean, self.std = mean, std
-        self.features = members[0].sizes[0]
-        self.classes = members[0].sizes[-1]
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Ensemble:
         run_dir = Path(run_dir)
         models = run_dir / "models"
         files = sorted(models.glob("model_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
-        if not files:
+        pre = models / "preprocess.safetensors"
+        if not files or not pre.is_file():
             raise RunDirError(
                 f"{run_dir}: no trained models (models/model_*.safetensors); did the job finish?"
             )
         cfg = load_config(run_dir / "config.yaml")
-        pre = models / "preprocess.safetensors"
-        stats = load_file(str(pre)) if pre.is_file() else {}
-        members = [_member(load_file(str(f))) for f in files]
-        return cls(run_dir, cfg, members, stats.get("mean"), stats.get("std"))
+        with safe_open(str(pre), "np") as f:
+            meta = f.metadata() or {}
+        features, classes = int(meta["features"]), int(meta["classes"])
+        stats = load_file(str(pre))
+        members = [load_member(cfg, features, classes, load_file(str(f))) for f in files]
+        return cls(run_dir, cfg, members, features, classes, stats.get("mean"), stats.get("std"))
 
     def _prepare(self, x: np.ndarray, source: str = "input") -> torch.Tensor:
         x = np.asarray(x, dtype=np.float32)

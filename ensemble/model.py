@@ -1,13 +1,20 @@
-"""The tethered MLP: every linear layer computes F.linear(x, W * T, b) with T a buffer."""
+"""Models and their tethers.
+
+A member is a plain `nn.Module`; its tethers live beside it, one per tethered layer (every
+`nn.Linear` and `nn.Conv2d`, in registration order), the shape of that layer's weight.
+The layer computes with W ⊙ T: the trainer stacks members and multiplies in the tether
+itself (ensemble.stack); a single module gets it as a `torch.nn.utils.parametrize`
+parametrization (`attach_tethers`), so it keeps its own state-dict keys.
+
+The built-in MLP presets are modules like any other: `MLP(sizes)`.
+"""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ensemble.errors import ConfigError
+from torch.nn.utils import parametrize
 
 # Hidden-layer layouts; input and output widths come from the dataset.
 PRESETS: dict[str, list[int]] = {
@@ -16,19 +23,40 @@ PRESETS: dict[str, list[int]] = {
 }
 
 TETHER_INITS = ("uniform", "ones", "normal")
-
-
-def hidden_sizes(preset: str, layers: list[int] | None) -> list[int]:
-    if layers:
-        return list(layers)
-    if preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown name {preset!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[preset]
+TETHERED_TYPES = (nn.Linear, nn.Conv2d)
 
 
 def layer_names(n_linear: int) -> list[str]:
     """fc1, fc2, ..., out: the seed's names."""
     return [f"fc{i + 1}" for i in range(n_linear - 1)] + ["out"]
+
+
+class MLP(nn.Module):
+    """The built-in member: fc1 .. fcN-1 with ReLU, then out. Plain: no tethers inside."""
+
+    def __init__(self, sizes: list[int]):
+        """sizes: [in, hidden..., out]."""
+        super().__init__()
+        self.sizes = list(sizes)
+        self.names = layer_names(len(sizes) - 1)
+        for name, n_in, n_out in zip(self.names, sizes[:-1], sizes[1:], strict=True):
+            self.add_module(name, nn.Linear(n_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.names[:-1]:
+            x = F.relu(getattr(self, name)(x))
+        return getattr(self, self.names[-1])(x)
+
+
+def mlp(sizes: list[int], seed: int) -> MLP:
+    """The MLP with weights drawn from `seed` (torch's default generator, as nn.Linear does)."""
+    torch.manual_seed(seed)
+    return MLP(sizes)
+
+
+def tethered_layers(module: nn.Module) -> list[str]:
+    """Names of the modules whose weight carries a tether, in registration order."""
+    return [n for n, m in module.named_modules() if isinstance(m, TETHERED_TYPES)]
 
 
 def init_tether(shape: tuple[int, ...], kind: str, std: float, gen: torch.Generator):
@@ -38,96 +66,77 @@ def init_tether(shape: tuple[int, ...], kind: str, std: float, gen: torch.Genera
         return torch.ones(shape)
     if kind == "normal":
         return 1.0 + std * torch.randn(shape, generator=gen)
-    raise ConfigError(f"tether.init: unknown {kind!r}; choose one of {list(TETHER_INITS)}")
+    raise ValueError(f"tether.init: unknown {kind!r}; choose one of {list(TETHER_INITS)}")
 
 
-class TetheredLinear(nn.Module):
-    """nn.Linear whose weight is modulated elementwise by a non-trained tether buffer."""
+def init_tethers(module: nn.Module, kind: str, std: float, seed: int) -> dict[str, torch.Tensor]:
+    """layer -> float32 tether shaped like its weight, drawn from its own generator."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = dict(module.named_modules())
+    return {
+        n: init_tether(tuple(layers[n].weight.shape), kind, std, gen).float()
+        for n in tethered_layers(module)
+    }
 
-    def __init__(self, n_in: int, n_out: int, tether: torch.Tensor):
+
+class Tether(nn.Module):
+    """The parametrization W -> W ⊙ T, with T a buffer (never trained)."""
+
+    def __init__(self, tether: torch.Tensor):
         super().__init__()
-        self.linear = nn.Linear(n_in, n_out)
-        self.register_buffer("tether", tether.to(torch.float32))  # (out, in)
+        self.register_buffer("tether", tether.detach().clone().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.linear.weight * self.tether, self.linear.bias)
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.tether
 
 
-class TetheredMLP(nn.Module):
-    def __init__(
-        self,
-        sizes: list[int],
-        tether_init: str = "normal",
-        tether_std: float = 0.1,
-        seed: int = 0,
-        tether_seed: int | None = None,
-    ):
-        """sizes: [in, hidden..., out]. seed: the weight init; tether_seed: the tether init
-        (default seed + 7919, its own stream), so models can share weights but not tethers."""
-        super().__init__()
-        torch.manual_seed(seed)  # weight init
-        gen = torch.Generator().manual_seed(seed + 7919 if tether_seed is None else tether_seed)
-        self.sizes = list(sizes)
-        self.names = layer_names(len(sizes) - 1)
-        self.layers = nn.ModuleDict(
-            {
-                name: TetheredLinear(
-                    n_in, n_out, init_tether((n_out, n_in), tether_init, tether_std, gen)
-                )
-                for name, n_in, n_out in zip(self.names, sizes[:-1], sizes[1:], strict=True)
-            }
-        )
+def attach_tethers(module: nn.Module, tethers: dict[str, torch.Tensor]) -> nn.Module:
+    """Parametrize each named layer's weight as W ⊙ T, in place; returns the module."""
+    layers = dict(module.named_modules())
+    for name, t in tethers.items():
+        if name not in layers or not hasattr(layers[name], "weight"):
+            raise ValueError(f"tether for unknown layer {name!r}; layers are {list(tethers)}")
+        parametrize.register_parametrization(layers[name], "weight", Tether(t))
+    return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_hidden(x)[0]
 
-    def forward_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits and every hidden layer's post-ReLU activations, (B, H_l) each."""
-        hidden = []
-        for name in self.names[:-1]:
-            x = torch.relu(self.layers[name](x))
-            hidden.append(x)
-        return self.layers[self.names[-1]](x), hidden
+def fold_tethers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with every tether folded in (W ⊙ T under the weight's own
+    key): what a plain copy of the module loads with `load_state_dict`."""
+    out = {}
+    for key, value in module.state_dict().items():
+        if ".parametrizations." not in key:
+            out[key] = value
+    layers = dict(module.named_modules())
+    for name, layer in layers.items():
+        if parametrize.is_parametrized(layer, "weight"):
+            out[f"{name}.weight" if name else "weight"] = layer.weight.detach().clone()
+    return out
 
-    def weight_matrices(self) -> dict[str, torch.Tensor]:
-        """layer -> W (the trained weight, not W * T): what surge-collapse acts on."""
-        return {n: self.layers[n].linear.weight for n in self.names}
 
-    def probes(self) -> tuple[float, float]:
-        """The seed's tracked weights: fc1.weight[0, 0] and the second layer's [0, 0]."""
-        first, second = self.names[0], self.names[1]
-        return (
-            float(self.layers[first].linear.weight[0, 0].detach()),
-            float(self.layers[second].linear.weight[0, 0].detach()),
-        )
+def hidden_sizes(preset: str, layers: list[int] | None) -> list[int]:
+    if layers:
+        return list(layers)
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown name {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
 
-    def tether_shapes(self) -> dict[str, tuple[int, int]]:
-        return {n: tuple(self.layers[n].tether.shape) for n in self.names}
 
-    def export_tethers(self) -> dict[str, np.ndarray]:
-        """layer -> float32 array (out, in), a copy."""
-        return {n: self.layers[n].tether.detach().cpu().numpy().copy() for n in self.names}
+def member_seed(seed: int, model: int) -> int:
+    """Model `model`'s own seed (its data order, its noise) in a job seeded `seed`."""
+    return seed * 100_003 + model
 
-    def import_tethers(self, tethers: dict[str, np.ndarray]) -> None:
-        for name, arr in tethers.items():
-            if name not in self.layers:
-                raise ValueError(f"tether for unknown layer {name!r}; layers are {self.names}")
-            buf = self.layers[name].tether
-            if tuple(arr.shape) != tuple(buf.shape):
-                raise ValueError(
-                    f"tether {name!r} has shape {tuple(arr.shape)}, expected {tuple(buf.shape)}"
-                )
-            buf.copy_(torch.as_tensor(np.asarray(arr, dtype=np.float32)))
 
-    def tethered_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """layer -> (W * T, bias) as numpy copies: what the layer computes with."""
-        out = {}
-        for n in self.names:
-            layer = self.layers[n]
-            w = (layer.linear.weight * layer.tether).detach().cpu().numpy()
-            out[n] = (w, layer.linear.bias.detach().cpu().numpy().copy())
-        return out
+def init_seeds(seed: int, model: int, shared: bool) -> tuple[int, int]:
+    """Seeds of a model's weight init and tether init. With a shared init every model starts
+    from model 0's weights; tethers stay its own, so drift has something to push apart."""
+    own = member_seed(seed, model)
+    return (member_seed(seed, 0) if shared else own), own + 7919
 
-    def weights(self) -> dict[str, np.ndarray]:
-        """Every parameter and tether as numpy, keyed for safetensors."""
-        return {k: v.detach().cpu().numpy().copy() for k, v in self.state_dict().items()}
+
+def build_member(cfg, features: int, classes: int, model: int):
+    """Model `model` of a job (cfg: the job's Config): its module and its tethers."""
+    w_seed, t_seed = init_seeds(cfg.seed, model, cfg.model.init == "shared")
+    sizes = [features, *hidden_sizes(cfg.model.preset, cfg.model.layers), classes]
+    module = mlp(sizes, w_seed)
+    return module, init_tethers(module, cfg.tether.init, cfg.tether.std, t_seed)

@@ -6,42 +6,12 @@ instructions. It does no I/O; the coordinator records and dispatches what it ret
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 
 from ensemble.compat import SAME_TOL
-
-Kind = Literal["merge", "drift", "sync"]
-ENSEMBLE = -1  # partner of a repulsive drift (all other models), and the id of ensemble metrics
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """Coordinator -> worker: change `model`'s tether of `layer` relative to `partner`'s.
-
-    merge: T <- (1 - rate) T + rate T_partner.   drift: T <- clip(T + rate (T - T_partner)).
-    sync: T <- partner_tether, the coordinator's record of this model's own tether (sent after
-    a restart or rollback, so worker and coordinator agree again; partner == model).
-    `partner_tether` is the partner's tether at decision time, so the worker needs nothing else;
-    with alignment it is already permuted into this model's unit order. A repulsive drift has
-    partner ENSEMBLE and partner_tether T - r, r the repulsion from all others.
-    `partner_weights`: for a weight merge, the partner's (aligned) W * T and bias of the layer.
-    """
-
-    kind: Kind
-    model: int
-    partner: int
-    layer: str
-    rate: float
-    compat: float
-    rule: str
-    partner_tether: np.ndarray | None = field(default=None, compare=False, repr=False)
-    partner_weights: tuple[np.ndarray, np.ndarray] | None = field(
-        default=None, compare=False, repr=False
-    )
-    round: int | None = field(default=None, compare=False)  # the decision round, once recorded
+from ensemble.protocol import ENSEMBLE, Instruction, Kind
 
 
 @dataclass(frozen=True)

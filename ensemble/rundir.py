@@ -79,3 +79,15 @@ def check_resumable(run_dir: Path, job: str) -> Path:
     if (run_dir / "summary.json").exists():
         raise RunDirError(f"{run_dir}: job {job!r} already finished (summary.json exists)")
     return run_dir
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`:
+    a reader (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

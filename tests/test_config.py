@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from ensemble.config import load_config
 from ensemble.errors import ConfigError
+from ensemble.job import load
 
 
 def test_builtin_defaults_are_the_default_job():
@@ -57,7 +58,7 @@ def test_bad_config_names_field_and_value(tmp_path, yaml_text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
     with pytest.raises(ConfigError, match=message) as info:
-        load_config(path)
+        load(path)  # load_config, then the registry names
     assert str(path) in str(info.value)
 
 

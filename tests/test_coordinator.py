@@ -2,34 +2,35 @@
 
 import numpy as np
 
-from ensemble.coordinator import Coordinator, TetherReport
-from ensemble.data import load_dataset
-from ensemble.history import HistoryReader
-from ensemble.training import DirectLink, Trainer, interleave, model_sizes
+from ensemble.coordinator import Coordinator
+from ensemble.history import HistoryReader, HistoryWriter
+from ensemble.job import drive, prepare
+from ensemble.protocol import StackReport
+from tests.helpers import assert_bank_matches, coordinator, trainer, with_
 
 
-def shapes_for(cfg, data):
-    sizes = model_sizes(cfg, data)
-    from ensemble.model import layer_names
+def report(models, step, tethers, **kw):
+    """A stack report in which `models` publish `tethers` (layer -> (n, ...))."""
+    n = len(models)
+    return StackReport(
+        models=np.array(models),
+        step=step,
+        epoch=0,
+        losses=np.ones(n),
+        grad_norms=np.ones(n),
+        published=np.ones(n, dtype=bool),
+        tethers=tethers,
+        **kw,
+    )
 
-    names = layer_names(len(sizes) - 1)
-    return {n: (o, i) for n, i, o in zip(names, sizes[:-1], sizes[1:], strict=True)}
 
-
-def test_interleaved_job_records_decisions_and_bank_matches_workers(tiny_cfg, tmp_path):
-    data = load_dataset(tiny_cfg.data, tiny_cfg.seed)
-    coord = Coordinator(tiny_cfg, tiny_cfg.job, shapes_for(tiny_cfg, data), str(tmp_path))
-    trainers = [Trainer(m, tiny_cfg, data) for m in range(4)]
-    results = interleave(trainers, DirectLink(coord))
-    coord.close()
-
-    # Every instruction a worker was sent was applied, so the coordinator's bank equals
-    # each worker's actual tethers, bit for bit.
-    for t in trainers:
-        for layer, arr in t.model.export_tethers().items():
-            np.testing.assert_array_equal(coord.bank.row(t.id, layer), arr)
-    assert [r.steps for r in results] == [t.step for t in trainers]
-
+def test_a_job_records_decisions_and_the_bank_matches_the_workers(tiny_cfg, tmp_path):
+    prep = prepare(tiny_cfg)
+    coord = coordinator(prep, tmp_path)
+    trainers = [trainer(prep, [m]) for m in range(4)]
+    drive(trainers, coord)
+    coord.history.close()
+    assert_bank_matches(coord, trainers)
     h = HistoryReader(tmp_path / "history.sqlite")
     decisions = h.decisions()
     assert {d.kind for d in decisions} == {"merge", "drift"}
@@ -41,42 +42,39 @@ def test_interleaved_job_records_decisions_and_bank_matches_workers(tiny_cfg, tm
     assert coord.merges == sum(d.kind == "merge" for d in decisions)
     assert h.count("publications") == coord.publications > 0
     assert len(h.events("finished")) == 4
-    assert {(m.model, m.split) for m in h.metrics()} == {
-        (m, s) for m in range(4) for s in ("train", "val")
-    }
-    applied = sum(t.applied for t in trainers)
-    assert applied == h.count("instructions")
+    # every instruction a worker was sent was applied, once
+    assert coord.progress()["staleness"]["applied"] == h.count("instructions")
 
 
 def test_none_policy_records_publications_but_no_rounds(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.model_copy(
-        update={"policy": tiny_cfg.policy.model_copy(update={"name": "none"})}
-    )
-    data = load_dataset(cfg.data, cfg.seed)
-    coord = Coordinator(cfg, cfg.job, shapes_for(cfg, data), str(tmp_path))
-    interleave([Trainer(m, cfg, data) for m in range(4)], DirectLink(coord))
+    prep = prepare(with_(tiny_cfg, policy={"name": "none"}))
+    coord = coordinator(prep, tmp_path)
+    drive([trainer(prep, range(4))], coord)
+    coord.history.close()
     h = HistoryReader(tmp_path / "history.sqlite")
     assert h.count("publications") > 0 and h.count("rounds") == 0 and coord.merges == 0
 
 
-def test_stale_publication_does_not_overwrite_pending_decision(tiny_cfg, tmp_path):
-    """A report sent before its sender received a merge must not undo that merge in the bank."""
-    shapes = {"fc1": (2, 3)}
-    cfg = tiny_cfg.model_copy(
-        update={
-            "models": tiny_cfg.models.model_copy(update={"count": 2}),
-            "policy": tiny_cfg.policy.model_copy(update={"merge_above": 0.5, "drift_below": 0.0}),
-            "compat": tiny_cfg.compat.model_copy(update={"normalize": "none"}),
-        }
+def test_a_stale_report_does_not_undo_a_pending_decision(tiny_cfg, tmp_path):
+    """A report sent before its sender received a merge must not undo that merge in the
+    bank: the bank holds the reported tethers with the undelivered mail applied on top."""
+    cfg = with_(
+        tiny_cfg,
+        models={"count": 2},
+        policy={"merge_above": 0.5, "drift_below": 0.0},
+        compat={"normalize": "none"},
     )
-    coord = Coordinator(cfg, cfg.job, shapes, str(tmp_path))
-    a = np.full((2, 3), 1.0, dtype=np.float32)
-    b = np.full((2, 3), 2.0, dtype=np.float32)
-    coord.publish(TetherReport(0, 1, 0, 1.0, 1.0, {"fc1": a}))
-    got = coord.publish(TetherReport(1, 1, 0, 1.0, 1.0, {"fc1": b}))  # round: merge 0 & 1
-    assert [i.kind for i in got] == ["merge"]
+    writer = HistoryWriter(tmp_path / "history.sqlite", cfg.job, "")
+    coord = Coordinator(cfg, {"fc1": (2, 3)}, writer)
+    a = np.full((1, 2, 3), 1.0, dtype=np.float32)
+    b = np.full((1, 2, 3), 2.0, dtype=np.float32)
+    coord.exchange(report([0], 1, {"fc1": a}))
+    got = coord.exchange(report([1], 1, {"fc1": b}))  # a round: merge 0 & 1
+    assert [i.kind for i in got.instructions] == ["merge"]
     np.testing.assert_allclose(coord.bank.row(0, "fc1"), 1.5)
-    # model 0 publishes its old tethers before it polled its mailbox
-    mail = coord.publish(TetherReport(0, 2, 0, 1.0, 1.0, {"fc1": a}))
+    # model 0 reports its old tethers before it received its mail
+    coord.receive(report([0], 2, {"fc1": a}))
     np.testing.assert_allclose(coord.bank.row(0, "fc1"), 1.5)
+    mail = coord.take_mail([0]).instructions
     assert [i.kind for i in mail] == ["merge"] and mail[0].partner == 1
+    assert mail[0].round == 1 and mail[0].step == 1

@@ -50,8 +50,8 @@ def test_ray_job_writes_run_dir_and_consistent_history(tiny_cfg, tmp_path):
     assert len(h.events("finished")) == 4
 
     weights = load_file(str(run_dir / "models" / "model_0.safetensors"))
-    assert weights["layers.fc1.tether"].shape == weights["layers.fc1.linear.weight"].shape
-    assert np.isfinite(weights["layers.out.tether"]).all()
+    assert weights["tether.fc1"].shape == weights["fc1.weight"].shape  # the module's own keys
+    assert np.isfinite(weights["tether.out"]).all()
 
 
 def test_joins_an_existing_cluster_and_leaves_it_running(tiny_cfg, tmp_path):

@@ -8,8 +8,8 @@ import time
 import pytest
 from ray.cluster_utils import Cluster
 
+from ensemble.api import History
 from ensemble.driver import run_job
-from ensemble.history import History
 from tests.conftest import cli
 
 pytestmark = pytest.mark.ray

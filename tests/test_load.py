@@ -4,7 +4,7 @@ import pytest
 import ray
 
 from benchmarks.load import drive
-from ensemble.history import History
+from ensemble.api import History
 
 pytestmark = pytest.mark.ray
 

@@ -11,14 +11,12 @@ from hypothesis import strategies as st
 
 from ensemble import align, maths
 from ensemble.config import load_config
-from ensemble.coordinator import ENSEMBLE, Coordinator
-from ensemble.data import load_dataset
 from ensemble.errors import ConfigError
 from ensemble.history import HistoryReader
-from ensemble.policy import Instruction
-from ensemble.stacked import StackedTrainer
-from ensemble.training import DirectLink, Trainer
+from ensemble.job import prepare
+from ensemble.protocol import ENSEMBLE, Instruction, Rejection, Reply
 from tests.conftest import TINY, cli
+from tests.helpers import assert_bank_matches, coordinator, publish, tethers_of, trainer
 
 
 def cfg_with(tmp_path, *extra):
@@ -87,14 +85,14 @@ def test_merge_weights_keeps_w_where_the_tether_is_zero():
     assert got[0, 0] == 1.0 and got[0, 1] == 2.0
 
 
-def copy_permuted(src: Trainer, dst: Trainer, perms):
-    """Make dst's model src's model with hidden units shuffled: the same function."""
-    with torch.no_grad():
-        for li, n in enumerate(src.model.names):
-            s, d = src.model.layers[n], dst.model.layers[n]
-            for a, b in ((s.linear.weight, d.linear.weight), (s.linear.bias, d.linear.bias)):
-                b.copy_(torch.from_numpy(align.permute(a.numpy(), li, perms).copy()))
-            d.tether.copy_(torch.from_numpy(align.permute(s.tether.numpy(), li, perms).copy()))
+def copy_permuted(t, src: int, dst: int, perms):
+    """Make row dst of stack t row src with hidden units shuffled: the same function."""
+    rows = t.stack.rows(src)
+    new = {}
+    for li, n in enumerate(t.layers):
+        for key in (f"{n}.weight", f"{n}.bias", f"tether.{n}"):
+            new[key] = torch.from_numpy(align.permute(rows[key].numpy(), li, perms).copy())
+    t.stack.set_rows(dst, new)
 
 
 def pair_cfg(tmp_path, *extra):
@@ -110,35 +108,30 @@ def pair_cfg(tmp_path, *extra):
 
 
 def merge_pair(tmp_path, *extra):
-    """Two trainers, model 1 a permuted copy of model 0; one round that merges them."""
-    cfg = pair_cfg(tmp_path, *extra)
-    data = load_dataset(cfg.data, cfg.seed)
-    t0, t1 = Trainer(0, cfg, data), Trainer(1, cfg, data)
+    """A stack of two, model 1 a permuted copy of model 0; one round that merges them."""
+    prep = prepare(pair_cfg(tmp_path, *extra))
+    t = trainer(prep, [0, 1])
     rng = np.random.default_rng(3)
-    copy_permuted(t0, t1, [rng.permutation(16), rng.permutation(16)])
-    before = [t.predict_proba(data.x_test) for t in (t0, t1)]
-    c = Coordinator(cfg, cfg.job, t0.model.tether_shapes(), str(tmp_path))
-    c.publish(t0.report(0, 1.0, 1.0))
-    t1.apply(c.publish(t1.report(0, 1.0, 1.0)))
-    t0.apply(c.poll(0))
-    after = [t.predict_proba(data.x_test) for t in (t0, t1)]
-    return c, (t0, t1), before, after
+    copy_permuted(t, 0, 1, [rng.permutation(16), rng.permutation(16)])
+    before = t.predict_proba(prep.data.x_test)
+    c = coordinator(prep, tmp_path)
+    t.receive(c.exchange(publish(t)))
+    return c, t, before, t.predict_proba(prep.data.x_test)
 
 
 def test_aligned_weight_merge_of_a_permuted_copy_keeps_both_functions(tmp_path):
-    c, trainers, before, after = merge_pair(tmp_path, "policy.align=true", "policy.merge=weights")
+    c, t, before, after = merge_pair(tmp_path, "policy.align=true", "policy.merge=weights")
     assert c.merges == len(c.layers)  # every layer merged
-    for b, a in zip(before, after, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    for m, t in enumerate(trainers):  # the coordinator's bank still equals what workers hold
-        for n, arr in t.model.export_tethers().items():
+    np.testing.assert_allclose(after, before, atol=1e-5)
+    for m in range(2):  # the coordinator's bank still equals what the model holds
+        for n, arr in tethers_of(t, m).items():
             np.testing.assert_allclose(c.bank.row(m, n), arr, atol=1e-6)
 
 
 def test_unaligned_weight_merge_of_a_permuted_copy_changes_the_function(tmp_path):
     c, _, before, after = merge_pair(tmp_path, "policy.merge=weights")
     assert c.merges == len(c.layers)
-    assert max(np.abs(a - b).max() for a, b in zip(before, after, strict=True)) > 1e-2
+    assert np.abs(after - before).max() > 1e-2
 
 
 def test_cka_is_linear_cka_and_ignores_unit_order():
@@ -155,14 +148,12 @@ def test_cka_is_linear_cka_and_ignores_unit_order():
 
 
 def test_function_space_compat_finds_the_permuted_copy(tmp_path):
-    cfg = cfg_with(tmp_path, "compat.fn=cka", "compat.normalize=none", "policy.name=none")
-    data = load_dataset(cfg.data, cfg.seed)
-    ts = [Trainer(m, cfg, data) for m in range(4)]
+    prep = prepare(cfg_with(tmp_path, "compat.fn=cka", "compat.normalize=none"))
+    t = trainer(prep, range(4))
     rng = np.random.default_rng(5)
-    copy_permuted(ts[0], ts[1], [rng.permutation(16), rng.permutation(16)])
-    c = Coordinator(cfg, cfg.job, ts[0].model.tether_shapes(), str(tmp_path))
-    for t in ts:
-        c.publish(t.report(0, 1.0, 1.0))
+    copy_permuted(t, 0, 1, [rng.permutation(16), rng.permutation(16)])
+    c = coordinator(prep, tmp_path)
+    c.receive(publish(t))  # no round: only the compatibility is looked at
     rows = np.arange(4)
     for layer in c.layers:
         cka, _ = c.layer_compat(layer, rows)
@@ -172,44 +163,44 @@ def test_function_space_compat_finds_the_permuted_copy(tmp_path):
         assert tether_cos[0, 1] < 0.999  # the tethers alone do not see it
 
 
-def trained(cfg, model=0):
-    data = load_dataset(cfg.data, cfg.seed)
-    t = Trainer(model, cfg, data)
-    for _ in range(3):
-        for xb, yb in t.batches():
-            t.train_step(xb, yb)
-    return t, data
+def trained(prep, ids=(0,)):
+    t = trainer(prep, list(ids))
+    while not t.done:  # every epoch of the tiny config
+        t.train_window()
+    t.report()  # what it had to say is not the point here
+    return t
 
 
 def test_merge_guard_rolls_back_a_merge_that_raises_validation_loss(tmp_path):
-    cfg = cfg_with(tmp_path, "policy.guard=true")
-    t, data = trained(cfg)
-    c = Coordinator(cfg, cfg.job, t.model.tether_shapes(), str(tmp_path))
-    c.publish(t.report(0, 1.0, 1.0))
-    state = {k: v.clone() for k, v in t.model.state_dict().items()}
-    zeros = np.zeros_like(t.model.export_tethers()["out"])
+    prep = prepare(cfg_with(tmp_path, "policy.guard=true"))
+    t = trained(prep)
+    c = coordinator(prep, tmp_path)
+    c.receive(publish(t))
+    state = t.stack.member_state(0)
+    zeros = np.zeros_like(tethers_of(t, 0)["out"])
     bad = Instruction("merge", 0, 1, "out", 1.0, 0.7, "test", partner_tether=zeros)
     drift = Instruction(
         "drift", 0, 1, "fc1", 0.1, -2.0, "test", partner_tether=np.zeros((16, 64), np.float32)
     )
-    t.receive(DirectLink(c), [bad, drift])
-    after = t.model.state_dict()
+    t.receive(Reply((bad, drift)))
+    after = t.stack.member_state(0)
     for k, v in state.items():
-        if k != "layers.fc1.tether":
-            assert torch.equal(after[k], v), k  # the merge is undone
-    assert not torch.equal(after["layers.fc1.tether"], state["layers.fc1.tether"])  # drift kept
-    assert t.rejected == 1 and c.rejected == 1
-    np.testing.assert_array_equal(c.bank.row(0, "fc1"), t.model.export_tethers()["fc1"])
-    c.close()
+        if k != "tether.fc1":
+            np.testing.assert_array_equal(after[k], v, err_msg=k)  # the merge is undone
+    assert not np.array_equal(after["tether.fc1"], state["tether.fc1"])  # the drift is kept
+    c.receive(t.report())  # the rejection rides the next report
+    assert t.rejected.tolist() == [1] and c.rejected == 1
+    np.testing.assert_array_equal(c.bank.row(0, "fc1"), tethers_of(t, 0)["fc1"])
+    c.history.close()
     events = HistoryReader(tmp_path / "history.sqlite").events("rejected")
     assert len(events) == 1
     d = events[0].detail
     assert (events[0].model, d["partner"], d["layer"]) == (0, 1, "out")
     assert d["val_loss_after"] > d["val_loss_before"]
     # a restarted coordinator counts it again; the CLI lists it
-    c2 = Coordinator(cfg, cfg.job, t.model.tether_shapes(), str(tmp_path))
+    c2 = coordinator(prep, tmp_path, restore=True)
     assert c2.rejected == 1
-    c2.close()
+    c2.history.close()
     out = cli("history", str(tmp_path), "--kind", "rejected", "--json")
     assert out.returncode == 0, out.stderr
     (row,) = json.loads(out.stdout)
@@ -219,35 +210,27 @@ def test_merge_guard_rolls_back_a_merge_that_raises_validation_loss(tmp_path):
 
 
 def test_merge_guard_keeps_a_merge_that_does_not_hurt(tmp_path):
-    cfg = cfg_with(tmp_path, "policy.guard=true")
-    t, _ = trained(cfg)
-    c = Coordinator(cfg, cfg.job, t.model.tether_shapes(), str(tmp_path))
-    own = t.model.export_tethers()["fc2"]
-    t.receive(DirectLink(c), [Instruction("merge", 0, 1, "fc2", 0.5, 0.7, "t", partner_tether=own)])
-    assert t.rejected == 0 and c.rejected == 0 and t.applied == 1
+    prep = prepare(cfg_with(tmp_path, "policy.guard=true"))
+    t = trained(prep)
+    own = tethers_of(t, 0)["fc2"]
+    t.receive(Reply((Instruction("merge", 0, 1, "fc2", 0.5, 0.7, "t", partner_tether=own),)))
+    assert t.rejected.tolist() == [0] and not t.report().rejections
 
 
-def test_stacked_merge_guard_rolls_back_only_the_harmed_model(tmp_path):
-    cfg = cfg_with(tmp_path, "policy.guard=true")
-    data = load_dataset(cfg.data, cfg.seed)
-    st_ = StackedTrainer([0, 1], cfg, data, device="cpu")
-    for _ in range(3):
-        for xb, yb, mask in st_.batches():
-            st_.train_step(xb, yb, mask)
-    c = Coordinator(cfg, cfg.job, {n: tuple(v) for n, v in _shapes(st_).items()}, str(tmp_path))
-    before = [st_.model.export_tethers(i) for i in range(2)]
+def test_the_merge_guard_undoes_only_the_harmed_model_of_a_stack(tmp_path):
+    prep = prepare(cfg_with(tmp_path, "policy.guard=true"))
+    t = trained(prep, [0, 1])
+    before = [tethers_of(t, i) for i in range(2)]
     zeros = np.zeros_like(before[0]["out"])
-    mail = [
+    mail = (
         Instruction("merge", 0, 2, "out", 1.0, 0.7, "t", partner_tether=zeros),
         Instruction("merge", 1, 3, "fc2", 0.5, 0.7, "t", partner_tether=before[1]["fc2"]),
-    ]
-    st_.receive(DirectLink(c), mail)
-    np.testing.assert_array_equal(st_.model.export_tethers(0)["out"], before[0]["out"])
-    assert st_.rejected == [1, 0] and c.rejected == 1
-
-
-def _shapes(st_):
-    return {n: layer.tether.shape[1:] for n, layer in st_.model.layers.items()}
+    )
+    t.receive(Reply(mail))
+    np.testing.assert_array_equal(tethers_of(t, 0)["out"], before[0]["out"])
+    assert t.rejected.tolist() == [1, 0]
+    (rej,) = t.report().rejections
+    assert rej.model == 0 and [i.layer for i in rej.merges] == ["out"]
 
 
 @settings(max_examples=40, deadline=None)
@@ -266,49 +249,42 @@ def test_repulsion_conserves_momentum_and_spreads_the_models(k, p, seed):
 
 
 def test_repulsive_drift_moves_every_model_away_from_the_others(tmp_path):
-    cfg = cfg_with(
-        tmp_path,
-        "policy.drift=repulsive",
-        "compat.normalize=none",
-        "policy.merge_above=2.0",  # no merges: cosine never exceeds 1
-        "policy.drift_below=-1.0",
+    prep = prepare(
+        cfg_with(
+            tmp_path,
+            "policy.drift=repulsive",
+            "compat.normalize=none",
+            "policy.merge_above=2.0",  # no merges: cosine never exceeds 1
+            "policy.drift_below=-1.0",
+        )
     )
-    data = load_dataset(cfg.data, cfg.seed)
-    ts = [Trainer(m, cfg, data) for m in range(4)]
-    c = Coordinator(cfg, cfg.job, ts[0].model.tether_shapes(), str(tmp_path))
+    t = trainer(prep, range(4))
+    c = coordinator(prep, tmp_path)
 
     def spread(layer):
-        x = np.stack([t.model.export_tethers()[layer].ravel() for t in ts]).astype(np.float64)
+        x = np.stack([tethers_of(t, i)[layer].ravel() for i in range(4)]).astype(np.float64)
         return ((x[:, None] - x[None]) ** 2).sum(-1)[np.triu_indices(4, 1)].mean()
 
     start = {n: spread(n) for n in c.layers}
-    mails = [c.publish(t.report(0, 1.0, 1.0)) for t in ts]  # the last publish runs the round
-    for m, t in enumerate(ts):
-        mail = mails[m] + c.poll(m)
-        assert {(i.kind, i.partner) for i in mail} == {("drift", ENSEMBLE)}
-        assert len(mail) == len(c.layers)
-        t.apply(mail)
+    mail = c.exchange(publish(t)).instructions  # everyone published: a round
+    assert {(i.kind, i.partner) for i in mail} == {("drift", ENSEMBLE)}
+    assert len(mail) == 4 * len(c.layers)
+    t.receive(Reply(mail))
     assert c.drifts == 4 * len(c.layers) and c.merges == 0
     c.history.close()  # the history lists each repulsive drift once, partner ENSEMBLE
     drifts = HistoryReader(tmp_path / "history.sqlite").decisions(kind="drift")
     assert len(drifts) == 4 * len(c.layers) and {d.partner for d in drifts} == {ENSEMBLE}
     for n in c.layers:
         assert spread(n) > start[n]
-        for m, t in enumerate(ts):
-            np.testing.assert_allclose(c.bank.row(m, n), t.model.export_tethers()[n], atol=1e-6)
+    assert_bank_matches(c, [t])
 
 
 def test_shared_init_shares_weights_but_not_tethers(tmp_path):
-    data = None
     for init, same in (("shared", True), ("independent", False)):
-        cfg = cfg_with(tmp_path, f"model.init={init}")
-        data = data or load_dataset(cfg.data, cfg.seed)
-        a, b = Trainer(0, cfg, data).model, Trainer(1, cfg, data).model
-        assert torch.equal(a.layers["fc1"].linear.weight, b.layers["fc1"].linear.weight) == same
-        assert not torch.equal(a.layers["fc1"].tether, b.layers["fc1"].tether)
-        sa = StackedTrainer([0, 1], cfg, data, device="cpu").model.layers["fc1"].weight
-        assert torch.equal(sa[0], sa[1]) == same
-        assert torch.equal(sa[1], b.layers["fc1"].linear.weight)
+        t = trainer(prepare(cfg_with(tmp_path, f"model.init={init}")), [0, 1])
+        w, tether = t.stack.weight("fc1"), t.stack.tethers["fc1"]
+        assert torch.equal(w[0], w[1]) == same
+        assert not torch.equal(tether[0], tether[1])
 
 
 def test_cka_with_fixed_peers_is_a_clear_config_error(tmp_path):
@@ -327,10 +303,11 @@ def test_unknown_option_values_name_the_key(key, value):
         load_config(None, [f"{key}={value}"])
 
 
-def test_stacked_weight_merge_matches_the_single_trainer(tmp_path):
-    cfg = cfg_with(tmp_path, "policy.merge=weights")
-    data = load_dataset(cfg.data, cfg.seed)
-    single, stack = Trainer(0, cfg, data), StackedTrainer([0, 1], cfg, data, device="cpu")
+def test_a_weight_merge_averages_the_tethered_weights(tmp_path):
+    prep = prepare(cfg_with(tmp_path, "policy.merge=weights"))
+    t = trainer(prep, [0, 1])
+    w0 = (t.stack.weight("fc2")[0] * t.stack.tethers["fc2"][0]).detach().numpy().copy()
+    other = t.stack.member_state(1)
     rng = np.random.default_rng(6)
     pw = rng.normal(size=(16, 16)).astype(np.float32)
     pb = rng.normal(size=16).astype(np.float32)
@@ -338,29 +315,25 @@ def test_stacked_weight_merge_matches_the_single_trainer(tmp_path):
     ins = Instruction(
         "merge", 0, 1, "fc2", 0.5, 0.7, "t", partner_tether=pt, partner_weights=(pw, pb)
     )
-    single.apply([ins])
-    stack.apply([ins])
-    mine = single.model.weights()
-    theirs = stack.model.member_state(0)
-    for k in ("layers.fc2.linear.weight", "layers.fc2.linear.bias", "layers.fc2.tether"):
-        np.testing.assert_allclose(theirs[k], mine[k], rtol=1e-6, atol=1e-6)
-    eff = mine["layers.fc2.linear.weight"] * mine["layers.fc2.tether"]
-    w0 = Trainer(0, cfg, data).model.tethered_weights()["fc2"][0]
-    np.testing.assert_allclose(eff, 0.5 * w0 + 0.5 * pw, rtol=1e-4, atol=1e-5)
+    t.apply([ins])
+    mine = t.stack.member_state(0)
+    np.testing.assert_allclose(
+        mine["fc2.weight"] * mine["tether.fc2"], 0.5 * w0 + 0.5 * pw, rtol=1e-4, atol=1e-5
+    )
+    for k, v in t.stack.member_state(1).items():  # the other model of the stack is untouched
+        np.testing.assert_array_equal(v, other[k])
 
 
 def test_lineage_leaves_out_merges_the_guard_undid(tmp_path):
-    cfg = pair_cfg(tmp_path)
-    data = load_dataset(cfg.data, cfg.seed)
-    t0, t1 = Trainer(0, cfg, data), Trainer(1, cfg, data)
-    c = Coordinator(cfg, cfg.job, t0.model.tether_shapes(), str(tmp_path))
-    c.publish(t0.report(0, 1.0, 1.0))
-    mail1 = c.publish(t1.report(0, 1.0, 1.0))
-    mail0 = c.poll(0)
-    assert len(mail0) == len(mail1) == 3 and {i.round for i in mail0 + mail1} == {1}
-    t1.apply(mail1)
-    c.reject(0, 5, mail0[:2], 0.1, 0.2, t0.model.export_tethers())  # two of three layers
-    c.close()
+    prep = prepare(pair_cfg(tmp_path))
+    t = trainer(prep, [0, 1])
+    c = coordinator(prep, tmp_path)
+    mail = c.exchange(publish(t)).instructions
+    mail0 = [i for i in mail if i.model == 0]
+    assert len(mail0) == 3 and {i.round for i in mail} == {1}
+    t.receive(Reply(tuple(mail)))
+    c.reject(Rejection(0, 5, tuple(mail0[:2]), 0.1, 0.2, tethers_of(t, 0)))  # two of three
+    c.history.close()
     h = HistoryReader(tmp_path / "history.sqlite")
     assert {e.detail["round"] for e in h.events("rejected")} == {1}
     assert [e.layer for e in h.lineage(0).edges] == [mail0[2].layer]  # the one kept

@@ -3,10 +3,10 @@
 import pytest
 from ray.cluster_utils import Cluster
 
+from ensemble.api import History
 from ensemble.config import load_config
 from ensemble.driver import run_job
 from ensemble.errors import EnsembleError
-from ensemble.history import History
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.ray
@@ -62,6 +62,7 @@ def test_job_that_cannot_fit_fails_clearly_without_starting(gpu_cluster, tmp_pat
             "job=toobig",
             "models.count=8",
             "resources.num_gpus_per_model=1",
+            "resources.models_per_worker=1",  # 8 workers of a GPU each; the cluster has 6
             "resources.placement_timeout=3",
         ],
     )

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from ensemble.api import History
 from ensemble.errors import RunDirError
-from ensemble.history import History, HistoryWriter
-from ensemble.history.writer import dropped_by_retention, parse_retention
+from ensemble.history import HistoryWriter, dropped_by_retention, parse_retention
 from tests.conftest import cli
 
 

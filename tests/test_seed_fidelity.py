@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
+from ensemble.api import History
 from ensemble.config import load_config
 from ensemble.data import load_dataset
 from ensemble.driver import run_job
-from ensemble.history import History
 from ensemble.inference import Ensemble
 from ensemble.plots import plot_all
 from tests.conftest import TINY, cli

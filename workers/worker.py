@@ -1,4 +1,4 @@
-"""The Ray worker actor: a thin shell around `ensemble.training.Trainer`."""
+"""The Ray worker actor: a thin shell around `ensemble.trainer.Trainer`."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ import ray
 import torch
 
 from ensemble.config import Config
-from ensemble.data import Dataset
-from ensemble.training import MemberResult, Trainer
+from ensemble.job import Prepared, make_trainer
+from ensemble.protocol import JoinRequest, MemberResult, Reply, StackReport
+from ensemble.trainer import run_stack
 
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 class RayLink:
-    """A Trainer's link to the coordinator actor.
+    """A trainer's link to the coordinator actor.
 
-    Counts time spent blocked on Ray. A call that fails because the coordinator is down or
+    Counts time spent waiting on it. A call that fails because the coordinator is down or
     restarting is sent again with exponential backoff (publications are idempotent by
     (model, step), and a restarted coordinator resyncs every model); after `retries` tries
     the error propagates and the worker fails.
@@ -29,33 +30,38 @@ class RayLink:
         self.c = coordinator
         self.retries = retries
         self.blocked = 0.0
-        self.calls: dict = {}  # ref -> (method, args), to send again
 
-    def call(self, method, *args):
+    def join(self, request: JoinRequest) -> Reply:
+        return RayPending(self, "join", request).result()
+
+    def send(self, report: StackReport) -> RayPending:
+        return RayPending(self, "exchange", report)
+
+
+class RayPending:
+    def __init__(self, link: RayLink, method: str, message):
+        self.link, self.method, self.message = link, method, message
         t = time.perf_counter()
-        ref = getattr(self.c, method).remote(*args)
-        # a future completes by callback: checking it costs nothing, unlike ray.wait
-        self.calls[ref] = (method, args, ref.future())
-        self.blocked += time.perf_counter() - t
-        return ref
+        self.ref = getattr(link.c, method).remote(message)
+        self.future = self.ref.future()  # completes by callback: checking it costs nothing
+        link.blocked += time.perf_counter() - t
 
-    def ready(self, ref) -> bool:
-        return self.calls[ref][2].done()
+    def done(self) -> bool:
+        return self.future.done()
 
-    def get(self, ref):
+    def result(self) -> Reply:
         t = time.perf_counter()
-        method, args, _ = self.calls.pop(ref)
         try:
-            for attempt in range(self.retries + 1):
+            for attempt in range(self.link.retries + 1):
                 try:
-                    return ray.get(ref)
+                    return ray.get(self.ref)
                 except RETRYABLE:
-                    if attempt == self.retries:
+                    if attempt == self.link.retries:
                         raise
                     time.sleep(min(0.1 * 2**attempt, 5.0))
-                    ref = getattr(self.c, method).remote(*args)
+                    self.ref = getattr(self.link.c, self.method).remote(self.message)
         finally:
-            self.blocked += time.perf_counter() - t
+            self.link.blocked += time.perf_counter() - t
 
 
 def pick_device(setting: str) -> str:
@@ -67,35 +73,20 @@ def pick_device(setting: str) -> str:
 
 @ray.remote
 class Worker:
-    """Trains its models: one with a Trainer, k > 1 as one stacked computation."""
+    """Trains its models as one stack and exchanges with the coordinator."""
 
-    def __init__(
-        self,
-        models: list[int],
-        cfg: dict,
-        data: Dataset,
-        coordinator,
-        run_dir: str,
-        resumed: bool = False,
-    ):
-        config = Config.model_validate(cfg)
+    def __init__(self, models: list[int], prep: Prepared, coordinator, run_dir: str, resumed: bool):
+        cfg: Config = prep.cfg
         # one thread per CPU given: more than that thrash (two threads on two cores do)
-        torch.set_num_threads(max(1, int(config.resources.num_cpus_per_worker or 1)))
-        self.device = pick_device(config.resources.device)
+        torch.set_num_threads(max(1, int(cfg.resources.num_cpus_per_worker or 1)))
+        self.device = pick_device(cfg.resources.device)
         ckpt = Path(run_dir) / "checkpoints"
-        if len(models) == 1:
-            self.trainer = Trainer(models[0], config, data, ckpt, resumed, device=self.device)
-        else:
-            from ensemble.stacked import StackedTrainer
-
-            self.trainer = StackedTrainer(
-                models, config, data, device=self.device, checkpoint_dir=ckpt, resumed=resumed
-            )
-        self.link = RayLink(coordinator, config.faults.call_retries)
+        self.trainer = make_trainer(prep, models, self.device, ckpt, resumed)
+        self.link = RayLink(coordinator, cfg.faults.call_retries)
+        self.sync = cfg.coordinator.mode == "sync"
 
     def run(self) -> list[MemberResult]:
-        out = self.trainer.run(self.link)
-        return out if isinstance(out, list) else [out]
+        return run_stack(self.trainer, self.link, self.sync, self.where())
 
     def where(self) -> dict:
         """Where this worker runs: node, process, GPUs and device."""

@@ -101,7 +101,7 @@ def submit(
 ) -> None:
     """Submit a job through the Ray Jobs API; prints its id (the job name)."""
     from ensemble.cli.run import default_config
-    from ensemble.config import load_config
+    from ensemble.job import load as load_config
     from ensemble.rundir import resolve_job
     from ensemble.submit import submit as do_submit
     from ensemble.submit import wait as do_wait

@@ -27,7 +27,7 @@ ModelOpt = Annotated[int, typer.Option("--model", help="Model id")]
 
 
 def open_history(source: str, address: str | None):
-    from ensemble.history import History
+    from ensemble.api import History
 
     return History.open((address, source) if address else source)
 
@@ -306,7 +306,7 @@ def plot(
     animate: Annotated[bool, typer.Option(help="Also write the orbit plot as a GIF")] = False,
 ) -> None:
     """Draw the job's pictures from its history into RUN_DIR/plots/."""
-    from ensemble.history import History
+    from ensemble.api import History
     from ensemble.plots import plot_all
 
     try:

@@ -89,7 +89,7 @@ def run(
     ] = None,
 ) -> None:
     """Train an ensemble: start (or join) Ray, coordinate merges and drifts, print a summary."""
-    from ensemble.config import load_config
+    from ensemble.job import load as load_config
     from ensemble.rundir import local_ray_env, open_run_dir, resolve_job
 
     try:

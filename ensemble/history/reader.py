@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 
 from ensemble.errors import RunDirError
 from ensemble.history.records import (
+    CoordinatorState,
     Decision,
     Event,
     Explanation,
@@ -239,6 +240,38 @@ class HistoryReader:
 
     def layers(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT layer FROM compat ORDER BY layer")]
+
+    def coordinator_state(self, count: int) -> CoordinatorState:
+        """Everything a restarted coordinator (or a resumed job's) rebuilds itself from."""
+        q = self.conn.execute
+        st = CoordinatorState(restored=True)
+        for m in range(count):
+            gens = self.generations(m)
+            if gens:
+                st.generation[m] = gens[-1].generation
+                st.tethers[m] = self.tethers(m)
+        for m, step, epoch, loss in q(
+            "SELECT model, step, epoch, loss FROM publications WHERE id IN"
+            " (SELECT MAX(id) FROM publications GROUP BY model)"
+        ):
+            st.step[m], st.epoch[m], st.loss[m] = step, epoch, loss
+        st.failed = {e.model for e in self.events(kind="failed")}
+        st.finished = st.failed | {e.model for e in self.events(kind="finished")}
+        for kind, model, epoch, n in q(
+            "SELECT kind, model, epoch, COUNT(*) FROM instructions GROUP BY kind, model, epoch"
+        ):
+            st.per_epoch[(kind, model, epoch)] = n
+        st.rounds = self.count("rounds")
+        st.publications = self.count("publications")
+        for kind, n in q(
+            "SELECT kind, COUNT(*) FROM instructions WHERE model < partner"
+            " OR partner >= ? OR partner < 0 GROUP BY kind",
+            (count,),
+        ):
+            if kind in ("merge", "drift"):
+                setattr(st, f"{kind}s", n)
+        st.rejected = q("SELECT COUNT(*) FROM events WHERE kind = 'rejected'").fetchone()[0]
+        return st
 
     def close(self):
         self.conn.close()

@@ -115,3 +115,27 @@ class Lineage(Record):
 
     def ancestors(self) -> set[int]:
         return {e.partner for e in self.edges} - {self.model}
+
+
+@dataclass
+class CoordinatorState:
+    """What a coordinator knows of a job, as its history records it (`fresh` for a new one).
+
+    A model's latest tether generation is exactly its bank row: tethers change only through
+    decisions, and every decision snapshots the models it changed.
+    """
+
+    tethers: dict[int, dict] = field(default_factory=dict)  # model -> layer -> array
+    generation: dict[int, int] = field(default_factory=dict)  # model -> latest generation
+    step: dict[int, int] = field(default_factory=dict)  # model -> latest published step
+    epoch: dict[int, int] = field(default_factory=dict)
+    loss: dict[int, float] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)  # stopped training (failed ones too)
+    failed: set[int] = field(default_factory=set)  # stopped for good: not ensemble members
+    per_epoch: dict[tuple[str, int, int], int] = field(default_factory=dict)  # decisions
+    rounds: int = 0
+    merges: int = 0
+    drifts: int = 0
+    publications: int = 0
+    rejected: int = 0
+    restored: bool = False  # rebuilt from an existing history

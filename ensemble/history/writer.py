@@ -14,31 +14,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ensemble.errors import EnsembleError
+from ensemble.history.retention import dropped_by_retention, parse_retention
 from ensemble.history.schema import SCHEMA, SCHEMA_VERSION, check_schema, connect
-
-
-def parse_retention(spec: str) -> tuple[str, int]:
-    """'all' | 'every:K' | 'last:N' -> (kind, number). Raises ValueError naming the spec."""
-    if spec == "all":
-        return "all", 0
-    kind, _, num = spec.partition(":")
-    if kind in ("every", "last") and num.isdigit() and int(num) >= 1:
-        return kind, int(num)
-    raise ValueError(f"retention {spec!r}: expected 'all', 'every:K' or 'last:N' (K, N >= 1)")
-
-
-def dropped_by_retention(kind: str, n: int, new_generation: int) -> int | None:
-    """Which older generation to delete once `new_generation` is written, if any.
-
-    every:K keeps multiples of K (and always the latest); last:N keeps the newest N.
-    """
-    if kind == "every":
-        prev = new_generation - 1
-        return prev if prev >= 0 and prev % n != 0 else None
-    if kind == "last":
-        old = new_generation - n
-        return old if old >= 0 else None
-    return None
 
 
 class HistoryFullError(EnsembleError):
@@ -58,6 +35,7 @@ class HistoryWriter:
         self.run_dir = self.path.parent
         self.retention = parse_retention(retention)
         self.lock = take_lock(self.path.with_suffix(".lock"), lock_timeout)
+        self._in_tx = False
         try:
             self._open(job, config_yaml)
         except BaseException:
@@ -86,8 +64,14 @@ class HistoryWriter:
 
     @contextmanager
     def tx(self):
-        """One transaction. Out of space, it rolls back whole and becomes a clear error:
-        the file keeps everything committed before, and stays a valid database."""
+        """One transaction; nested uses join the outer one, so a caller can group many
+        writes (a whole stack report, a round) into one commit. Out of space, it rolls back
+        whole and becomes a clear error: the file keeps everything committed before, and
+        stays a valid database."""
+        if self._in_tx:
+            yield
+            return
+        self._in_tx = True
         try:
             with self.conn:
                 yield
@@ -95,35 +79,23 @@ class HistoryWriter:
             if "full" in str(e) or "readonly" in str(e) or "I/O" in str(e):
                 raise HistoryFullError(f"{self.path}: cannot write the history ({e})") from None
             raise
+        finally:
+            self._in_tx = False
 
-    def publication(
-        self,
-        model: int,
-        step: int,
-        epoch: int,
-        loss: float,
-        grad_norm: float,
-        probes: dict | None = None,
-    ):
-        """probes: the seed's tracked weights (probe1, probe2), entropy, sparsity."""
-        p = probes or {}
+    def publications(self, rows: list[tuple]) -> None:
+        """rows: (model, step, epoch, loss, grad_norm, probe1, probe2, entropy, sparsity);
+        probes are the seed's tracked weights, the activation entropy and the sparsity."""
+        now = time.time()
         with self.tx():
-            self.conn.execute(
+            self.conn.executemany(
                 "INSERT OR IGNORE INTO publications (model, step, epoch, loss, grad_norm, t,"
                 " probe1, probe2, entropy, sparsity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    model,
-                    step,
-                    epoch,
-                    loss,
-                    grad_norm,
-                    time.time(),
-                    p.get("probe1"),
-                    p.get("probe2"),
-                    p.get("entropy"),
-                    p.get("sparsity"),
-                ),
+                [(*r[:5], now, *r[5:]) for r in rows],
             )
+
+    def publication(self, model: int, step: int, epoch: int, loss: float, grad_norm: float):
+        """One publication without probes (tests, tools)."""
+        self.publications([(model, step, epoch, loss, grad_norm, None, None, None, None)])
 
     def round(
         self,

@@ -1,0 +1,271 @@
+"""One job assembly: check a config, prepare what it needs, run it in one process.
+
+- `check(cfg)`: every registry name in the config exists (the config never imports them);
+- `prepare(cfg)`: data, tethered layer shapes, each model's rows, fixed peers;
+- `open_coordinator`: the coordinator over its run directory's history (fresh or restored);
+- `run_local(cfg, run_dir)`: a whole job without Ray, for tests and benchmarks. It runs the
+  synchronous protocol, so it gives the ensemble a Ray job in `coordinator.mode: sync` gives;
+- `finish`: the summary and the saved members, for both.
+
+The Ray driver (ensemble.driver) builds on the same pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from ensemble.batches import steps_per_epoch
+from ensemble.compat import COMPAT
+from ensemble.config import Config, dump_config, load_config
+from ensemble.coordinator import Coordinator
+from ensemble.data import DATASETS, Dataset, load_dataset, load_peer_tethers, member_rows
+from ensemble.errors import ConfigError, EnsembleError
+from ensemble.history import HistoryReader, HistoryWriter
+from ensemble.metrics import ensemble_probs, scores
+from ensemble.model import PRESETS, build_member
+from ensemble.placement import groups_of
+from ensemble.policy import POLICIES
+from ensemble.protocol import MemberResult
+from ensemble.rundir import check_resumable, claim_run_dir, write_atomic
+from ensemble.trainer import Trainer
+
+
+def check(cfg: Config) -> None:
+    """Every name the config gives is one its registry knows; the error names the key."""
+    for path, value, names in [
+        ("model.preset", cfg.model.preset, PRESETS),
+        ("data.name", cfg.data.name, DATASETS),
+        ("compat.fn", cfg.compat.fn, COMPAT),
+        ("policy.name", cfg.policy.name, POLICIES),
+    ]:
+        if value not in names:
+            raise ConfigError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """`load_config`, then `check`: a config ready to run, or one error naming the source."""
+    cfg = load_config(path, overrides)
+    try:
+        check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'built-in defaults'}: {e}") from None
+    return cfg
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every part of a job is built from: checked once, before anything starts."""
+
+    cfg: Config
+    data: Dataset
+    shapes: dict[str, tuple[int, ...]]  # tethered layer -> tether shape
+    rows: list[np.ndarray]  # each model's training rows
+    steps_per_epoch: int  # the same for every model
+    peers: dict[str, tuple[str, np.ndarray]]  # fixed external tethers
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Check the config, load the data and peer files: every bad input fails here."""
+    check(cfg)
+    data = load_dataset(cfg.data, cfg.seed)
+    module, tethers = build_member(cfg, data.features, data.classes, 0)
+    shapes = {n: tuple(t.shape) for n, t in tethers.items()}
+    unknown = set(cfg.policy.layers or []) - set(shapes)
+    if unknown:
+        raise ConfigError(
+            f"policy.layers: unknown layers {sorted(unknown)}; the model has {list(shapes)}"
+        )
+    peers = load_peer_tethers(cfg.peers, shapes, cfg.seed)
+    rows = member_rows(cfg.data, data.y_train, cfg.models.count)
+    return Prepared(cfg, data, shapes, rows, steps_per_epoch(rows, cfg.train.batch_size), peers)
+
+
+def make_trainer(
+    prep: Prepared,
+    ids: list[int],
+    device: str = "cpu",
+    checkpoint_dir: Path | None = None,
+    resumed: bool = False,
+) -> Trainer:
+    """The trainer of the models `ids` of a prepared job."""
+    rows = [prep.rows[m] for m in ids]
+    return Trainer(
+        ids, prep.cfg, prep.data, rows, prep.steps_per_epoch, device, checkpoint_dir, resumed
+    )
+
+
+def open_coordinator(prep: Prepared, run_dir: Path) -> Coordinator:
+    """The coordinator of the job in `run_dir`: a new history, or the state an existing one
+    records (a restarted coordinator, or a resumed job)."""
+    cfg = prep.cfg
+    path = Path(run_dir) / "history.sqlite"
+    writer = HistoryWriter(path, cfg.job, dump_config(cfg), retention=cfg.history.generations)
+    try:
+        state = None
+        if writer.reopened:
+            reader = HistoryReader(path)
+            try:
+                state = reader.coordinator_state(cfg.models.count)
+            finally:
+                reader.close()
+        coord = Coordinator(cfg, prep.shapes, writer, state, prep.peers, prep.data.y_val)
+        if state is not None:
+            writer.event(
+                "coordinator_restored",
+                rounds=state.rounds,
+                known=len(state.tethers),
+                publications=state.publications,
+            )
+        return coord
+    except BaseException:
+        writer.close()
+        raise
+
+
+def run_local(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool = False,
+    groups: list[list[int]] | None = None,
+    device: str = "cpu",
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run a whole job in this process, stacks stepping in turn; returns its summary.
+
+    groups: model ids per stack (default: all models in one). Each exchange boundary, every
+    stack reports, the coordinator takes the reports in stack order, runs a round when one
+    is due, and every stack applies its reply before it trains on: the synchronous protocol.
+    """
+    prep = prepare(cfg)
+    run_dir = Path(run_dir)
+    run_dir = check_resumable(run_dir, cfg.job) if resume else claim_run_dir(run_dir, cfg.job)
+    if not resume:
+        write_atomic(run_dir / "config.yaml", dump_config(cfg))
+    t0 = time.time()
+    coord = open_coordinator(prep, run_dir)
+    try:
+        groups = groups or groups_of(cfg.models.count, 1)
+        trainers = [make_trainer(prep, g, device, run_dir / "checkpoints", resume) for g in groups]
+        drive(trainers, coord, {"pid": os.getpid(), "device": device}, on_progress)
+        secs = time.time() - t0
+        results = [r for t in trainers for r in t.results(0.0, secs)]
+        return finish(cfg, prep.data, run_dir, results, coord.progress(), time.time() - t0)
+    finally:
+        coord.history.close()
+
+
+def drive(
+    trainers: list[Trainer],
+    coord: Coordinator,
+    where: dict | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> None:
+    """The synchronous protocol in one process, as `run_stack` with sync=True runs it over
+    Ray: at every boundary each stack applies the reply to the previous boundary, then
+    reports; the coordinator takes the reports in stack order and runs the round due; a
+    stack that has finished takes its reply at once."""
+    for t in trainers:
+        t.receive(coord.join(t.join_request(where)))
+    replies: dict[int, object] = {}
+    live = list(trainers)
+    while live:
+        for t in live:
+            t.train_window()
+            if id(t) in replies:
+                t.receive(replies.pop(id(t)))
+        reports = [t.report() for t in live]
+        for r in reports:
+            coord.receive(r)
+        if coord.round_due():
+            coord.run_round()
+        for t, r in zip(live, reports, strict=True):
+            replies[id(t)] = coord.take_mail(r.models)
+            if t.done:
+                t.receive(replies.pop(id(t)))
+        live = [t for t in live if not t.done or t.has_news]
+        if on_progress is not None:
+            on_progress(coord.progress())
+
+
+def finish(
+    cfg: Config,
+    data: Dataset,
+    run_dir: Path,
+    results: list[MemberResult],
+    progress: dict,
+    wall: float,
+) -> dict:
+    """Score, save the members and write summary.json; the checkpoints go."""
+    summary = summarise(cfg, data, results, progress, wall)
+    save_members(run_dir, [r for r in results if not r.failed], data)
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only resumes need them
+    return summary
+
+
+def summarise(
+    cfg: Config, data: Dataset, results: list[MemberResult], progress: dict, wall: float
+) -> dict:
+    """Members that failed (a non-finite loss with on_poison=stop) are listed, not scored."""
+    failed = sorted(set(range(cfg.models.count)) - {r.model for r in results if not r.failed})
+    results = sorted((r for r in results if not r.failed), key=lambda r: r.model)
+    if not results:
+        raise EnsembleError(f"every model failed (models {failed}); see the history's events")
+    probs = [r.test_probs for r in results]
+    members = [
+        {
+            "model": r.model,
+            "steps": r.steps,
+            **scores(p, data.y_test),
+            "blocked_fraction": r.blocked_seconds / max(r.train_seconds, 1e-9),
+            "train_seconds": round(r.train_seconds, 3),
+        }
+        for r, p in zip(results, probs, strict=True)
+    ]
+    return {
+        "job": cfg.job,
+        "models": cfg.models.count,
+        "failed": failed,
+        "data": data.name,
+        "test_samples": int(len(data.y_test)),
+        "ensemble": scores(ensemble_probs(probs), data.y_test),
+        "members": members,
+        "mean_member": {k: float(np.mean([m[k] for m in members])) for k in ("accuracy", "nll")},
+        "rounds": progress["rounds"],
+        "merges": progress["merges"],
+        "drifts": progress["drifts"],
+        "rejected": progress.get("rejected", 0),
+        "publications": progress["publications"],
+        "staleness": progress.get("staleness"),
+        "coordinator_peak_rss_mb": round(progress["peak_rss_mb"], 1),
+        "wall_seconds": round(wall, 3),
+    }
+
+
+def save_members(run_dir: Path, results: list[MemberResult], data: Dataset) -> None:
+    """models/model_<i>.safetensors per member (its module's keys, and tether.<layer>), and
+    preprocess.safetensors: the input standardisation (empty when the data is used raw),
+    so predictions take raw inputs."""
+    out = run_dir / "models"
+    tmp = run_dir / "models.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for r in results:
+        save_file(r.weights, str(tmp / f"model_{r.model}.safetensors"))
+    pre = {} if data.mean is None else {"mean": data.mean, "std": data.std}
+    save_file(
+        pre,
+        str(tmp / "preprocess.safetensors"),
+        metadata={"features": str(data.features), "classes": str(data.classes)},
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
