@@ -45,10 +45,8 @@ class Publisher:
             from ensemble.protocol import StackReport
 
             step[m] += 1
-            one = np.ones(1)
-            report = StackReport(
-                np.array([m]), step[m], 0, one, one, np.ones(1, dtype=bool), self.tethers[m]
-            )
+            one, yes = np.ones(1), np.ones(1, dtype=bool)
+            report = StackReport(np.array([m]), step[m], 0, one, one, yes, yes, self.tethers[m])
             inflight[self.c.exchange.remote(report)] = (m, step[m], time.perf_counter())
 
         for m in self.models:

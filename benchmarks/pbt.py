@@ -4,7 +4,8 @@ Both: digits from ensemble.data.load_dataset (same split), population / ensemble
 20 epochs, 64-64 hidden, Adam lr 1e-3, batch 32, each on a fresh local Ray instance
 (loopback, auth off), with the same CPU share per member so all 8 run at once.
 
-- Ours: run_job with the default config (tethered MLPs, coordination on).
+- Ours: run_job with configs/default.yaml, the default job as a user runs it (tethered
+  MLPs, coordination on, workers placed by resources.models_per_worker auto).
 - PBT: a Tune function trainable trains a plain MLP, reports validation accuracy and a
   checkpoint each epoch; PBT (perturbation every few epochs) exploits the best quartile
   and perturbs lr. At the end, the final 8 trials' checkpoints predict the test set and
@@ -157,7 +158,8 @@ def run_ours(cfg: dict, job: str, root: Path) -> dict:
     overrides = [f"models.count={cfg['population']}", f"train.epochs={cfg['epochs']}"]
     overrides += [f"model.layers=[{hidden}]", f"train.lr={LR}", f"train.batch_size={BATCH}"]
     t0 = time.perf_counter()
-    summary = run_job(load_config(None, [*PLAIN, *overrides, f"job={job}"]), root / job)
+    default = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    summary = run_job(load_config(default, [*overrides, f"job={job}"]), root / job)
     return {
         "wall": time.perf_counter() - t0,
         "ensemble": summary["ensemble"],
@@ -229,7 +231,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
         f"Adam lr {LR}, batch {BATCH}; {per} CPU per member (trial or worker) on "
         f"{os.cpu_count()} CPUs. PBT: perturbation every {cfg['interval']} epochs, lr "
         "resampled log-uniform in [1e-4, 1e-2] or scaled by 0.8/1.2, metric val_acc.",
-        "PBT members are plain MLPs; ours are tethered MLPs with coordination on.",
+        "PBT members are plain MLPs; ours are tethered MLPs with the default policy.",
         f"Mean member test accuracy: ours {col(ours, 'mean_member_accuracy')}, "
         f"PBT {col(pbt, 'mean_member_accuracy')}.",
         f"Ours: merges {col(ours, 'merges')}, drifts {col(ours, 'drifts')}. "

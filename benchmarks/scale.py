@@ -57,7 +57,8 @@ def coordinator_times(m: int, rounds: int, root: Path) -> tuple[float, float]:
     one = np.ones(1)
     for i in range(m):  # every model known
         t = {k: rng.normal(1, 0.1, (1, *s)).astype(np.float32) for k, s in shapes.items()}
-        report = StackReport(np.array([i]), 1, 0, one, one, np.ones(1, dtype=bool), t)
+        yes = np.ones(1, dtype=bool)
+        report = StackReport(np.array([i]), 1, 0, one, one, yes, yes, t)
         t0 = time.perf_counter()
         c.receive(report)
         pub.append(time.perf_counter() - t0)

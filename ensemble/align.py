@@ -15,11 +15,19 @@ import numpy as np
 Params = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def weight_matching(a: Params, b: Params, max_iter: int = 30, seed: int = 0) -> list[np.ndarray]:
+def weight_matching(
+    a: Params,
+    b: Params,
+    max_iter: int = 30,
+    seed: int = 0,
+    init: list[np.ndarray] | None = None,
+) -> list[np.ndarray]:
     """Permutations of b's hidden units that align b to a: one per hidden layer.
 
     perm[l][k] is the unit of b that plays a's unit k in hidden layer l, so
-    b's aligned layer l is W_b[perm[l]][:, perm[l - 1]] (see `permute`).
+    b's aligned layer l is W_b[perm[l]][:, perm[l - 1]] (see `permute`). init: where the
+    coordinate descent starts (e.g. the same pair's last alignment: weights move little
+    between two merges, so it converges in a sweep or two); identity by default.
     """
     from scipy.optimize import linear_sum_assignment  # here: workers that never align skip it
 
@@ -27,7 +35,7 @@ def weight_matching(a: Params, b: Params, max_iter: int = 30, seed: int = 0) -> 
     if list(b) != names:
         raise ValueError(f"layers differ: {names} vs {list(b)}")
     widths = [a[n][0].shape[0] for n in names[:-1]]  # hidden widths
-    perms = [np.arange(h) for h in widths]
+    perms = [np.arange(h) for h in widths] if init is None else [p.copy() for p in init]
     rng = np.random.default_rng(seed)
     for _ in range(max_iter):
         changed = False

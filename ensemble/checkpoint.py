@@ -7,6 +7,7 @@ tensors and plain values, never arbitrary pickles.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -21,8 +22,10 @@ def stack_path(directory: Path, ids: list[int]) -> Path:
 
 def save(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()  # serialised in memory, then one write: faster than into the file
+    torch.save(state, buf)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    tmp.write_bytes(buf.getbuffer())
     os.replace(tmp, path)  # a reader sees the old checkpoint or the new one, never half
 
 

@@ -155,6 +155,9 @@ class PeerConfig(Section):
 
 class FaultsConfig(Section):
     max_restarts: int = Field(3, ge=0)  # restarts of a worker or the coordinator actor
+    # a worker checkpoints at an epoch start once this long has passed since its last
+    # checkpoint (0: every epoch); a restart or --resume continues from there
+    checkpoint_seconds: float = Field(10.0, ge=0)
     on_poison: Literal["rollback", "stop"] = "rollback"  # NaN/Inf loss: last checkpoint, or stop
     max_rollbacks: int = Field(2, ge=0)  # per model; then it is stopped
     call_retries: int = Field(10, ge=0)  # retries of a call to a restarting coordinator

@@ -82,6 +82,7 @@ class Coordinator:
         self.features: TetherBank | None = None
         self.has_features = np.zeros(m, dtype=bool)
         self.params: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # latest W*T, b
+        self.aligned: dict[tuple[int, int], list[np.ndarray]] = {}  # pair -> last alignment
         self.policy = make_policy(cfg.policy.name, policy_params(cfg))
         self.history = history
         self.val_labels = val_labels
@@ -156,10 +157,20 @@ class Coordinator:
                     self.finish(int(r.models[i]), r.step, bool(r.failed[i]))
 
     def record_publications(self, r: StackReport) -> None:
+        row = {m: i for i, m in enumerate(r.models.tolist())}
+        for j, m in enumerate(r.introduced_ids().tolist()):  # tethers the bank lacked
+            tethers = {n: t[j] for n, t in r.tethers.items()}
+            bad = next((n for n, t in tethers.items() if not np.isfinite(t).all()), None)
+            if bad is not None:  # never in the bank: no partner ever gets it
+                self.quarantine(m, r.step, f"tether {bad} has non-finite values")
+                continue
+            self.bank.write(m, self.pending_applied(m, tethers))
+            if not self.known[m]:  # generation 0: the tethers a model starts with
+                self.known[m] = True
+                self.snapshot(m, None)
         ids = r.published_ids()
         if not len(ids):
             return
-        row = {m: i for i, m in enumerate(r.models.tolist())}
         p = r.probes or {}
         cols = [p.get(k) for k in ("probe1", "probe2", "entropy", "sparsity")]
         rows = []
@@ -170,12 +181,6 @@ class Coordinator:
         self.history.publications(rows)
         self.publications += len(ids)
         for j, m in enumerate(ids.tolist()):
-            tethers = {n: t[j] for n, t in r.tethers.items()}
-            bad = next((n for n, t in tethers.items() if not np.isfinite(t).all()), None)
-            if bad is not None:  # never in the bank: no partner ever gets it
-                self.quarantine(m, r.step, f"tether {bad} has non-finite values")
-                continue
-            self.bank.write(m, self.pending_applied(m, tethers))
             if r.features is not None:
                 if self.features is None:
                     shapes = {n: f.shape[1:] for n, f in r.features.items()}
@@ -184,9 +189,6 @@ class Coordinator:
                 self.has_features[m] = True
             if r.weights is not None:
                 self.params[m] = {n: (w[j], b[j]) for n, (w, b) in r.weights.items()}
-            if not self.known[m]:  # generation 0: the tethers a model starts with
-                self.known[m] = True
-                self.snapshot(m, None)
         self.since_round += len(ids)
 
     def pending_applied(self, model: int, tethers: dict[str, np.ndarray]) -> dict:
@@ -198,11 +200,13 @@ class Coordinator:
         return out
 
     def take_mail(self, models) -> Reply:
-        out = []
+        out, unknown = [], []
         for m in np.asarray(models).tolist():
             out += self.mailbox[m]
             self.mailbox[m] = []
-        return Reply(tuple(out))
+            if not self.known[m] and self.active[m]:
+                unknown.append(m)
+        return Reply(tuple(out), tuple(unknown))
 
     def quarantine(self, model: int, step: int, reason: str) -> None:
         """A model with non-finite loss or tethers: never a partner until it rejoins."""
@@ -411,7 +415,9 @@ class Coordinator:
             return replace(ins, partner_tether=partner)  # nothing published to align by
         key = (min(ins.model, ins.partner), max(ins.model, ins.partner))
         if p.align and key not in perms:  # units of the larger id in the smaller id's order
-            perms[key] = align.weight_matching(self.params[key[0]], self.params[key[1]])
+            a, b = self.params[key[0]], self.params[key[1]]
+            perms[key] = align.weight_matching(a, b, init=self.aligned.get(key))
+            self.aligned[key] = perms[key]  # the next merge of this pair starts from here
         pm = perms.get(key)
         if pm is not None and ins.model == key[1]:
             pm = align.inverse(pm)

@@ -104,8 +104,12 @@ class StackReport:
     epoch: int  # the epoch being trained
     losses: np.ndarray  # (k,) latest loss of each model
     grad_norms: np.ndarray  # (k,) latest gradient norm
-    published: np.ndarray  # (k,) bool: whose tethers this report carries (trigger fired)
-    tethers: dict[str, np.ndarray]  # layer -> (n_pub, *shape), the publishing models' tethers
+    published: np.ndarray  # (k,) bool: who publishes (its trigger fired)
+    # Tethers change only through the coordinator's instructions, so it already holds them:
+    # a report carries a model's tethers only when the coordinator lacks them (its first
+    # publication, or after a restarted coordinator asked). introduced: (k,) bool, whose.
+    introduced: np.ndarray
+    tethers: dict[str, np.ndarray]  # layer -> (n_introduced, *shape)
     # compat.fn cka: layer -> (n_pub, n, n) centred Gram of its outputs on the probe batch
     features: dict[str, np.ndarray] | None = None
     # alignment or weight merge: layer -> ((n_pub, *W) tethered weights, (n_pub, *b) biases)
@@ -123,6 +127,9 @@ class StackReport:
     def published_ids(self) -> np.ndarray:
         return self.models[self.published]
 
+    def introduced_ids(self) -> np.ndarray:
+        return self.models[self.introduced]
+
 
 @dataclass(frozen=True)
 class JoinRequest:
@@ -137,9 +144,10 @@ class JoinRequest:
 @dataclass(frozen=True)
 class Reply:
     """Coordinator -> worker: every instruction decided for the stack since its last call,
-    in decision order."""
+    in decision order; and the models whose tethers it does not hold (send them)."""
 
     instructions: tuple[Instruction, ...] = ()
+    unknown: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

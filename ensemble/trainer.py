@@ -96,9 +96,11 @@ class Trainer:
         self.failed = np.zeros(self.k, dtype=bool)  # stopped after a non-finite loss
         self.rollbacks = np.zeros(self.k, dtype=np.int64)
         self.rejected = np.zeros(self.k, dtype=np.int64)  # merges the guard undid
+        self.introduced = np.zeros(self.k, dtype=bool)  # the coordinator holds its tethers
         self.snapshot: dict | None = None  # the stack at this epoch's start (rollback)
         self.outbox = Outbox(self.k)
         self.ckpt = None
+        self.saved_at = -math.inf  # when the last checkpoint was written (monotonic)
         if checkpoint_dir is not None:
             self.ckpt = checkpoint.stack_path(Path(checkpoint_dir), self.ids)
         self.reason = "started"  # why the stack joins the coordinator
@@ -209,6 +211,8 @@ class Trainer:
     def receive(self, reply: Reply) -> None:
         """Apply the reply. With the merge guard on, undo a model's merges if they raised
         its validation loss (the greedy-soup rule); the rejection rides the next report."""
+        for m in reply.unknown:  # a restarted coordinator lost them: introduce them again
+            self.introduced[self.row[m]] = False
         mail = [ins for ins in reply.instructions if not self.failed[self.row[ins.model]]]
         merges = [ins for ins in mail if ins.kind == "merge"]
         if not (self.cfg.policy.guard and merges):
@@ -260,9 +264,12 @@ class Trainer:
         """Everything since the last report, for the whole stack; empties the outbox."""
         out = self.outbox
         pub = out.published & ~self.failed
+        new = pub & ~self.introduced  # the coordinator lacks their tethers
+        self.introduced |= new
         idx = np.flatnonzero(pub)
         sel = torch.as_tensor(idx, device=self.device)
-        tethers = {n: t[sel].cpu().numpy() for n, t in self.stack.tethers.items()}
+        at = torch.as_tensor(np.flatnonzero(new), device=self.device)
+        tethers = {n: t[at].cpu().numpy() for n, t in self.stack.tethers.items()}
         features = weights = None
         if len(idx) and self.coordinated and self.cfg.compat.fn == "cka":
             features = self.features(sel)
@@ -281,6 +288,7 @@ class Trainer:
             losses=self.last[0].copy(),
             grad_norms=self.last[1].copy(),
             published=pub,
+            introduced=new,
             tethers=tethers,
             features=features,
             weights=weights,
@@ -390,8 +398,11 @@ class Trainer:
                     st[key][i] = 0.0 if saved is None else saved[i]
 
     def save_checkpoint(self) -> None:
-        if self.ckpt is None:
+        """At an epoch start, once `faults.checkpoint_seconds` have passed since the last."""
+        now = time.monotonic()
+        if self.ckpt is None or now - self.saved_at < self.cfg.faults.checkpoint_seconds:
             return
+        self.saved_at = now
         checkpoint.save(
             self.ckpt,
             {

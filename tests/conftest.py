@@ -32,6 +32,7 @@ TINY = [
     "policy.merge=tethers",
     "policy.guard=false",
     "policy.drift=pairwise",
+    "faults.checkpoint_seconds=0",  # a checkpoint every epoch: the fault tests resume from them
 ]
 
 

@@ -19,6 +19,7 @@ def report(models, step, tethers, **kw):
         losses=np.ones(n),
         grad_norms=np.ones(n),
         published=np.ones(n, dtype=bool),
+        introduced=np.ones(n, dtype=bool),
         tethers=tethers,
         **kw,
     )

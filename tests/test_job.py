@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 
 from ensemble.driver import NAMESPACE, run_job
 from ensemble.history import HistoryReader
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.ray
 
@@ -111,3 +112,30 @@ def test_ray_job_with_every_merging_option(tmp_path, tiny_overrides, per_worker)
     for m in range(4):
         w = load_file(str(tmp_path / "run" / "models" / f"model_{m}.safetensors"))
         assert all(np.isfinite(v).all() for v in w.values())
+
+
+def test_sync_mode_gives_one_ensemble_per_seed_on_ray_and_in_one_process(tmp_path):
+    """coordinator.mode sync: rounds fall at fixed steps and mail lands at fixed steps, so
+    two Ray runs of one seed and the in-process run give the same ensemble."""
+    from ensemble.config import load_config
+    from ensemble.job import run_local
+
+    over = [*TINY, "coordinator.mode=sync", "resources.models_per_worker=2", "train.epochs=3"]
+    runs = []
+    for i in range(2):
+        cfg = load_config(None, [*over, f"job=same-{i}"])
+        runs.append((run_job(cfg, tmp_path / f"ray{i}"), tmp_path / f"ray{i}"))
+    cfg = load_config(None, [*over, "job=same-local"])
+    runs.append((run_local(cfg, tmp_path / "local", groups=[[0, 1], [2, 3]]), tmp_path / "local"))
+    (first, first_dir), *others = runs
+    assert first["merges"] + first["drifts"] > 0  # decisions were made: the test means something
+    for s, run_dir in others:
+        for key in ("merges", "drifts", "rejected", "rounds", "publications"):
+            assert s[key] == first[key], key
+        for key in ("accuracy", "nll"):
+            assert s["ensemble"][key] == pytest.approx(first["ensemble"][key], abs=1e-6)
+        for m in range(4):
+            a = load_file(str(first_dir / "models" / f"model_{m}.safetensors"))
+            b = load_file(str(run_dir / "models" / f"model_{m}.safetensors"))
+            for k in a:
+                np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)

@@ -303,6 +303,7 @@ def test_protocol_messages_survive_the_wire():
             losses=np.array([0.5, 0.6]),
             grad_norms=np.array([1.0, 2.0]),
             published=np.array([True, False]),
+            introduced=np.array([True, False]),
             tethers={"fc1": t[None]},
             events=(Event("collapse", 1, 40, {"sparsity": 0.5}),),
             rejections=(Rejection(1, 41, (ins,), 0.2, 0.3, {"fc1": t}),),
