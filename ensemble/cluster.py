@@ -1,23 +1,35 @@
 """`ensemble cluster start|stop|status`: a local Ray head for this machine, loopback only.
 
 `start` runs `ray start --head` bound to 127.0.0.1 (GCS, dashboard and Jobs API), with its
-own temp dir, and records the address and the process ids of exactly that cluster in
-$TETHER_ENSEMBLE_HOME/cluster.json (default ~/.tether-ensemble). `submit`, `status` and
-`logs` find it there by default. `stop` stops only those processes, never every Ray
-process on the machine.
+own temp dir and free ports for every side service, **token authentication on**: it makes
+sure a token exists (Ray's own file, `~/.ray/auth_token`, or `$RAY_AUTH_TOKEN_PATH`),
+generating one on a machine that has none. It reports success only once the Jobs API
+answers an authenticated request, refuses an unauthenticated one (401), and the dashboard
+agent (which runs submitted jobs) is up. It records the address in
+$TETHER_ENSEMBLE_HOME/cluster.json (default ~/.tether-ensemble), where `submit`, `status`,
+`logs` and `stop` find it. `stop` stops exactly that cluster's processes (ensemble.procs),
+never another Ray process on the machine.
+
+`client_auth()` is what every client of a cluster (`run --address`, live `history`,
+`status`, the Jobs API commands) calls first: with a token on this machine it turns token
+auth on for this process, so its requests carry the token.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from ensemble import procs
 from ensemble.errors import EnsembleError
 
 
@@ -29,6 +41,63 @@ def state_file() -> Path:
     return home() / "cluster.json"
 
 
+def token_path() -> Path:
+    """Where Ray looks for its token: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def ensure_token() -> Path:
+    """The token file, made (owner-only) if this machine has none yet."""
+    path = token_path()
+    if not path.is_file() or not path.read_text().strip():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether host:port or http://host:port names this machine's loopback."""
+    rest = address.split("://", 1)[-1]
+    return rest.rsplit(":", 1)[0] in LOOPBACK
+
+
+def local_ray_env() -> None:
+    """Make Ray in this process bind to, and find itself on, 127.0.0.1. Before `import
+    ray`: Ray reads it then (without it, Ray 2.60 uses the machine's network address)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            raise RuntimeError("ray was imported before local_ray_env(); it would bind widely")
+
+
+def ray_env(address: str | None) -> None:
+    """Call before Ray is imported: a private instance (address None) or a cluster on this
+    machine's loopback is reached on 127.0.0.1; with a token here, requests carry it."""
+    if address is None or is_loopback(address):
+        local_ray_env()
+    client_auth()
+
+
+def client_auth() -> bool:
+    """Send the token with this process's Ray requests when this machine has one and auth
+    was not set explicitly. Call before connecting; returns whether token auth is on."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None and (os.environ.get("RAY_AUTH_TOKEN") or token_path().is_file()):
+        os.environ["RAY_AUTH_MODE"] = mode = "token"
+        if "ray" in sys.modules:  # Ray caches its config: refresh it
+            from ray._raylet import Config
+
+            Config.initialize("")
+    return (mode or "").lower() == "token"
+
+
 def _ray_cli() -> str:
     here = Path(sys.executable).parent / "ray"
     found = str(here) if here.exists() else shutil.which("ray")
@@ -37,18 +106,19 @@ def _ray_cli() -> str:
     return found
 
 
-def _pids_with(marker: str) -> list[int]:
-    """Processes whose command line mentions `marker` (our cluster's own temp dir)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-            except OSError:
-                continue
-            if marker in cmd:
-                out.append(int(proc.name))
-    return sorted(out)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def status() -> dict | None:
@@ -56,8 +126,11 @@ def status() -> dict | None:
     f = state_file()
     if not f.is_file():
         return None
-    st = json.loads(f.read_text())
-    st["alive"] = [p for p in _pids_with(st["temp_dir"]) if p in st["pids"]]
+    try:
+        st = json.loads(f.read_text())
+        st["alive"] = sorted(pid for pid, _ in procs.ours(st["tag"]))
+    except (ValueError, KeyError, OSError):
+        raise EnsembleError(f"{f}: not a cluster record; remove it and start again") from None
     return st
 
 
@@ -66,6 +139,7 @@ def start(
     dashboard_port: int = 8265,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
+    ready_timeout: float = 60.0,
 ) -> dict:
     current = status()
     if current and current["alive"]:
@@ -73,7 +147,12 @@ def start(
             f"a cluster started here is already running at {current['address']}"
             " (ensemble cluster stop first)"
         )
+    for p, what in ((port, "--port"), (dashboard_port, "--dashboard-port")):
+        if answers("127.0.0.1", p):
+            raise EnsembleError(f"{what} {p}: something already listens there; pick another")
     temp_dir = f"/tmp/tether-ensemble-ray-{os.getuid()}-{port}"  # short: socket paths
+    tag = f"cluster-{port}-{secrets.token_hex(4)}"
+    agent = free_port()
     cmd = [
         _ray_cli(),
         "start",
@@ -83,6 +162,11 @@ def start(
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={agent}",  # chosen free: a clash kills the agent
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
@@ -90,50 +174,101 @@ def start(
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
+    token = ensure_token()
     env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to loopback
+        "RAY_AUTH_MODE": "token",  # always: the head serves jobs, which run code
+        procs.MARKER: tag,
         # submitted jobs run `ensemble ...`: this Python's scripts must be on their PATH
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if proc.returncode != 0:
+        procs.terminate(procs.ours(tag))
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise EnsembleError(f"ray start failed: {' | '.join(tail)}")
     st = {
         "address": f"127.0.0.1:{port}",
         "dashboard": f"http://127.0.0.1:{dashboard_port}",
         "temp_dir": temp_dir,
-        "pids": _pids_with(temp_dir),
+        "tag": tag,
+        "agent_port": agent,
+        "token_path": str(token),
         "started": time.time(),
     }
+    try:
+        wait_ready(st, ready_timeout)
+    except EnsembleError:
+        procs.terminate(procs.ours(tag))
+        raise
+    st["pids"] = sorted(pid for pid, _ in procs.ours(tag))
     home().mkdir(parents=True, exist_ok=True)
     state_file().write_text(json.dumps(st, indent=1))
     return st
 
 
-def stop(timeout: float = 15.0) -> list[int]:
-    """Stop the processes `start` recorded (and still running with its temp dir)."""
+def wait_ready(st: dict, timeout: float) -> None:
+    """The head is ready when its dashboard agent listens, the Jobs API answers the token
+    and refuses a request without one. Raise saying which never happened."""
+    deadline = time.time() + timeout
+    checks = {
+        "the dashboard agent (it runs submitted jobs) listening on port "
+        f"{st['agent_port']}": lambda: answers("127.0.0.1", st["agent_port"]),
+        f"the Jobs API at {st['dashboard']} answering the token": lambda: _jobs_answer(st),
+    }
+    for what, check in checks.items():
+        while not check():
+            if time.time() > deadline:
+                logs = Path(st["temp_dir"]) / "session_latest" / "logs"
+                raise EnsembleError(
+                    f"the cluster did not come up: no {what} after {timeout:g}s "
+                    f"(Ray's logs: {logs})"
+                )
+            time.sleep(0.3)
+    code = unauthenticated_status(st["dashboard"])
+    if code != 401:
+        raise EnsembleError(
+            f"the Jobs API at {st['dashboard']} answered an unauthenticated request with "
+            f"{code}, not 401: token authentication is not enforced; not starting"
+        )
+
+
+def _jobs_answer(st: dict) -> bool:
+    from ensemble.submit import client
+
+    client_auth()
+    try:
+        client(st["dashboard"]).list_jobs()
+        return True
+    except EnsembleError:
+        return False
+    except Exception:
+        return False
+
+
+def unauthenticated_status(dashboard: str) -> int:
+    """The HTTP status the Jobs API gives a request that carries no token."""
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def stop(timeout: float = 5.0) -> list[int]:
+    """Stop every process of the cluster `start` started, agents and client server too."""
     st = status()
     if st is None:
         raise EnsembleError(f"no cluster was started here ({state_file()} does not exist)")
-    alive = st["alive"]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in alive:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            alive = [p for p in _pids_with(st["temp_dir"]) if p in st["pids"]]
-            if not alive:
-                break
-            time.sleep(0.2)
-        if not alive:
-            break
+    mine = procs.ours(st["tag"])
+    left = procs.terminate(mine, timeout)
+    if left:
+        raise EnsembleError(f"could not stop processes {sorted(p for p, _ in left)}")
     state_file().unlink(missing_ok=True)
-    return st["pids"]
+    return sorted(pid for pid, _ in mine)
 
 
 def default_address(kind: str) -> str | None:

@@ -8,6 +8,7 @@ import time to bind to 127.0.0.1.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,13 +17,14 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ensemble import placement
+from ensemble import placement, procs
+from ensemble.cluster import client_auth
 from ensemble.config import Config, dump_config
 from ensemble.errors import EnsembleError
 from ensemble.job import finish, prepare
 from ensemble.protocol import MemberResult
-from ensemble.rundir import check_resumable, claim_run_dir, write_atomic
-from ensemble.service import NAMESPACE, CoordinatorActor, unwrap
+from ensemble.rundir import check_resumable, claim_run_dir, unclaim, write_atomic
+from ensemble.service import NAMESPACE, CoordinatorActor, reachable, unwrap
 from workers.worker import Worker
 
 
@@ -33,21 +35,52 @@ class JobHandles:
     groups: list[list[int]]  # model ids per worker
 
 
-def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join `address`, or start a loopback-only local instance. True if we started it."""
+def start_ray(address: str | None, num_cpus: int | None = None) -> str | None:
+    """Join `address`, or start a loopback-only local instance. For a local instance,
+    returns the tag its processes carry (ensemble.procs), for `stop_ray` to clean up;
+    a reaper stops them too if this process is killed."""
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, logging_level="WARNING")
-        return False
+        reachable(address)
+        client_auth()
+        try:
+            ray.init(
+                address=address, namespace=NAMESPACE, log_to_driver=True, logging_level="WARNING"
+            )
+        except (ConnectionError, RuntimeError) as e:
+            raise EnsembleError(f"cannot join the Ray cluster at {address}: {e}") from None
+        return None
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "call local_ray_env() first"
-    options = dict(
-        namespace=NAMESPACE,
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level="WARNING",
-    )
-    ray.init(address="local", **options)  # never a bare init: it would join a stale cluster
-    return True
+    tag = f"run-{os.getpid()}-{secrets.token_hex(4)}"
+    os.environ[procs.MARKER] = tag  # inherited by every process Ray starts now
+    try:
+        reaper = procs.start_reaper(tag)
+        ray.init(  # never a bare init: it would join a stale cluster
+            address="local",
+            namespace=NAMESPACE,
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level="WARNING",
+        )
+    finally:
+        os.environ.pop(procs.MARKER, None)
+    _reapers[tag] = reaper
+    return tag
+
+
+_reapers: dict = {}
+
+
+def stop_ray(tag: str | None) -> None:
+    """Disconnect; for our own instance, also stop whatever of it outlives ray.shutdown()
+    (Ray's agents can linger for minutes), and its reaper."""
+    ray.shutdown()
+    if tag is not None:
+        procs.terminate(procs.ours(tag), timeout=5.0)
+        reaper = _reapers.pop(tag, None)
+        if reaper is not None:
+            reaper.kill()
+            reaper.wait()
 
 
 def run_job(
@@ -62,20 +95,30 @@ def run_job(
     """Run one ensemble job to completion and return its summary dict.
 
     on_progress gets the coordinator's progress dict while training; on_status gets a line
-    for each phase before that (starting Ray, the coordinator, the workers).
+    for each phase before that (starting Ray, the coordinator, the workers). A start that
+    fails before training (no cluster, a placement that cannot be met, ...) leaves no run
+    directory behind.
     """
     prep = prepare(cfg)  # bad config, data or peer files fail before anything is created
     if resume:  # continue from the run directory's checkpoints and history
-        run_dir = check_resumable(run_dir, cfg.job)
+        run_dir, made = check_resumable(run_dir, cfg.job), []
     else:
-        run_dir = claim_run_dir(run_dir, cfg.job)
-        write_atomic(run_dir / "config.yaml", dump_config(cfg))
-
+        run_dir, made = claim_run_dir(run_dir, cfg.job)
     on_status(f"joining Ray at {address}" if address else "starting a local Ray instance")
-    start_ray(address)
-    t0 = time.time()
+    tag = None
     handles = None
+    training = False
     try:
+        tag = start_ray(address)
+        t0 = time.time()
+        total = ray.cluster_resources()
+        p = placement.plan(cfg, total.get("CPU", 0.0), total.get("GPU", 0.0))
+        on_status(
+            f"reserving {len(p.groups)} workers ({p.cpus:g} CPU each, {cfg.resources.placement})"
+        )
+        pg = placement.reserve(cfg, p, cfg.resources.placement_timeout)
+        if not resume:
+            write_atomic(run_dir / "config.yaml", dump_config(cfg))
         here = ray.get_runtime_context().get_node_id()
         coordinator = CoordinatorActor.options(
             name=cfg.job,
@@ -84,19 +127,14 @@ def run_job(
             max_restarts=cfg.faults.max_restarts,  # rebuilds its state from the history
             max_task_retries=cfg.faults.max_restarts,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-        ).remote(prep, str(run_dir.resolve()))
+        ).remote(prep.coordinator_part(), str(run_dir.resolve()))
         on_status("starting the coordinator")
+        handles = JobHandles(coordinator, [], p.groups)
         unwrap(lambda: ray.get(coordinator.progress.remote()))  # surfaces __init__ errors
         prep_ref = ray.put(prep)
-        total = ray.cluster_resources()
-        p = placement.plan(cfg, total.get("CPU", 0.0), total.get("GPU", 0.0))
-        on_status(
-            f"reserving {len(p.groups)} workers ({p.cpus:g} CPU each, {cfg.resources.placement})"
-        )
-        pg = placement.reserve(cfg, p, cfg.resources.placement_timeout)
         on_status(f"starting {len(p.groups)} workers for {cfg.models.count} models")
         retries = cfg.faults.max_restarts  # a restarted worker resumes from its checkpoint
-        workers = [
+        handles.workers = [
             Worker.options(
                 name=f"{cfg.job}/worker-{w}",  # findable, e.g. by fault-injection tests
                 namespace=NAMESPACE,
@@ -108,10 +146,10 @@ def run_job(
             ).remote(group, prep_ref, coordinator, str(run_dir.resolve()), resume)
             for w, group in enumerate(p.groups)
         ]
-        handles = JobHandles(coordinator, workers, p.groups)
         # Barrier: every worker constructed before any trains, so they overlap in time.
-        ray.get([w.where.remote() for w in workers])
+        unwrap(lambda: ray.get([w.where.remote() for w in handles.workers]))
         on_status("training")
+        training = True
         results = unwrap(lambda: _wait_for(cfg, handles, on_progress, poll_seconds))
         progress = ray.get(coordinator.progress.remote())
         ray.get(coordinator.close.remote())
@@ -124,9 +162,12 @@ def run_job(
                 ray.get(handles.coordinator.close.remote(), timeout=10)
             except Exception:
                 pass
+        if not training:  # a failed start: leave nothing behind
+            unclaim(run_dir, made)
         raise
     finally:
-        ray.shutdown()  # stops an instance we started; only disconnects from a joined one
+        if ray.is_initialized() or tag is not None:
+            stop_ray(tag)  # stops an instance we started; only disconnects from a joined one
 
 
 def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:

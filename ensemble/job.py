@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,15 @@ class Prepared:
     steps_per_epoch: int  # the same for every model
     peers: dict[str, tuple[str, np.ndarray]]  # fixed external tethers
 
+    def coordinator_part(self) -> Prepared:
+        """What the coordinator needs, small enough to travel inline (no training data):
+        the config, shapes, peers and the validation labels."""
+        d = self.data
+        empty = np.empty((0, *d.x_train.shape[1:]), d.x_train.dtype)
+        no_y = np.empty(0, d.y_train.dtype)
+        slim = replace(d, x_train=empty, y_train=no_y, x_val=empty, x_test=empty, y_test=no_y)
+        return replace(self, data=slim, rows=[])
+
 
 def prepare(cfg: Config) -> Prepared:
     """Check the config, load the data and peer files: every bad input fails here."""
@@ -105,7 +114,8 @@ def make_trainer(
 
 def open_coordinator(prep: Prepared, run_dir: Path) -> Coordinator:
     """The coordinator of the job in `run_dir`: a new history, or the state an existing one
-    records (a restarted coordinator, or a resumed job)."""
+    records (a restarted coordinator, or a resumed job). Only the config, shapes, peers and
+    validation labels of `prep` are used: `prep.coordinator_part()` is enough."""
     cfg = prep.cfg
     path = Path(run_dir) / "history.sqlite"
     writer = HistoryWriter(path, cfg.job, dump_config(cfg), retention=cfg.history.generations)
@@ -147,7 +157,7 @@ def run_local(
     """
     prep = prepare(cfg)
     run_dir = Path(run_dir)
-    run_dir = check_resumable(run_dir, cfg.job) if resume else claim_run_dir(run_dir, cfg.job)
+    run_dir = check_resumable(run_dir, cfg.job) if resume else claim_run_dir(run_dir, cfg.job)[0]
     if not resume:
         write_atomic(run_dir / "config.yaml", dump_config(cfg))
     t0 = time.time()

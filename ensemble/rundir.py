@@ -7,7 +7,7 @@ summary.json. A directory without summary.json is an unfinished or interrupted r
 from __future__ import annotations
 
 import os
-import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -15,16 +15,6 @@ import yaml
 
 from ensemble.config import Config
 from ensemble.errors import RunDirError
-
-
-def local_ray_env() -> None:
-    """Make a local Ray instance bind to 127.0.0.1. Must run before `import ray`."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    if "ray" in sys.modules:
-        from ray._private import ray_constants
-
-        if ray_constants.ENABLE_RAY_CLUSTER:
-            raise RuntimeError("ray was imported before local_ray_env(); it would bind widely")
 
 
 def resolve_job(cfg: Config) -> Config:
@@ -44,9 +34,12 @@ def recorded_job(run_dir: Path) -> str | None:
         return None
 
 
-def claim_run_dir(run_dir: Path, job: str) -> Path:
-    """Create an empty run directory; refuse one that already holds a run."""
+def claim_run_dir(run_dir: Path, job: str) -> tuple[Path, list[Path]]:
+    """Create an empty, writable run directory; refuse one that already holds a run.
+    Returns it and the directories this created (for `unclaim`)."""
     run_dir = Path(run_dir)
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise RunDirError(f"{run_dir}: a symlink to {os.readlink(run_dir)}, which does not exist")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: exists and is not a directory")
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -54,8 +47,34 @@ def claim_run_dir(run_dir: Path, job: str) -> Path:
         what = f"job {other!r}" if other else "files"
         hint = "" if other != job else " (the same job: pick a new job name or --run-dir)"
         raise RunDirError(f"{run_dir}: already holds {what}{hint}; refusing to overwrite it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    made, p = [], run_dir
+    while not p.exists() and not p.is_symlink():
+        made.append(p)
+        p = p.parent
+    made.reverse()  # the topmost first
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".writable"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        unclaim(run_dir, made)
+        why = e.strerror or type(e).__name__
+        raise RunDirError(f"{run_dir}: cannot use it as a run directory ({why})") from None
+    return run_dir, made
+
+
+def unclaim(run_dir: Path, made: list[Path]) -> None:
+    """Undo `claim_run_dir` after a start that failed: remove what it made, or empty the
+    directory it found empty."""
+    if made:
+        shutil.rmtree(made[0], ignore_errors=True)
+    elif Path(run_dir).is_dir():
+        for p in Path(run_dir).iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def open_run_dir(path: str | Path) -> Path:

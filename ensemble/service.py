@@ -120,10 +120,26 @@ def unwrap(call):
         raise
 
 
+def reachable(address: str) -> None:
+    """Fail fast, with a clear message, when nothing answers at host:port ('auto' and
+    ray:// addresses are left to Ray)."""
+    from ensemble.cluster import answers
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    if not answers(host or "127.0.0.1", int(port), timeout=1.0):
+        raise EnsembleError(f"cannot reach a Ray cluster at {address}: nothing answers there")
+
+
 def connect(address: str) -> None:
     """Join the cluster at `address` as a client of its jobs (idempotent)."""
+    from ensemble.cluster import client_auth
+
     if ray.is_initialized():
         return
+    reachable(address)
+    client_auth()
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -16,6 +16,9 @@ from ensemble.errors import EnsembleError
 
 
 def client(address: str):
+    from ensemble.cluster import client_auth
+
+    client_auth()  # with a token on this machine, every request carries it
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -26,17 +29,12 @@ def client(address: str):
 
 def submit(cfg: Config, address: str, run_dir: Path, ship_package: bool = False) -> str:
     """Submit the job; returns its submission id (the job name)."""
-    import ensemble
-    import workers
-
     work = Path(tempfile.mkdtemp(prefix="ensemble-submit-"))
     (work / "config.yaml").write_text(dump_config(cfg))
     runtime_env: dict = {"working_dir": str(work)}
     if ship_package:
-        runtime_env["py_modules"] = [
-            str(Path(ensemble.__file__).parent),
-            str(Path(workers.__file__).parent),
-        ]
+        package = Path(__file__).resolve().parent  # ensemble/, and workers/ beside it
+        runtime_env["py_modules"] = [str(package), str(package.parent / "workers")]
     entrypoint = (
         f"ensemble run config.yaml --address auto --quiet --run-dir {shlex.quote(str(run_dir))}"
     )

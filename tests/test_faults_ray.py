@@ -12,10 +12,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from ensemble import procs
 from ensemble.api import History
 from ensemble.config import load_config
 from ensemble.driver import run_job
 from ensemble.service import NAMESPACE
+from tests.test_cluster import instance_of
 
 pytestmark = pytest.mark.ray
 
@@ -159,9 +161,12 @@ def test_killed_driver_then_resume_continues(tmp_path, tiny_overrides):
     )
     try:
         assert wait_for(lambda: History.open(run_dir).count("metrics") >= 24, timeout=240)
+        instance = instance_of(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)  # the driver dies without a word
         proc.wait()
+    assert len(instance) >= 4
+    assert wait_for(lambda: not procs.alive(instance), timeout=30)  # no orphans after 30 s
     before = History.open(run_dir)
     steps_before = {m: max(p.step for p in before.publications(model=m)) for m in range(4)}
     assert not (run_dir / "summary.json").exists()

@@ -68,6 +68,12 @@ def test_job_that_cannot_fit_fails_clearly_without_starting(gpu_cluster, tmp_pat
     )
     with pytest.raises(EnsembleError, match="cannot fit the job: 8 workers"):
         run_job(cfg, tmp_path / "run", address=cluster.address)
-    h = History.open(tmp_path / "run")
-    assert h.events(kind="started") == []  # nothing half-started
-    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run").exists()  # nothing half-started, nothing left behind
+    run_job(
+        cfg.model_copy(
+            update={"resources": cfg.resources.model_copy(update={"models_per_worker": "auto"})}
+        ),
+        tmp_path / "run",
+        address=cluster.address,
+    )
+    assert (tmp_path / "run" / "summary.json").exists()  # the rerun is not refused

@@ -27,11 +27,12 @@ JobsAddress = Annotated[
 
 
 def jobs_address(address: str | None) -> str:
-    from ensemble.cluster import default_address
+    from ensemble.cluster import default_address, ray_env
 
     found = address or default_address("dashboard")
     if not found:
         fail("no cluster: pass --address http://HOST:8265 or run `ensemble cluster start`")
+    ray_env(found)  # before Ray is imported
     return found
 
 
@@ -42,7 +43,8 @@ def cluster_start(
     num_cpus: Annotated[int | None, typer.Option(help="CPUs to offer; default all")] = None,
     num_gpus: Annotated[int | None, typer.Option(help="GPUs to offer; default detected")] = None,
 ) -> None:
-    """Start a Ray head bound to 127.0.0.1, token auth as configured (on by default)."""
+    """Start a Ray head bound to 127.0.0.1 with token auth on (a token is made if this
+    machine has none); reports success once its Jobs API and job agent answer."""
     from ensemble.cluster import start
 
     try:
@@ -51,13 +53,14 @@ def cluster_start(
         fail(str(e))
     console.print(
         f"Ray head at {st['address']}, dashboard and Jobs API at {st['dashboard']} "
-        f"({len(st['pids'])} processes)"
+        f"({len(st['pids'])} processes); token auth on, token in {st['token_path']}"
     )
 
 
 @cluster_app.command("stop")
 def cluster_stop() -> None:
-    """Stop the head `cluster start` started (only its own processes)."""
+    """Stop the head `cluster start` started: every process of it, agents included, and
+    no other Ray process on the machine."""
     from ensemble.cluster import stop
 
     try:

@@ -27,6 +27,10 @@ ModelOpt = Annotated[int, typer.Option("--model", help="Model id")]
 
 
 def open_history(source: str, address: str | None):
+    if address:
+        from ensemble.cluster import ray_env
+
+        ray_env(address)  # before Ray is imported
     from ensemble.api import History
 
     return History.open((address, source) if address else source)
@@ -244,8 +248,6 @@ def status(
     """Jobs on a cluster: submitted jobs' states, and running jobs' models, steps, merges."""
     from ensemble.cli.jobs import jobs_table
     from ensemble.cluster import default_address
-    from ensemble.service import list_jobs
-    from ensemble.submit import jobs as submitted
 
     gcs = dashboard = None
     if address and address.startswith("http"):
@@ -254,11 +256,18 @@ def status(
         gcs = address
     else:
         gcs, dashboard = default_address("gcs"), default_address("dashboard")
+    if gcs or dashboard:
+        from ensemble.cluster import ray_env
+
+        ray_env(gcs or dashboard)  # before Ray is imported
     if not gcs and not dashboard:
         fail(
             "no cluster given: pass --address HOST:PORT, set RAY_ADDRESS, or run "
             "`ensemble cluster start`"
         )
+    from ensemble.service import list_jobs  # Ray: only now, after ray_env
+    from ensemble.submit import jobs as submitted
+
     try:
         running = list_jobs(gcs) if gcs else []
         queued = submitted(dashboard) if dashboard else []

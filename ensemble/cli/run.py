@@ -89,8 +89,9 @@ def run(
     ] = None,
 ) -> None:
     """Train an ensemble: start (or join) Ray, coordinate merges and drifts, print a summary."""
+    from ensemble.cluster import ray_env
     from ensemble.job import load as load_config
-    from ensemble.rundir import local_ray_env, open_run_dir, resolve_job
+    from ensemble.rundir import open_run_dir, resolve_job
 
     try:
         if resume is not None:
@@ -104,8 +105,7 @@ def run(
             cfg = resolve_job(load_config(config or default_config(), set_ or []))
     except EnsembleError as e:
         fail(str(e))
-    if address is None:
-        local_ray_env()
+    ray_env(address)  # before Ray is imported
     from functools import partial
 
     from ensemble.driver import run_job
