@@ -234,12 +234,21 @@ def wait_ready(st: dict, timeout: float) -> None:
         )
 
 
-def _jobs_answer(st: dict) -> bool:
-    from ensemble.submit import client
-
+def jobs_client(address: str):
+    """A Jobs API client of the cluster at `address` (http://host:port); with a token on
+    this machine, every request carries it."""
     client_auth()
+    from ray.job_submission import JobSubmissionClient
+
     try:
-        client(st["dashboard"]).list_jobs()
+        return JobSubmissionClient(address)
+    except Exception as e:  # connection refused, 401 without the token, bad URL
+        raise EnsembleError(f"cannot reach the Ray Jobs API at {address}: {e}") from None
+
+
+def _jobs_answer(st: dict) -> bool:
+    try:
+        jobs_client(st["dashboard"]).list_jobs()
         return True
     except EnsembleError:
         return False

@@ -11,20 +11,9 @@ import shlex
 import tempfile
 from pathlib import Path
 
+from ensemble.cluster import jobs_client as client
 from ensemble.config import Config, dump_config
 from ensemble.errors import EnsembleError
-
-
-def client(address: str):
-    from ensemble.cluster import client_auth
-
-    client_auth()  # with a token on this machine, every request carries it
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        return JobSubmissionClient(address)
-    except Exception as e:  # connection refused, 401 without the token, bad URL
-        raise EnsembleError(f"cannot reach the Ray Jobs API at {address}: {e}") from None
 
 
 def submit(cfg: Config, address: str, run_dir: Path, ship_package: bool = False) -> str:
