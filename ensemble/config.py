@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ensemble.errors import ConfigError
 from ensemble.history.retention import parse_retention
 
-JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the whole name: fullmatch
 
 
 class Section(BaseModel):
@@ -213,7 +213,7 @@ class Config(Section):
     @field_validator("job")
     @classmethod
     def _job_name(cls, v: str | None) -> str | None:
-        if v is not None and not JOB_NAME.match(v):
+        if v is not None and not JOB_NAME.fullmatch(v):
             raise ValueError(
                 f"job name {v!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
                 "and start with a letter or digit"
@@ -234,7 +234,9 @@ class Config(Section):
         return self
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _format_error(err: ValidationError, source: str, overridden: dict[str, str]) -> str:
+    """One line per problem, each naming where the bad value came from: the file (or the
+    built-in defaults), or the `--set` that gave it."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
@@ -245,8 +247,11 @@ def _format_error(err: ValidationError, source: str) -> str:
         value = "" if e["type"] in ("missing",) or loc == "" else f" (got {e['input']!r})"
         if e["type"] == "extra_forbidden" or not loc:
             value = ""
-        parts.append(f"{where}{msg}{value}")
-    return f"{source}: " + "; ".join(parts)
+        given = next(
+            (t for k, t in overridden.items() if loc == k or loc.startswith(k + ".")), None
+        )
+        parts.append(f"--set {given}: {msg}{value}" if given else f"{source}: {where}{msg}{value}")
+    return "; ".join(parts)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -293,18 +298,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text (UTF-8) file; expected a YAML config") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read it ({e.strerror})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: expected a mapping of config keys, got {type(tree).__name__}")
+    overridden = {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+        overridden[key] = text.strip()
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(_format_error(e, source, overridden)) from None
 
 
 def dump_config(cfg: Config) -> str:

@@ -178,8 +178,7 @@ class Coordinator:
             i = row[m]
             extra = [None if c is None or not math.isfinite(c[i]) else float(c[i]) for c in cols]
             rows.append((m, r.step, r.epoch, float(r.losses[i]), float(r.grad_norms[i]), *extra))
-        self.history.publications(rows)
-        self.publications += len(ids)
+        self.publications += self.history.publications(rows)  # new rows, not replays
         for j, m in enumerate(ids.tolist()):
             if r.features is not None:
                 if self.features is None:

@@ -128,7 +128,12 @@ def read_numbers(path: Path, expected: int, what: str) -> np.ndarray:
     """Whitespace-separated floats from `path`, exactly `expected` of them, all finite."""
     if not path.is_file():
         raise DataError(f"{path}: {what} file not found")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{path}: not a text file; expected whitespace-separated numbers ({what})"
+        ) from None
     tokens = text.split()
     if not tokens:
         raise DataError(f"{path}: {what} file is empty; expected {expected} numbers")

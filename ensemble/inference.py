@@ -69,13 +69,22 @@ class Ensemble:
         return cls(run_dir, cfg, members, features, classes, stats.get("mean"), stats.get("std"))
 
     def _prepare(self, x: np.ndarray, source: str = "input") -> torch.Tensor:
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x)
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            kind = "complex" if np.issubdtype(x.dtype, np.complexfloating) else str(x.dtype)
+            raise DataError(f"{source}: values are {kind}; expected real numbers")
+        x = x.astype(np.float32)
         if x.ndim == 1:
             x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self.features:
+        if x.ndim != 2:
             raise DataError(
-                f"{source}: rows have {x.shape[-1] if x.ndim else 0} values, the "
-                f"ensemble expects {self.features} features per row"
+                f"{source}: an array of shape {x.shape}; expected one row per input, "
+                f"shape (N, {self.features})"
+            )
+        if x.shape[1] != self.features:
+            raise DataError(
+                f"{source}: rows have {x.shape[1]} values, the ensemble expects "
+                f"{self.features} features per row"
             )
         if not np.isfinite(x).all():
             raise DataError(f"{source}: contains NaN or infinite values")
@@ -134,8 +143,8 @@ def read_inputs(path: Path) -> np.ndarray:
             )
         else:
             raise DataError(f"{path}: unknown input format {path.suffix!r}; use .npy, .csv or .txt")
-    except ValueError as e:
-        raise DataError(f"{path}: not a numeric table ({e})") from None
+    except (ValueError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"{path}: not a numeric table ({str(e) or type(e).__name__})") from None
     if x.size == 0:
         raise DataError(f"{path}: no inputs in the file")
     return x

@@ -50,6 +50,7 @@ def test_config_is_frozen():
         ("model:\n  preset: big\n", r"model\.preset: unknown name 'big'.*'seed-dtnn'"),
         ("tether:\n  min: 2\n  max: 1\n", r"tether\.min \(2\.0\) must be < tether\.max"),
         ("job: ../../etc\n", r"job: job name '\.\./\.\./etc' must be"),
+        ('job: "ok\\n"\n', r"job: job name 'ok\\n' must be"),  # the whole name must match
         ("- 1\n- 2\n", r"expected a mapping"),
         ("models: [\n", r"not valid YAML"),
     ],
@@ -74,10 +75,14 @@ def test_missing_config_file(tmp_path):
         ("modles.count=3", r"the config has no key 'modles'"),
         ("models.count.x=3", r"models\.count is not a section"),
         ("models.count", r"expected dotted\.key=value"),
-        ("models.count=0", r"models\.count: .*greater than or equal to 1.*0"),
+        ("models.count=0", r"^--set models\.count=0: .*greater than or equal to 1.*0"),
+        ("job=ok", None),
     ],
 )
 def test_bad_set_override(override, message):
+    if message is None:
+        assert load_config(None, [override]).job == "ok"
+        return
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 

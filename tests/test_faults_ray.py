@@ -1,6 +1,7 @@
 """Fault injection on real local Ray instances with tiny models: the job completes and its
 history has no gaps."""
 
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,11 @@ def assert_complete(run_dir, cfg, summary):
     assert summary["failed"] == [] and len(summary["members"]) == count
     steps = {m["steps"] for m in summary["members"]}
     assert len(steps) == 1  # everyone trained the full job
+    # nothing lost, nothing doubled: every acknowledged publication is one recorded row
+    assert summary["publications"] == h.count("publications") > 0
+    events = [(e.kind, e.model, e.step, json.dumps(e.detail, sort_keys=True)) for e in h.events()]
+    assert len(events) == len(set(events)), "an event was recorded twice"
+    assert len({e.model for e in h.events(kind="finished")}) == len(h.events(kind="finished"))
     return h
 
 

@@ -4,6 +4,7 @@ from a running job's coordinator with --address."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.tree import Tree
 
-from ensemble.cli.common import app, console, fail
+from ensemble.cli.common import app, console, fail, model_in_run, output_path
 from ensemble.errors import EnsembleError
 
 Source = Annotated[
@@ -163,7 +164,9 @@ def lineage(
 ) -> None:
     """Ancestry of a model: the merges that shaped its tethers, recursively, as a tree."""
     try:
-        lin = open_history(source, address).lineage(model)
+        h = open_history(source, address)
+        model_in_run(h, model)
+        lin = h.lineage(model)
     except EnsembleError as e:
         fail(str(e))
     if as_json:
@@ -201,8 +204,11 @@ def tethers(
     out: Annotated[Path | None, typer.Option(help="Write it here as safetensors")] = None,
 ) -> None:
     """List a model's tether generations, or export one with --out."""
+    if out is not None:
+        output_path(out, "tethers")
     try:
         h = open_history(source, address)
+        model_in_run(h, model)
         gens = h.generations(model)
         arrays = h.tethers(model, generation) if (out or generation is not None) else None
     except EnsembleError as e:
@@ -210,7 +216,9 @@ def tethers(
     if out is not None:
         from safetensors.numpy import save_file
 
-        save_file(arrays, str(out))
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file(arrays, str(tmp))
+        tmp.replace(out)  # all of it or nothing
         console.print(
             f"model {model} generation "
             f"{generation if generation is not None else gens[-1].generation} "
@@ -371,16 +379,18 @@ def predict(
 ) -> None:
     """Class probabilities and labels for new inputs (raw features, as in the dataset)."""
     from ensemble.inference import Ensemble, read_inputs
-    from ensemble.rundir import open_run_dir
+    from ensemble.rundir import open_run_dir, write_atomic
 
+    output_path(output, "predictions")
     try:
         ens = Ensemble.load(open_run_dir(run_dir))
         probs = ens.predict_proba(read_inputs(input), source=str(input))
     except EnsembleError as e:
         fail(str(e))
-    with open(output, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*(f"p{c}" for c in range(probs.shape[1])), "label"])
-        for row in probs:
-            w.writerow([*(f"{v:.6g}" for v in row), int(row.argmax())])
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow([*(f"p{c}" for c in range(probs.shape[1])), "label"])
+    for row in probs:
+        w.writerow([*(f"{v:.6g}" for v in row), int(row.argmax())])
+    write_atomic(output, text.getvalue())  # all of it or nothing
     console.print(f"wrote {len(probs)} predictions to {output}")

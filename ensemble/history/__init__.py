@@ -27,6 +27,7 @@ from ensemble.history.writer import HistoryWriter
 QUERIES = frozenset(
     {
         "meta",
+        "model_count",
         "decisions",
         "merges",
         "drifts",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import math
+import re
 import sqlite3
 from pathlib import Path
 
@@ -40,7 +42,10 @@ class HistoryReader:
         self.run_dir = self.path.parent
         if not self.path.is_file():
             raise RunDirError(f"{self.path}: history file not found")
-        uri = f"file:{self.path.resolve()}?mode=ro"
+        # A finished history (no -wal beside it: no writer) is read as immutable, so that
+        # reading it leaves no -wal or -shm file behind; a live one through its WAL.
+        live = self.path.with_name(self.path.name + "-wal").exists()
+        uri = f"file:{self.path.resolve()}?mode=ro" + ("" if live else "&immutable=1")
         try:
             self.conn = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
         except sqlite3.OperationalError as e:
@@ -59,6 +64,12 @@ class HistoryReader:
 
     def meta(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT key, value FROM meta"))
+
+    def model_count(self) -> int | None:
+        """How many models the job trains (models.count of its config), if recorded."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+        match = re.search(r"^models:\s*\n\s+count:\s*(\d+)", row[0] if row else "", re.M)
+        return int(match.group(1)) if match else None
 
     def decisions(
         self,
@@ -217,7 +228,16 @@ class HistoryReader:
                 f"generation {generation} of model {model} was not kept by the "
                 f"retention setting; kept: {kept}"
             )
-        return load_file(str(self.run_dir / match[0].path))
+        return load_file(str(self.inside(match[0].path)))
+
+    def inside(self, stored: str) -> Path:
+        """A path the history stores, resolved inside its run directory; a path that leads
+        out of it (absolute, `..`, a symlink out) is refused, never opened."""
+        root = self.run_dir.resolve()
+        target = (root / stored).resolve()
+        if not target.is_relative_to(root):
+            raise RunDirError(f"{self.path}: refuses stored path {stored!r}: outside {root}")
+        return target
 
     def rounds(self) -> list[tuple[int, list[int]]]:
         """(round id, models in it), in order."""
@@ -302,3 +322,22 @@ def build_lineage(model: int, into: dict[int, list[tuple]]) -> Lineage:
                 heapq.heappush(heap, (-r[2], r[1]))
     edges.sort(key=lambda r: (r[2], r[0], r[4]))
     return Lineage(model, [LineageEdge(*r) for r in edges])
+
+
+def _naming_the_file(method):
+    """A query that reads a damaged database fails naming the file, not with SQLite's
+    bare 'database disk image is malformed'."""
+
+    @functools.wraps(method)
+    def query(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise RunDirError(f"{self.path}: the history is damaged ({e})") from None
+
+    return query
+
+
+for _name, _method in list(vars(HistoryReader).items()):
+    if callable(_method) and not _name.startswith("_") and _name != "close":
+        setattr(HistoryReader, _name, _naming_the_file(_method))

@@ -82,16 +82,33 @@ class HistoryWriter:
         finally:
             self._in_tx = False
 
-    def publications(self, rows: list[tuple]) -> None:
+    def publications(self, rows: list[tuple]) -> int:
         """rows: (model, step, epoch, loss, grad_norm, probe1, probe2, entropy, sparsity);
-        probes are the seed's tracked weights, the activation entropy and the sparsity."""
+        probes are the seed's tracked weights, the activation entropy and the sparsity.
+        A (model, step) already recorded is a replay (a worker restarted or resumed from a
+        checkpoint and trained that step again): its row is replaced by the new one.
+        Returns how many rows are new."""
+        if not rows:
+            return 0
         now = time.time()
+        keys = [(r[0], r[1]) for r in rows]
         with self.tx():
+            known = sum(
+                self.conn.execute(
+                    "SELECT COUNT(*) FROM publications WHERE model = ? AND step = ?", k
+                ).fetchone()[0]
+                for k in keys
+            )
             self.conn.executemany(
-                "INSERT OR IGNORE INTO publications (model, step, epoch, loss, grad_norm, t,"
-                " probe1, probe2, entropy, sparsity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO publications (model, step, epoch, loss, grad_norm, t,"
+                " probe1, probe2, entropy, sparsity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (model, step) DO UPDATE SET epoch = excluded.epoch,"
+                " loss = excluded.loss, grad_norm = excluded.grad_norm, t = excluded.t,"
+                " probe1 = excluded.probe1, probe2 = excluded.probe2,"
+                " entropy = excluded.entropy, sparsity = excluded.sparsity",
                 [(*r[:5], now, *r[5:]) for r in rows],
             )
+        return len(rows) - known
 
     def publication(self, model: int, step: int, epoch: int, loss: float, grad_norm: float):
         """One publication without probes (tests, tools)."""
@@ -184,11 +201,19 @@ class HistoryWriter:
             )
 
     def event(self, kind: str, model: int | None = None, step: int | None = None, **detail):
+        """Record an event once: the same event again (a replay after a restart or resume,
+        a retried call) is not recorded twice."""
+        text = json.dumps(detail, sort_keys=True)
         with self.tx():
-            self.conn.execute(
-                "INSERT INTO events (model, kind, step, detail, t) VALUES (?, ?, ?, ?, ?)",
-                (model, kind, step, json.dumps(detail), time.time()),
-            )
+            seen = self.conn.execute(
+                "SELECT 1 FROM events WHERE kind = ? AND model IS ? AND step IS ? AND detail = ?",
+                (kind, model, step, text),
+            ).fetchone()
+            if not seen:
+                self.conn.execute(
+                    "INSERT INTO events (model, kind, step, detail, t) VALUES (?, ?, ?, ?, ?)",
+                    (model, kind, step, text, time.time()),
+                )
 
     def close(self):
         self.conn.close()
