@@ -1,0 +1,312 @@
+"""Generated bad inputs, hundreds of them, through the CLI in this process (typer's
+CliRunner): configs, data files, tether files, prediction inputs, run directories, history
+files and output paths. Every one must end with exit status 2, one `error:` line, no
+traceback, and no new file anywhere.
+
+Each input is bad by construction (a strategy never draws a valid one), so no case starts
+a job. The examples per test add up to well over 200.
+"""
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from typer.testing import CliRunner
+
+from ensemble.cli import app
+from ensemble.config import Config
+from ensemble.job import run_local
+from tests.conftest import TINY
+
+CASES = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A real, finished run directory (in one process, a few seconds)."""
+    from ensemble.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_local(load_config(None, [*TINY, "job=done", "models.count=2"]), run_dir)
+    return run_dir
+
+
+def files_under(*roots: Path) -> set[Path]:
+    return {p for r in roots for p in r.rglob("*")}
+
+
+@contextlib.contextmanager
+def sandbox(*watched: Path):
+    """A fresh working directory; afterwards, no file may have appeared in it or in the
+    `watched` directories."""
+    with tempfile.TemporaryDirectory() as d:
+        here, old = Path(d), os.getcwd()
+        before = files_under(here, *watched)
+        os.chdir(here)
+        try:
+            yield here
+        finally:
+            os.chdir(old)
+        new = files_under(here, *watched) - before
+        assert not new, f"left behind: {sorted(map(str, new))}"
+
+
+def assert_one_error_line(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    why = f"{args}: exit {result.exit_code}\n{result.stdout}\n{result.stderr}"
+    assert result.exit_code == 2, why
+    assert "Traceback" not in result.stdout + result.stderr, why
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), why
+    assert result.exception is None or isinstance(result.exception, SystemExit), why
+
+
+# ---------------------------------------------------------------------------- configs
+
+FIELDS = set(Config.model_fields)
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+bad_key = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
+    lambda k: k not in FIELDS
+)
+bad_config = st.one_of(
+    st.binary(min_size=1, max_size=200).map(lambda b: b"\xff" + b),  # never UTF-8
+    st.builds(lambda k, v: yaml.safe_dump({k: v}).encode(), bad_key, text),  # unknown key
+    st.builds(  # a known key, a value of the wrong type
+        lambda v: yaml.safe_dump({"models": {"count": v}}).encode(),
+        text.filter(lambda s: not s.strip().lstrip("+-").isdigit()),
+    ),
+    st.builds(lambda xs: yaml.safe_dump(xs).encode(), st.lists(st.integers(), min_size=1)),
+    st.sampled_from([b"models: [\n", b"{{", b"train:\n  lr: -1\n", b"policy:\n  alpha: 7\n"]),
+)
+
+
+@CASES
+@given(bad_config)
+def test_bad_config_files(content):
+    with sandbox() as here:
+        (here / "bad.yaml").write_bytes(content)
+        assert_one_error_line(["run", "bad.yaml", "--run-dir", "out"])
+        (here / "bad.yaml").unlink()
+
+
+@CASES
+@given(
+    st.one_of(
+        st.builds(lambda k, v: f"{k}={v}", bad_key, st.integers()),
+        st.builds(lambda v: f"models.count={v}", st.sampled_from(["x", "-3", "0", "[1]", "1.5"])),
+        st.builds(lambda v: f"train.lr={v}", st.sampled_from(["-1", "0", "fast", "[]"])),
+        st.builds(
+            lambda v: f"data.name={v}",
+            st.text("abcxyz", min_size=1).filter(lambda s: s not in ("digits", "wine", "text")),
+        ),
+        st.sampled_from(["models.count", "models", "=3", "policy.alpha=2", "job=../x"]),
+    )
+)
+def test_bad_set_overrides(override):
+    with sandbox():
+        assert_one_error_line(["run", "--set", override, "--run-dir", "out"])
+
+
+# ---------------------------------------------------------------------------- data files
+
+
+def text_data(tmp: Path, data: bytes, labels: bytes) -> list[str]:
+    (tmp / "x.txt").write_bytes(data)
+    (tmp / "y.txt").write_bytes(labels)
+    keys = [
+        "data.name=text",
+        "data.samples=12",
+        "data.features=2",
+        "data.classes=2",
+        "data.data_file=x.txt",
+        "data.labels_file=y.txt",
+    ]
+    return [a for k in keys for a in ("--set", k)]
+
+
+numbers = st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=0, max_size=40)
+bad_data = st.one_of(
+    numbers.filter(lambda xs: len(xs) != 24).map(lambda xs: " ".join(map(str, xs)).encode()),
+    st.binary(min_size=1, max_size=100).map(lambda b: b"\xff" + b),
+    st.builds(
+        lambda xs, t: " ".join([*map(str, xs[:23]), t]).encode(),
+        st.lists(st.floats(0, 1), min_size=23, max_size=23),
+        st.sampled_from(["nan", "inf", "x", "1,5", "--"]),
+    ),
+)
+
+
+@CASES
+@given(bad_data)
+def test_bad_data_files(data):
+    labels = b" ".join([b"0", b"1"] * 6)
+    with sandbox() as here:
+        args = text_data(here, data, labels)
+        assert_one_error_line(["run", *args, "--run-dir", "out"])
+        for f in ("x.txt", "y.txt"):
+            (here / f).unlink()
+
+
+@CASES
+@given(
+    st.one_of(
+        st.lists(st.integers(-3, 5), min_size=12, max_size=12)
+        .filter(lambda ys: any(y not in (0, 1) for y in ys))
+        .map(lambda ys: " ".join(map(str, ys)).encode()),
+        st.lists(st.sampled_from(["0", "1"]), max_size=30)
+        .filter(lambda ys: len(ys) != 12)
+        .map(lambda ys: " ".join(ys).encode()),
+        st.sampled_from([b"0.5 " * 12, b"\xff\xfe", b""]),
+    )
+)
+def test_bad_label_files(labels):
+    data = " ".join(["0.5"] * 24).encode()
+    with sandbox() as here:
+        args = text_data(here, data, labels)
+        assert_one_error_line(["run", *args, "--run-dir", "out"])
+        for f in ("x.txt", "y.txt"):
+            (here / f).unlink()
+
+
+@CASES
+@given(bad_data)
+def test_bad_peer_tether_files(content):
+    with sandbox() as here:
+        (here / "t.txt").write_bytes(content)
+        args = ["--set", "compat.fn=cosine", "--set", "peers=[{name: p, layer: out, file: t.txt}]"]
+        assert_one_error_line(["run", *args, "--run-dir", "out"])
+        (here / "t.txt").unlink()
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+bad_array = st.one_of(
+    hnp.arrays(hnp.unicode_string_dtypes(max_len=3), hnp.array_shapes(min_dims=1, max_dims=2)),
+    hnp.arrays(np.complex64, st.tuples(st.integers(1, 4), st.just(64))),
+    hnp.arrays(np.float32, hnp.array_shapes(min_dims=3, max_dims=4, max_side=4)),
+    hnp.arrays(
+        np.float32, st.tuples(st.integers(1, 4), st.integers(1, 200).filter(lambda w: w != 64))
+    ),
+    st.builds(lambda n: np.full((n, 64), np.nan, np.float32), st.integers(1, 3)),
+    st.just(np.zeros((0, 64), np.float32)),
+)
+
+
+@CASES
+@given(bad_array)
+def test_bad_prediction_inputs(finished, x):
+    with sandbox(finished) as here:
+        np.save(here / "x.npy", x)
+        assert_one_error_line(["predict", str(finished), "--input", "x.npy", "--output", "y.csv"])
+        (here / "x.npy").unlink()
+
+
+@CASES
+@given(st.binary(max_size=300), st.sampled_from([".npy", ".csv", ".txt", ".bin"]))
+def test_garbled_prediction_files(finished, content, suffix):
+    with sandbox(finished) as here:
+        name = f"x{suffix}"
+        (here / name).write_bytes(
+            b"\x93NUMPY\xff" + content if suffix == ".npy" else b"\xff" + content
+        )
+        assert_one_error_line(["predict", str(finished), "--input", name, "--output", "y.csv"])
+        (here / name).unlink()
+
+
+# ------------------------------------------------------------- run dirs, histories, outputs
+
+READERS = [
+    ["history"],
+    ["lineage", "--model", "0"],
+    ["tethers", "--model", "0"],
+    ["eval"],
+    ["plot"],
+    ["history", "--json"],
+]
+
+
+@CASES
+@given(st.sampled_from(READERS), st.sampled_from(["missing", "file", "empty", "dangling"]))
+def test_bad_run_directories(command, kind):
+    with sandbox() as here:
+        target = here / "run"
+        if kind == "file":
+            target.write_text("not a directory")
+        elif kind == "empty":
+            target.mkdir()
+        elif kind == "dangling":
+            target.symlink_to(here / "nowhere")
+        assert_one_error_line([command[0], str(target), *command[1:]])
+        if kind == "file" or kind == "dangling":
+            target.unlink()
+        elif kind == "empty":
+            target.rmdir()
+
+
+@CASES
+@given(st.sampled_from(READERS[:3] + READERS[5:]), st.binary(max_size=4096))
+def test_garbage_history_files(command, content):
+    with sandbox() as here:
+        (here / "run").mkdir()
+        (here / "run" / "history.sqlite").write_bytes(b"\xff" + content)
+        assert_one_error_line([command[0], str(here / "run"), *command[1:]])
+        (here / "run" / "history.sqlite").unlink()
+        (here / "run").rmdir()
+
+
+@CASES
+@given(
+    st.sampled_from(["dir", "missing-parent", "proc"]),
+    st.sampled_from(["predict", "tethers"]),
+)
+def test_bad_output_paths(finished, kind, command):
+    np.save(finished.parent / "ok.npy", np.zeros((2, 64), np.float32))
+    with sandbox(finished) as here:
+        (here / "adir").mkdir()
+        out = {"dir": "adir", "missing-parent": "no/such/dir/y.out", "proc": "/proc/y.out"}[kind]
+        if command == "predict":
+            args = [
+                "predict",
+                str(finished),
+                "--input",
+                str(finished.parent / "ok.npy"),
+                "--output",
+                out,
+            ]
+        else:
+            args = ["tethers", str(finished), "--model", "0", "--out", out]
+        assert_one_error_line(args)
+        (here / "adir").rmdir()
+
+
+@CASES
+@given(st.sampled_from(["file", "nonempty", "dangling", "proc"]))
+def test_bad_run_dir_for_a_new_job(kind):
+    with sandbox() as here:
+        target = here / "run"
+        if kind == "file":
+            target.write_text("x")
+        elif kind == "nonempty":
+            target.mkdir()
+            (target / "keep.txt").write_text("mine")
+        elif kind == "dangling":
+            target.symlink_to(here / "nowhere")
+        else:
+            target = Path("/proc/ensemble-run")
+        assert_one_error_line(["run", "--set", "models.count=2", "--run-dir", str(target)])
+        if kind in ("file", "dangling"):
+            target.unlink()
+        elif kind == "nonempty":
+            (target / "keep.txt").unlink()
+            target.rmdir()
