@@ -70,6 +70,23 @@ def stop(address: str, job: str) -> bool:
         raise EnsembleError(f"no job {job!r} at {address}: {e}") from None
 
 
+def follow(address: str, job: str, write) -> str:
+    """Stream the job's driver output to `write` until the job ends; its final status."""
+    import asyncio
+
+    c = client(address)
+
+    async def tail():
+        async for chunk in c.tail_job_logs(job):
+            write(chunk)
+
+    try:
+        asyncio.run(tail())
+    except RuntimeError as e:
+        raise EnsembleError(f"no job {job!r} at {address}: {e}") from None
+    return wait(address, job)
+
+
 def wait(address: str, job: str, timeout: float = 600.0) -> str:
     """Block until the job ends; returns its final status."""
     import time

@@ -102,8 +102,11 @@ def test_the_cluster_workflow_with_auth_on(tmp_path, tiny_overrides):
 
         run_dir = tmp_path / "shared" / "run"
         sets = [a for o in [*tiny_overrides, "job=submitted"] for a in ("--set", o)]
-        sub = cli("submit", *sets, "--run-dir", str(run_dir), "--wait")
+        sub = cli("submit", *sets, "--run-dir", str(run_dir))  # streams until it ends
         assert sub.returncode == 0, sub.stdout + sub.stderr
+        assert sub.stdout.splitlines()[0] == "submitted"
+        assert "job submitted: 4 models" in sub.stdout  # the driver's summary, streamed
+        assert "submitted: SUCCEEDED" in sub.stdout
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["job"] == "submitted" and summary["models"] == 4
         status = cli("status", "--json")
@@ -111,7 +114,9 @@ def test_the_cluster_workflow_with_auth_on(tmp_path, tiny_overrides):
         jobs = json.loads(status.stdout)["submitted"]
         assert [(j["job"], j["status"]) for j in jobs] == [("submitted", "SUCCEEDED")]
         logs = cli("logs", "submitted")
-        assert logs.returncode == 0 and "ensemble" in logs.stdout
+        assert logs.returncode == 0 and "job submitted: 4 models" in logs.stdout
+        followed = cli("logs", "submitted", "--follow")  # an ended job: all of it, then done
+        assert followed.returncode == 0 and "job submitted: 4 models" in followed.stdout
         missing = cli("logs", "nope")
         assert missing.returncode == 2 and "no job 'nope'" in missing.stderr
     finally:

@@ -370,3 +370,88 @@ def test_kuberay_head_and_workers_use_one_image_that_runs_as_non_root(raycluster
     for pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
+
+
+# --- deploy/kuberay/rayjob.yaml -------------------------------------------------------------
+
+RAYJOB = ROOT / "deploy" / "kuberay" / "rayjob.yaml"
+
+
+@pytest.fixture(scope="module")
+def job_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def rayjob(job_docs) -> dict:
+    (job,) = [d for d in job_docs if d.get("kind") == "RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    return job
+
+
+def job_pods(rayjob: dict) -> dict[str, dict]:
+    """Every pod spec the RayJob makes: the submitter, the head, each worker group."""
+    spec = rayjob["spec"]
+    cluster = spec["rayClusterSpec"]
+    pods = {"submitter": spec["submitterPodTemplate"]["spec"]}
+    pods["head"] = cluster["headGroupSpec"]["template"]["spec"]
+    for g in cluster["workerGroupSpecs"]:
+        pods[f"worker:{g['groupName']}"] = g["template"]["spec"]
+    return pods
+
+
+def test_rayjob_fits_the_restricted_pod_security_standard(rayjob):
+    for name, pod in job_pods(rayjob).items():
+        ctx = pod["securityContext"]
+        assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] != 0, name
+        assert ctx["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost"), name
+        assert not pod.get("hostNetwork") and not pod.get("hostPID"), name
+        for v in pod.get("volumes", []):  # restricted allows these volume types only
+            kinds = set(v) - {"name"}
+            assert kinds <= {"persistentVolumeClaim", "configMap", "emptyDir", "secret"}, v
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+            assert not sc.get("privileged"), (name, c["name"])
+            assert not c.get("ports") or all("hostPort" not in p for p in c["ports"])
+
+
+def test_rayjob_token_comes_from_the_secret_in_every_container(rayjob, job_docs):
+    assert not [d for d in job_docs if d.get("kind") == "Secret"]
+    for name, pod in job_pods(rayjob).items():
+        for c in pod["containers"]:
+            assert env_entry(c["env"], "RAY_AUTH_MODE")["value"] == "token", name
+            ref = env_entry(c["env"], "RAY_AUTH_TOKEN")["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == "tether-ensemble-ray-token" and ref["key"], name
+
+
+def test_rayjob_runs_the_config_it_mounts_and_that_config_is_valid(rayjob, job_docs, tmp_path):
+    from ensemble.job import load
+
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["ensemble", "run"] and argv[argv.index("--address") + 1] == "auto"
+    (config_map,) = [d for d in job_docs if d.get("kind") == "ConfigMap"]
+    head = job_pods(rayjob)["head"]
+    mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in head["volumes"]}
+    config_dir = argv[2].rsplit("/", 1)[0]
+    assert volumes[mounts[config_dir]]["configMap"]["name"] == config_map["metadata"]["name"]
+    name = argv[2].rsplit("/", 1)[1]
+    (tmp_path / name).write_text(config_map["data"][name])
+    cfg = load(tmp_path / name)  # the same check `ensemble run` makes first
+    assert argv[argv.index("--run-dir") + 1] == f"/runs/{cfg.job}"
+
+
+def test_rayjob_history_is_on_a_disk_of_the_heads_own(rayjob, job_docs):
+    """SQLite's WAL needs one host: the head's /runs is ReadWriteOnce, never shared."""
+    head = job_pods(rayjob)["head"]
+    mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+    claim = {v["name"]: v for v in head["volumes"]}[mounts["/runs"]]["persistentVolumeClaim"]
+    (pvc,) = [d for d in job_docs if d.get("kind") == "PersistentVolumeClaim"]
+    assert claim["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    for name, pod in job_pods(rayjob).items():
+        if name.startswith("worker"):  # checkpoints: the node's own scratch disk
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[mounts["/runs"]]

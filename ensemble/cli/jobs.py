@@ -100,14 +100,17 @@ def submit(
     ship_package: Annotated[
         bool, typer.Option(help="Ship this package in the runtime_env (image without it installed)")
     ] = False,
-    wait: Annotated[bool, typer.Option(help="Wait for the job to end")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Stream the job's output until it ends")
+    ] = True,
 ) -> None:
-    """Submit a job through the Ray Jobs API; prints its id (the job name)."""
+    """Submit a job through the Ray Jobs API: prints its id (the job name), then streams
+    its driver's output until it ends (exit 1 if it did not succeed); --no-wait returns."""
     from ensemble.cli.run import default_config
     from ensemble.job import load as load_config
     from ensemble.rundir import resolve_job
+    from ensemble.submit import follow
     from ensemble.submit import submit as do_submit
-    from ensemble.submit import wait as do_wait
 
     try:
         cfg = resolve_job(load_config(config or default_config(), set_ or []))
@@ -116,7 +119,7 @@ def submit(
         job = do_submit(cfg, where, target, ship_package)
         console.print(job)
         if wait:
-            final = do_wait(where, job)
+            final = follow(where, job, _out)
             console.print(f"{job}: {final}; run directory {target}")
             if final != "SUCCEEDED":
                 raise typer.Exit(1)
@@ -124,13 +127,27 @@ def submit(
         fail(str(e))
 
 
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 @app.command()
-def logs(job: str, address: JobsAddress = None) -> None:
-    """A submitted job's driver output."""
+def logs(
+    job: str,
+    address: JobsAddress = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends")] = False,
+) -> None:
+    """A submitted job's driver output (--follow: as it comes, until the job ends)."""
+    from ensemble.submit import follow as follow_logs
     from ensemble.submit import logs as job_logs
 
     try:
-        sys.stdout.write(job_logs(jobs_address(address), job))
+        where = jobs_address(address)
+        if follow:
+            follow_logs(where, job, _out)
+        else:
+            _out(job_logs(where, job))
     except EnsembleError as e:
         fail(str(e))
 

@@ -103,13 +103,14 @@ def history(
 
 
 def show_rejected(h, model, layer, since_step, limit, fmt: str) -> None:
-    """Merges the merge guard undid: recorded as `rejected` events with their losses."""
+    """Merges the merge guard undid, each under its decision's id (`--explain ID` explains
+    it), with the validation losses that undid it."""
     rows = [
-        {"id": e.id, "model": e.model, "step": e.step, **e.detail}
-        for e in h.events("rejected")
-        if (model is None or model in (e.model, e.detail.get("partner")))
-        and (layer is None or e.detail.get("layer") == layer)
-        and (since_step is None or (e.step or 0) >= since_step)
+        r
+        for r in h.rejected()
+        if (model is None or model in (r["model"], r.get("partner")))
+        and (layer is None or r.get("layer") == layer)
+        and (since_step is None or (r["step"] or 0) >= since_step)
     ][:limit]
     if fmt != "table":
         return emit(rows, fmt)
@@ -134,15 +135,31 @@ def show_explanation(x, fmt: str) -> None:
         sys.stdout.write(json.dumps(x.as_dict(), indent=1) + "\n")
         return
     d = x.decision
+    repulsive = d.partner < 0  # a drift away from every other model, partner ENSEMBLE
+    whom = "away from all the others (repulsive)" if repulsive else f"with {d.partner}"
     console.print(
-        f"[bold]instruction {d.id}[/]: {d.kind} model {d.model} with {d.partner} "
+        f"[bold]instruction {d.id}[/]: {d.kind} model {d.model} {whom} "
         f"on {d.layer}, round {d.round}, step {d.step}, epoch {d.epoch + 1}"
     )
     console.print(f"rule fired: {x.rule}")
-    console.print(
-        f"thresholds: merge_above {d.merge_above}, drift_below {d.drift_below}; rate {d.rate}"
-    )
-    console.print(f"merges of model {d.model} earlier this epoch: {x.merges_before}")
+    if repulsive:
+        console.print(
+            f"rate (eta) {d.rate}; compat {d.compat:.4f} is the model's mean compatibility "
+            "with the others: every model not merged on the layer drifts, whatever its compat"
+        )
+    else:
+        bound = (
+            f"merge_above {d.merge_above}" if d.kind == "merge" else f"drift_below {d.drift_below}"
+        )
+        console.print(f"threshold: {bound}; compat {d.compat:.4f}; rate {d.rate}")
+    if d.kind == "merge":
+        console.print(f"merges of model {d.model} earlier this epoch: {x.merges_before}")
+    if x.rejected:
+        r = x.rejected
+        console.print(
+            f"[bold]rejected[/] by the merge guard at step {r['step']}: validation loss "
+            f"{r['val_loss_before']:.4f} → {r['val_loss_after']:.4f}; the merge was undone"
+        )
     t = Table(
         title=f"compat of model {d.model} on {d.layer} in round {d.round}", title_justify="left"
     )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -113,30 +117,81 @@ def run(
     target = resume or run_dir or Path("runs") / cfg.job
     run_job = partial(run_job, resume=resume is not None)
     try:
-        if quiet or not console.is_terminal:
-            summary = run_job(cfg, target, address)
-        else:
-            with Live(console=console, refresh_per_second=4, transient=True) as live:
-                shown: dict = {"status": "", "table": None}
-
-                def show(**kw):
-                    shown.update(kw)
-                    table = [shown["table"]] if shown["table"] is not None else []
-                    live.update(Group(Spinner("dots", text=shown["status"]), *table))
-
+        with ray_log(target):  # Ray's own lines go to <run dir>/driver.log, not the screen
+            if quiet:
+                summary = run_job(cfg, target, address)
+            elif not console.is_terminal:  # a pipe or a file: plain lines, as they happen
+                lines = PlainProgress(cfg.job, cfg.train.epochs)
                 summary = run_job(
-                    cfg,
-                    target,
-                    address,
-                    on_progress=lambda p: show(table=progress_table(p, cfg.train.epochs)),
-                    on_status=lambda message: show(status=f"{cfg.job}: {message}"),
+                    cfg, target, address, on_progress=lines.progress, on_status=lines.status
                 )
+            else:
+                with Live(console=console, refresh_per_second=4, transient=True) as live:
+                    shown: dict = {"status": "", "table": None}
+
+                    def show(**kw):
+                        shown.update(kw)
+                        table = [shown["table"]] if shown["table"] is not None else []
+                        live.update(Group(Spinner("dots", text=shown["status"]), *table))
+
+                    summary = run_job(
+                        cfg,
+                        target,
+                        address,
+                        on_progress=lambda p: show(table=progress_table(p, cfg.train.epochs)),
+                        on_status=lambda message: show(status=f"{cfg.job}: {message}"),
+                    )
     except EnsembleError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail(f"interrupted; what was recorded is in {target}/history.sqlite", code=130)
     console.print(summary_table(summary))
     console.print(f"run directory: {target}")
+
+
+class PlainProgress:
+    """Progress for output that is not a terminal: a line per phase, and one per epoch
+    (the slowest model's), with rounds, merges and drifts so far."""
+
+    def __init__(self, job: str, epochs: int):
+        self.job, self.epochs, self.epoch = job, epochs, -1
+
+    def status(self, message: str) -> None:
+        print(f"{self.job}: {message}", flush=True)
+
+    def progress(self, p: dict) -> None:
+        epoch = min((m["epoch"] for m in p["models"] if m["active"]), default=self.epochs)
+        if epoch > self.epoch:
+            self.epoch = epoch
+            print(
+                f"{self.job}: epoch {min(epoch + 1, self.epochs)}/{self.epochs}  rounds "
+                f"{p['rounds']}  merges {p['merges']}  drifts {p['drifts']}  publications "
+                f"{p['publications']}",
+                flush=True,
+            )
+
+
+@contextmanager
+def ray_log(run_dir: Path):
+    """While the job runs, what reaches this process's stderr (Ray's C++ warnings, workers'
+    forwarded output) goes to a file; then into <run dir>/driver.log, or away if the start
+    failed and left no run directory. Our own error lines are printed after, on stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.NamedTemporaryFile(prefix="ensemble-driver-", suffix=".log", delete=False) as f:
+        log = Path(f.name)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        dest = Path(run_dir) / "driver.log"
+        if Path(run_dir).is_dir() and log.stat().st_size:
+            with open(dest, "ab") as out:
+                out.write(log.read_bytes())
+        log.unlink(missing_ok=True)
 
 
 def default_config() -> Path | None:

@@ -36,6 +36,7 @@ QUERIES = frozenset(
         "metrics",
         "count",
         "explain",
+        "rejected",
         "lineage",
         "generations",
         "tethers",

@@ -180,9 +180,41 @@ class HistoryReader:
         ):
             row_vals[j if i == d.model else i] = v
         before = d.merges_in_epoch - (1 if d.kind == "merge" else 0)
+        rejected = None
+        if d.kind == "merge":
+            hit = self.rejection_of(d.model, d.partner, d.layer, d.round)
+            if hit is not None:
+                rejected = {
+                    "step": hit.step,
+                    **{k: hit.detail[k] for k in ("val_loss_before", "val_loss_after")},
+                }
         return Explanation(
-            d, json.loads(models_json), dict(sorted(row_vals.items())), before, d.rule
+            d, json.loads(models_json), dict(sorted(row_vals.items())), before, d.rule, rejected
         )
+
+    def rejection_of(self, model: int, partner: int, layer: str, round_id: int) -> Event | None:
+        """The merge guard's `rejected` event for this merge, if it undid it."""
+        rows = self.conn.execute(
+            "SELECT id, model, kind, step, detail, t FROM events WHERE kind = 'rejected'"
+            " AND model = ? AND json_extract(detail, '$.partner') = ?"
+            " AND json_extract(detail, '$.layer') = ? AND json_extract(detail, '$.round') = ?",
+            (model, partner, layer, round_id),
+        ).fetchall()
+        return Event(*rows[0][:4], json.loads(rows[0][4]), rows[0][5]) if rows else None
+
+    def rejected(self) -> list[dict]:
+        """Merges the merge guard undid, each under its decision's id (the same ids as
+        `decisions`, so `explain(id)` explains it), with the losses that undid it."""
+        out = []
+        for e in self.events("rejected"):
+            d = e.detail
+            row = self.conn.execute(
+                "SELECT id FROM instructions WHERE kind = 'merge' AND round = ? AND model = ?"
+                " AND partner = ? AND layer = ?",
+                (d.get("round"), e.model, d.get("partner"), d.get("layer")),
+            ).fetchone()
+            out.append({"id": row[0] if row else None, "model": e.model, "step": e.step, **d})
+        return out
 
     def lineage(self, model: int) -> Lineage:
         """Every merge whose tethers flowed into `model`, recursively back in time. Merges

@@ -84,6 +84,8 @@ class Explanation(Record):
     compat_row: dict[int, float]  # the model's compat with every model in that round/layer
     merges_before: int  # merges of the model earlier in that epoch
     rule: str
+    # a merge the merge guard undid: {"step", "val_loss_before", "val_loss_after"}
+    rejected: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
