@@ -52,6 +52,12 @@ REGISTRY = [
         False,
         "ensemble accuracy/NLL/calibration/diversity of each merge variant vs independent",
     ),
+    Bench(
+        "partitions",
+        False,
+        False,
+        "merging on sharded and label-skewed data: policies vs local-only and FedAvg",
+    ),
 ]
 BY_NAME = {b.name: b for b in REGISTRY}
 

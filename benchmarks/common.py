@@ -31,7 +31,7 @@ PLAIN = [
     "policy.drift_below=-1.0",
     "policy.align=false",
     "policy.guard=false",
-    "policy.merge=tethers",
+    "policy.share=tethers",
     "policy.drift=pairwise",
 ]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

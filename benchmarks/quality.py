@@ -31,6 +31,8 @@ import re
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,24 +69,24 @@ VARIANTS: dict[str, list[str]] = {
     "aligned": ["policy.align=true"],
     "merge guard": ["policy.guard=true"],
     "repulsive drift": ["policy.drift=repulsive"],
-    "weight merge": ["policy.merge=weights"],
-    "aligned weight merge": ["policy.align=true", "policy.merge=weights"],
+    "weight merge": ["policy.share=both"],
+    "aligned weight merge": ["policy.align=true", "policy.share=both"],
     "aligned + guard": ["policy.align=true", "policy.guard=true"],
     "aligned weight merge + guard": [
         "policy.align=true",
-        "policy.merge=weights",
+        "policy.share=both",
         "policy.guard=true",
     ],
     "combined": [
         "compat.fn=cka",
         "policy.align=true",
-        "policy.merge=weights",
+        "policy.share=both",
         "policy.guard=true",
     ],
     "combined + repulsive": [
         "compat.fn=cka",
         "policy.align=true",
-        "policy.merge=weights",
+        "policy.share=both",
         "policy.guard=true",
         "policy.drift=repulsive",
     ],
@@ -133,18 +135,38 @@ def _init_worker() -> None:
 
 
 def job_name(dataset: str, variant: str, seed: int) -> str:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", variant).strip("-")
-    return f"quality-{dataset}-{slug}-s{seed}"[:64]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{dataset}-{variant}").strip("-")
+    return f"q-{slug}-s{seed}"[-64:].lstrip("-_.")
+
+
+def dataset_overrides(spec: str) -> list[str]:
+    """'digits' or 'digits@dirichlet:0.3' / 'digits@shard' / 'digits@iid' -> --set keys."""
+    name, _, part = spec.partition("@")
+    out = [f"data.name={name}"]
+    if part:
+        kind, _, alpha = part.partition(":")
+        out.append(f"data.partition={kind}")
+        if alpha:
+            out.append(f"data.alpha={alpha}")
+    return out
+
+
+GLOBAL = "score=global"  # a variant's pseudo-override: score the members' plain average
 
 
 def train_and_score(overrides: list[str], dataset: str, seed: int, job: str) -> dict:
-    """One job in this process (no Ray); the scores of its ensemble and members."""
+    """One job in this process (no Ray); the scores of its ensemble and members. With
+    GLOBAL among the overrides, the scores are those of one model, the members' plain
+    average at the end (FedAvg's global model), not of their ensemble."""
     from ensemble.config import load_config
+    from ensemble.export import average, folded, module_of, probs_of
     from ensemble.job import drive, make_trainer, open_coordinator, prepare
     from ensemble.metrics import disagreement, ece, ensemble_probs, pairwise_kl, scores
 
+    as_global = GLOBAL in overrides
+    overrides = [o for o in overrides if o != GLOBAL]
     cfg = load_config(
-        BASE_CONFIG, [*overrides, f"seed={seed}", f"data.name={dataset}", f"job={job}"]
+        BASE_CONFIG, [*overrides, f"seed={seed}", *dataset_overrides(dataset), f"job={job}"]
     )
     prep = prepare(cfg)
     data = prep.data
@@ -160,6 +182,10 @@ def train_and_score(overrides: list[str], dataset: str, seed: int, job: str) -> 
     if not live.any():
         raise RuntimeError(f"all {t.k} members failed (non-finite loss)")
     val, test = list(t.predict_proba(data.x_val)[live]), list(t.predict_proba(data.x_test)[live])
+    if as_global:  # one model: the members' average (no alignment: they share an init)
+        mean = average([folded(t.stack.member_state(i)) for i in map(int, live.nonzero()[0])])
+        one = module_of(cfg, data, mean)
+        val, test = [probs_of(one, data.x_val)], [probs_of(one, data.x_test)]
     ens_val, ens_test = scores(ensemble_probs(val), data.y_val), ensemble_probs(test)
     ens = scores(ens_test, data.y_test)
     own = [scores(p, data.y_test) for p in test]
@@ -199,24 +225,41 @@ def one_run(task: tuple[str, str, int, list[str]]) -> dict:
 # ---------------------------------------------------------------- selection and the pool
 
 
-def _subset(env: str, chosen: list[str], known: list[str]) -> list[str]:
+def _subset(env: str, chosen: list[str], known: list[str] | None) -> list[str]:
     raw = os.environ.get(env, "").strip()
     if not raw:
         return chosen
     names = [n.strip() for n in raw.split(",") if n.strip()]
+    if known is None:  # datasets: any name or name@partition; loading one names a bad one
+        return names
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"{env}: unknown {unknown}; choose from {known}")
     return names
 
 
-def plan(size: str) -> dict:
-    """Datasets, variants, seeds and per-variant overrides for this size and environment."""
-    from ensemble.data import DATASETS
+@dataclass(frozen=True)
+class Study:
+    """A table of whole jobs: variants (rows) × datasets (tables) × seeds."""
 
-    s = SIZES[size]
-    variants = _subset("QUALITY_VARIANTS", s["variants"] or list(VARIANTS), list(VARIANTS))
-    datasets = _subset("QUALITY_DATASETS", s["datasets"], sorted(DATASETS))
+    name: str  # the benchmark: results/<name>.json and <name>.md
+    title: str
+    variants: dict[str, list[str]]  # row -> --set overrides on top of `base`
+    baselines: tuple[str, ...]  # rows that are never the recommendation
+    reference: str  # what the other rows are paired with
+    base: list[str]
+    sizes: dict
+    # name -> which datasets form a regime; the recommendation is made per regime
+    regimes: dict[str, Callable[[str], bool]] = field(default_factory=lambda: {"all": bool})
+    reference_can_win: bool = False  # the reference is a candidate too (do no harm)
+
+
+def plan(size: str, study: Study) -> dict:
+    """Datasets, variants, seeds and per-variant overrides for this size and environment."""
+    s = study.sizes[size]
+    known = list(study.variants)
+    variants = _subset("QUALITY_VARIANTS", s["variants"] or known, known)
+    datasets = _subset("QUALITY_DATASETS", s["datasets"], None)
     seeds = int(os.environ.get("QUALITY_SEEDS") or s["seeds"])
     if seeds < 1:
         raise ValueError(f"QUALITY_SEEDS: need at least 1 seed, got {seeds}")
@@ -224,7 +267,7 @@ def plan(size: str) -> dict:
         "datasets": datasets,
         "variants": variants,
         "seeds": list(range(seeds)),
-        "overrides": {v: [*BASE, *s["set"], *VARIANTS[v]] for v in variants},
+        "overrides": {v: [*study.base, *s["set"], *study.variants[v]] for v in variants},
         "processes": max(1, int(os.environ.get("QUALITY_PROCS") or 2)),
     }
 
@@ -300,28 +343,30 @@ def summarise(runs: list[dict], p: dict) -> dict:
     return rows
 
 
-def choose(rows: dict[str, dict[str, dict]]) -> str | None:
-    """One recommendation for every dataset: the tethered row (ran on all of them) with the
-    lowest geometric mean, over datasets, of its mean validation NLL relative to REFERENCE's
-    (its plain mean validation NLL where REFERENCE did not run). Test numbers never choose."""
+def choose(rows: dict[str, dict[str, dict]], study: Study) -> str | None:
+    """One recommendation for these datasets: the row (not a baseline, ran on all of them)
+    with the lowest geometric mean, over datasets, of its mean validation NLL relative to
+    the reference's (its plain mean validation NLL where the reference did not run). Test
+    numbers never choose."""
     scores: dict[str, float] = {}
-    for v in VARIANTS:
-        if v in BASELINES or not all(v in r and r[v]["n"] for r in rows.values()):
+    for v in study.variants:
+        candidate = v not in study.baselines or (study.reference_can_win and v == study.reference)
+        if not candidate or not all(v in r and r[v]["n"] for r in rows.values()):
             continue
         logs = []
         for r in rows.values():
-            ref = r.get(REFERENCE)
+            ref = r.get(study.reference)
             scale = ref["val_nll"]["mean"] if ref and ref["n"] else 1.0
             logs.append(math.log(max(r[v]["val_nll"]["mean"], 1e-12) / scale))
         scores[v] = sum(logs) / len(logs)
     return min(scores, key=scores.get) if scores else None
 
 
-def recommend(rows: dict[str, dict], best: str | None) -> dict | None:
-    """How the chosen row does on one dataset: does it beat REFERENCE on test?"""
+def recommend(rows: dict[str, dict], best: str | None, study: Study) -> dict | None:
+    """How the chosen row does on one dataset: does it beat the reference on test?"""
     if best is None or best not in rows or not rows[best]["n"]:
         return None
-    b, ref = rows[best], rows.get(REFERENCE)
+    b, ref = rows[best], rows.get(study.reference)
     out = {
         "variant": best,
         "val_nll": b["val_nll"]["mean"],
@@ -334,7 +379,7 @@ def recommend(rows: dict[str, dict], best: str | None) -> dict | None:
         nll_better = b["test_nll"]["mean"] < ref["test_nll"]["mean"]
         acc_ok = b["test_acc"]["mean"] >= ref["test_acc"]["mean"]
         out["reference"] = {
-            "variant": REFERENCE,
+            "variant": study.reference,
             "test_nll": ref["test_nll"]["mean"],
             "test_acc": ref["test_acc"]["mean"],
         }
@@ -354,10 +399,11 @@ def _paired(a: dict, b: dict, key: str) -> list[float]:
     return [x / y for x, y in _by_seed(a, b, key) if y != 0]
 
 
-def make_cases(rows: dict[str, dict], best: dict[str, dict | None]) -> list[dict]:
+def make_cases(rows: dict[str, dict], best: dict[str, dict | None], study: Study) -> list[dict]:
     cases = []
+    reference = study.reference
     for d, by_variant in rows.items():
-        ref = by_variant.get(REFERENCE)
+        ref = by_variant.get(reference)
         rec = (best.get(d) or {}).get("variant")
         for v, row in by_variant.items():
             if not row["n"]:
@@ -367,7 +413,7 @@ def make_cases(rows: dict[str, dict], best: dict[str, dict | None]) -> list[dict
                     case(f"{d}: {v}", "ensemble test NLL (absolute)", row["test_nll"]["values"])
                 )
                 continue
-            if v == REFERENCE:
+            if v == reference:
                 continue
             nll = _paired(row, ref, "test_nll")
             if not nll:
@@ -377,7 +423,7 @@ def make_cases(rows: dict[str, dict], best: dict[str, dict | None]) -> list[dict
             cases.append(
                 case(
                     f"{d}: {v}",
-                    f"ensemble test NLL / {REFERENCE}'s (paired by seed)",
+                    f"ensemble test NLL / {reference}'s (paired by seed)",
                     nll,
                     target,
                     recommended=v == rec,
@@ -389,7 +435,7 @@ def make_cases(rows: dict[str, dict], best: dict[str, dict | None]) -> list[dict
                 cases.append(
                     case(
                         f"{d}: {v} (recommended)",
-                        f"ensemble test accuracy / {REFERENCE}'s (paired by seed)",
+                        f"ensemble test accuracy / {reference}'s (paired by seed)",
                         acc,
                         (">=", 1.0),
                     )
@@ -398,56 +444,72 @@ def make_cases(rows: dict[str, dict], best: dict[str, dict | None]) -> list[dict
 
 
 def run(size: str) -> tuple[list[dict], list[str], dict]:
+    return run_study(size, QUALITY)
+
+
+def run_study(size: str, study: Study) -> tuple[list[dict], list[str], dict]:
     from ensemble.config import load_config
 
-    p = plan(size)
-    load_config(BASE_CONFIG, [*BASE, *SIZES[size]["set"]])  # a typo there fails here, once
+    p = plan(size, study)
+    load_config(BASE_CONFIG, [*study.base, *study.sizes[size]["set"]])  # a typo fails here
     t = time.perf_counter()
     runs = run_all(p)
     wall = time.perf_counter() - t
     rows = summarise(runs, p)
-    chosen = choose(rows)
-    best = {d: recommend(r, chosen) for d, r in rows.items()}
-    cases = make_cases(rows, best)
+    best: dict[str, dict | None] = {}
+    chosen: dict[str, str | None] = {}
+    for regime, member in study.regimes.items():
+        mine = {d: r for d, r in rows.items() if member(d)}
+        if mine:
+            chosen[regime] = choose(mine, study)
+            best.update({d: recommend(r, chosen[regime], study) for d, r in mine.items()})
+    cases = make_cases(rows, best, study)
+    ref = study.reference
     notes = [
         f"Each run: one job in one process without Ray (one stack, the synchronous protocol, "
-        f"called directly); {BASE_CONFIG.relative_to(ROOT)} with {[*BASE, *SIZES[size]['set']]}, "
-        f"then the variant's overrides. seeds: {len(p['seeds'])}, runs: {len(runs)} on "
-        f"{min(p['processes'], len(runs))} processes in {wall:.0f} s.",
-        "Recommended = one tethered row for all datasets (not single model or independent): "
-        "the lowest geometric mean over datasets of its mean VALIDATION ensemble NLL relative "
-        "to independent's. It beats independent when its mean test NLL is lower and its mean "
-        "test accuracy no worse. Δ columns: test NLL minus independent's, paired by seed "
-        "(same split, same member seeds), mean ± sd, and on how many seeds it was lower.",
+        f"called directly); {BASE_CONFIG.relative_to(ROOT)} with "
+        f"{[*study.base, *study.sizes[size]['set']]}, then the variant's overrides. seeds: "
+        f"{len(p['seeds'])}, runs: {len(runs)} on {min(p['processes'], len(runs))} processes "
+        f"in {wall:.0f} s.",
+        f"Recommended = one row per regime ({', '.join(study.regimes)}), not a baseline: the "
+        "lowest geometric mean over the regime's datasets of its mean VALIDATION ensemble NLL "
+        f"relative to {ref}'s. It beats {ref} when its mean test NLL is lower and its mean "
+        f"test accuracy no worse. Δ columns: test NLL minus {ref}'s, paired by seed (same "
+        "split, same member seeds), mean ± sd, and on how many seeds it was lower.",
     ]
     for d, b in best.items():
         if b is None:
-            notes.append(f"{d}: no tethered row ran.")
+            notes.append(f"{d}: no candidate row ran.")
         elif b["reference"] is None:
             notes.append(
                 f"{d}: recommended {b['variant']!r} (val NLL {b['val_nll']:.4f}); "
-                f"no {REFERENCE} row to compare with."
+                f"no {ref} row to compare with."
             )
         else:
             r = b["reference"]
             notes.append(
                 f"{d}: recommended {b['variant']!r} (val NLL {b['val_nll']:.4f}): test NLL "
-                f"{b['test_nll']:.4f} vs {REFERENCE} {r['test_nll']:.4f}, accuracy "
+                f"{b['test_nll']:.4f} vs {ref} {r['test_nll']:.4f}, accuracy "
                 f"{b['test_acc']:.4f} vs {r['test_acc']:.4f}: "
-                + ("beats independent." if b["beats_reference"] else "does NOT beat independent.")
+                + (f"beats {ref}." if b["beats_reference"] else f"does NOT beat {ref}.")
             )
     for d, by_variant in rows.items():
         for v, row in by_variant.items():
             for e in row["errors"]:
                 notes.append(f"{d}: {v}: error: {e}")
     params = {
+        "study": study.name,
+        "title": study.title,
+        "reference": ref,
         "base_config": str(BASE_CONFIG.relative_to(ROOT)),
-        "base_overrides": [*BASE, *SIZES[size]["set"]],
+        "base_overrides": [*study.base, *study.sizes[size]["set"]],
         "datasets": p["datasets"],
         "seeds": p["seeds"],
         "processes": p["processes"],
-        "variants": {v: VARIANTS[v] for v in p["variants"]},
-        "baselines": list(BASELINES),
+        "variants": {v: study.variants[v] for v in p["variants"]},
+        "baselines": list(study.baselines),
+        "regimes": {k: [d for d in rows if m(d)] for k, m in study.regimes.items()},
+        "chosen": chosen,
         "rows": rows,
         "recommended": best,
         "runs": runs,
@@ -483,9 +545,9 @@ def markdown(res: dict) -> str:
     params = res["params"]
     cols = [*METRICS.values(), "Δ test NLL", "seeds lower", *COUNTS.values()]
     lines = [
-        "# Ensemble quality",
+        f"# {params.get('title', 'Ensemble quality')}",
         "",
-        f"Generated by `python -m benchmarks --only quality` ({res['size']}, "
+        f"Generated by `python -m benchmarks --only {res['benchmark']}` ({res['size']}, "
         f"{res['seconds']} s, {res['machine']['date']}). Mean ± sd over seeds; ensemble = "
         "mean of member probabilities; member acc/NLL = mean over members of their own "
         "scores; merges/drifts/rejected = mean per run. The recommended row is chosen on "
@@ -507,7 +569,7 @@ def markdown(res: dict) -> str:
             if row["errors"]:  # some seeds failed: the messages are in the notes
                 name += " (some seeds failed)"
             cells = [_cell(row[k]) for k in METRICS]
-            cells += paired_delta(row, by_variant.get(REFERENCE))
+            cells += paired_delta(row, by_variant.get(params.get("reference", REFERENCE)))
             cells += [_cell(row[k], 1) for k in COUNTS]
             lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
@@ -518,8 +580,11 @@ def markdown(res: dict) -> str:
 
 
 def write_report(res: dict, out_dir: Path) -> Path:
-    """quality.md beside quality.json: one table per dataset, rows = variants."""
+    """<name>.md beside <name>.json: one table per dataset, rows = variants."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / "quality.md"
+    path = Path(out_dir) / f"{res['benchmark']}.md"
     path.write_text(markdown(res))
     return path
+
+
+QUALITY = Study("quality", "Ensemble quality", VARIANTS, BASELINES, REFERENCE, BASE, SIZES)

@@ -2,9 +2,11 @@
 
 Each model reads an endless stream of fresh shuffles of its own rows (all of the training
 split, or its shard), drawn from its own generator; an epoch is the same number of steps
-for every model, `steps_per_epoch`, each a full batch. So models with shards of different
-sizes still step together, and no model's batch is ever empty or padded. With full data,
-an epoch is one pass (the last batch tops up from the next shuffle).
+for every model, `steps_per_epoch`: one pass's worth over the whole training split, each
+a full batch. So every partition trains for the same steps, models with shards of
+different sizes step together (a model on a small shard cycles through it more often), and
+no model's batch is ever empty or padded. With full data, an epoch is one pass (the last
+batch tops up from the next shuffle).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import numpy as np
 import torch
 
 
-def steps_per_epoch(rows: list[np.ndarray], batch_size: int) -> int:
-    """One pass over the largest model's rows, in full batches."""
-    return max(1, math.ceil(max(len(r) for r in rows) / batch_size))
+def steps_per_epoch(train_rows: int, batch_size: int) -> int:
+    """One pass's worth of full batches over the whole training split."""
+    return max(1, math.ceil(train_rows / batch_size))
 
 
 class Batches:

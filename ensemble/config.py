@@ -46,13 +46,28 @@ class DataConfig(Section):
     name: str = "digits"  # dataset registry name, see ensemble.data.DATASETS
     val_fraction: float = Field(0.15, gt=0, lt=0.5)  # held out for per-epoch validation
     test_fraction: float = Field(0.25, gt=0, lt=0.5)  # held out for the final summary
-    shard: bool = False  # True: each model trains on its own slice instead of its own shuffle
+    # which rows each model trains on: iid, all of them (each its own shuffles); shard, a
+    # disjoint random slice each; dirichlet, label-skewed slices, each class split across
+    # the models by a Dirichlet(alpha) draw. A model validates on its own slice's share of
+    # the validation split; the test split stays whole
+    partition: Literal["iid", "shard", "dirichlet"] = "iid"
+    alpha: float = Field(0.3, gt=0)  # dirichlet: smaller is more skewed (0.1: a class or two)
     data_file: str = "data_input.txt"  # text dataset: whitespace-separated floats
     labels_file: str = "labels_input.txt"  # text dataset: one integer label per sample
     samples: int = Field(3200, ge=2)  # text/synthetic: declared number of samples
     features: int = Field(128, ge=1)  # text/synthetic: declared width of one sample
     classes: int = Field(10, ge=2)  # text/synthetic: labels lie in [0, classes)
     create_missing: bool = False  # text: write random files when absent, as the seed does
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "shard" in values:
+            raise ValueError(
+                "data.shard was replaced by data.partition: use data.partition=shard for "
+                "disjoint slices (shard: true) or leave data.partition=iid (shard: false)"
+            )
+        return values
 
 
 class TrainConfig(Section):
@@ -77,7 +92,10 @@ class CompatConfig(Section):
 
 
 class PolicyConfig(Section):
-    name: str = "threshold"  # registry name, see ensemble.policy.POLICIES
+    # registry name, see ensemble.policy.POLICIES: threshold (pairs by compatibility),
+    # fedavg (everyone to the population mean), mean (a pull of rate alpha toward it),
+    # seed, none
+    name: str = "threshold"
     merge_above: float = 1.0  # merge when compat > merge_above
     drift_below: float = -1.0  # drift when compat < drift_below
     alpha: float = Field(0.5, gt=0, le=1)  # merge rate; 0.5 is the seed's plain average
@@ -88,11 +106,22 @@ class PolicyConfig(Section):
     # pairwise: drift apart from the least compatible partner; repulsive: every model drifts
     # along the RBF-kernel repulsion from all others (SVGD), median-heuristic bandwidth
     drift: Literal["pairwise", "repulsive"] = "repulsive"
-    # tethers: a merge averages tethers only; weights: it averages the tethered weights W*T
-    # (and biases) of the merged layer too, so the two layers compute alike
-    merge: Literal["tethers", "weights"] = "weights"
+    # what a merge averages: tethers, the tethers only; weights, the trained weights W and
+    # biases, each model keeping its own tether (the tether as its personal adaptation);
+    # both, the tethers and the tethered weights W*T, so the merged layers compute alike
+    share: Literal["tethers", "weights", "both"] = "both"
     align: bool = True  # match partner hidden units (weight matching) before a merge
     guard: bool = True  # keep a merge only if the model's validation loss is no worse
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "merge" in values:
+            raise ValueError(
+                "policy.merge was replaced by policy.share: tethers stays tethers, weights "
+                "is now both (tethers and tethered weights); weights averages W alone"
+            )
+        return values
 
     @model_validator(mode="after")
     def _ordered(self) -> PolicyConfig:
@@ -254,8 +283,16 @@ def _format_error(err: ValidationError, source: str, overridden: dict[str, str])
     return "; ".join(parts)
 
 
+RENAMED = {
+    "data.shard": "data.shard was replaced by data.partition: use data.partition=shard",
+    "policy.merge": "policy.merge was replaced by policy.share (weights is now both)",
+}
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """Apply one `--set a.b.c=value`; the key must name a field of Config."""
+    if key in RENAMED:
+        raise ConfigError(f"--set {key}: {RENAMED[key]}")
     node_model: type[BaseModel] = Config
     node = tree
     parts = key.split(".")
@@ -289,8 +326,26 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Load YAML (or the built-in defaults when path is None) and apply overrides."""
+def migrate(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config as an earlier version wrote it into a run directory, in today's keys:
+    data.shard became data.partition, policy.merge became policy.share."""
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    data, policy = tree.get("data"), tree.get("policy")
+    if isinstance(data, dict) and "shard" in data:
+        if data.pop("shard"):
+            data.setdefault("partition", "shard")
+    if isinstance(policy, dict) and "merge" in policy:
+        policy.setdefault("share", {"weights": "both"}.get(policy["merge"], policy["merge"]))
+        policy.pop("merge")
+    return tree
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), saved: bool = False
+) -> Config:
+    """Load YAML (or the built-in defaults when path is None) and apply overrides.
+    saved: the config a run directory holds, perhaps written by an earlier version
+    (`migrate`); a config a user writes gets no such help, but a clear error."""
     source = str(path) if path else "built-in defaults"
     tree: dict[str, Any] = {}
     if path is not None:
@@ -307,6 +362,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{p}: cannot read it ({e.strerror})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: expected a mapping of config keys, got {type(tree).__name__}")
+        if saved:
+            tree = migrate(tree)
     overridden = {}
     for text in overrides:
         key, value = parse_override(text)

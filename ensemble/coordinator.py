@@ -376,10 +376,9 @@ class Coordinator:
                 self.mailbox[ins.model].append(replace(ins, round=round_id, step=step))
             for m in sorted({ins.model for ins in decided}):  # a new generation per change
                 self.snapshot(m, round_id)
-        self.rounds += 1
-        once = [i for i in decided if not 0 <= i.partner < self.count or i.model < i.partner]
-        self.merges += sum(i.kind == "merge" for i in once)
-        self.drifts += sum(i.kind == "drift" for i in once)
+        self.rounds += 1  # counted per instruction: once for each model a decision changes
+        self.merges += sum(i.kind == "merge" for i in decided)
+        self.drifts += sum(i.kind == "drift" for i in decided)
         return [ins for ins, _ in out]
 
     def layer_compat(self, layer: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -396,36 +395,97 @@ class Coordinator:
 
     def payload(self, ins, pre, views, forces, perms) -> Instruction:
         """What the worker needs to carry out `ins`: the partner's tether (aligned, or the
-        virtual partner T - r of a repulsive drift) and, for a weight merge, its weights."""
+        virtual partner T - r of a repulsive drift, or the population's mean) and, when
+        weights are shared, the difference to add to its own (see Instruction)."""
+        p = self.cfg.policy
+        ins = replace(ins, share=p.share)
         own = pre[(ins.model, ins.layer)]
-        if ins.partner == ENSEMBLE:
+        if ins.partner == ENSEMBLE and ins.kind == "drift":
             if ins.layer not in forces:
                 v = views[ins.layer]
                 r, _ = maths.rbf_repulsion(self.bank.buffers[ins.layer][v.models], v.sq_dist)
                 forces[ins.layer] = dict(zip(v.models.tolist(), r, strict=True))
             force = forces[ins.layer][ins.model].reshape(own.shape)
             return replace(ins, partner_tether=own - force)
+        if ins.partner == ENSEMBLE:  # a merge toward the population's mean
+            return self.toward_mean(ins, views[ins.layer], perms)
         partner = pre[(ins.partner, ins.layer)]
-        p = self.cfg.policy
-        if ins.kind != "merge" or not (p.align or p.merge == "weights"):
+        if ins.kind != "merge" or not (p.align or p.share != "tethers"):
             return replace(ins, partner_tether=partner)
         mine, theirs = self.params.get(ins.model), self.params.get(ins.partner)
         if mine is None or theirs is None or ins.partner >= self.count:
             return replace(ins, partner_tether=partner)  # nothing published to align by
         key = (min(ins.model, ins.partner), max(ins.model, ins.partner))
         if p.align and key not in perms:  # units of the larger id in the smaller id's order
-            a, b = self.params[key[0]], self.params[key[1]]
+            a, b = self.effective(key[0]), self.effective(key[1])
             perms[key] = align.weight_matching(a, b, init=self.aligned.get(key))
             self.aligned[key] = perms[key]  # the next merge of this pair starts from here
         pm = perms.get(key)
         if pm is not None and ins.model == key[1]:
             pm = align.inverse(pm)
         li = list(self.bank.shapes).index(ins.layer)  # forward order: neighbours permute too
-        w, b = theirs[ins.layer]
+        src = self.effective(ins.partner) if p.share == "both" else theirs
+        w, b = src[ins.layer]
         if pm is not None:
             partner, w, b = (align.permute(x, li, pm) for x in (partner, w, b))
-        weights = (w, b) if p.merge == "weights" else None
-        return replace(ins, partner_tether=partner, partner_weights=weights)
+        if p.share == "tethers":
+            return replace(ins, partner_tether=partner)
+        mw, mb = (self.effective(ins.model) if p.share == "both" else mine)[ins.layer]
+        return replace(ins, partner_tether=partner, partner_weights=(w - mw, b - mb))
+
+    def effective(self, model: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A model's tethered weights W * T (as last reported, times its bank tether) and
+        biases, layer -> (W * T, b), in forward order: what alignment compares."""
+        return {n: (w * self.bank.row(model, n), b) for n, (w, b) in self.params[model].items()}
+
+    def toward_mean(self, ins: Instruction, v: LayerView, perms: dict) -> Instruction:
+        """A merge toward the population's mean on the layer: the mean of every model in
+        the round (aligned to one reference model when policy.align), in this model's order."""
+        p = self.cfg.policy
+        key = ("mean", ins.layer)
+        if key not in perms:
+            members = [int(m) for m in v.models if m < self.count]
+            perms[key] = self.population_mean(members, ins.layer)
+        means, order = perms[key]
+        li = list(self.bank.shapes).index(ins.layer)
+        back = order.get(ins.model)  # this model's units in the reference's order
+        to_own = (
+            (lambda x: x)
+            if back is None
+            # noqa: E731
+            else (lambda x: align.permute(x, li, align.inverse(back)))
+        )
+        tether = to_own(means["tether"])
+        if p.share == "tethers" or ins.model not in self.params:
+            return replace(ins, partner_tether=tether)
+        mw, mb = (self.effective(ins.model) if p.share == "both" else self.params[ins.model])[
+            ins.layer
+        ]
+        w, b = to_own(means["w"]), to_own(means["b"])
+        return replace(ins, partner_tether=tether, partner_weights=(w - mw, b - mb))
+
+    def population_mean(self, members: list[int], layer: str):
+        """The members' mean tether, weights and bias of `layer`, in the reference's (the
+        lowest id's) unit order; and each member's alignment to the reference."""
+        p = self.cfg.policy
+        li = list(self.bank.shapes).index(layer)
+        ref = members[0]
+        known = [m for m in members if m in self.params]
+        order: dict[int, list[np.ndarray]] = {}
+        if p.align and ref in self.params:
+            for m in known[1:]:
+                key = (ref, m)
+                order[m] = align.weight_matching(
+                    self.effective(ref), self.effective(m), init=self.aligned.get(key)
+                )
+                self.aligned[key] = order[m]
+        to_ref = lambda m, x: x if m not in order else align.permute(x, li, order[m])  # noqa: E731
+        means = {"tether": np.mean([to_ref(m, self.bank.row(m, layer)) for m in members], 0)}
+        if known and p.share != "tethers":
+            src = {m: (self.effective(m) if p.share == "both" else self.params[m]) for m in known}
+            means["w"] = np.mean([to_ref(m, src[m][layer][0]) for m in known], 0)
+            means["b"] = np.mean([to_ref(m, src[m][layer][1]) for m in known], 0)
+        return means, order
 
     def snapshot(self, model: int, round_id: int | None) -> None:
         self.generation[model] += 1
@@ -441,7 +501,8 @@ class Coordinator:
     def progress(self) -> dict:
         return {
             "rounds": self.rounds,
-            "merges": self.merges,
+            "merges": self.merges,  # merge instructions given (each model's side counts)
+            "merges_kept": self.merges - self.rejected,
             "drifts": self.drifts,
             "rejected": self.rejected,
             "publications": self.publications,

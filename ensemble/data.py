@@ -230,17 +230,68 @@ def load_peer_tethers(
     return out
 
 
-def member_rows(cfg: DataConfig, y_train: np.ndarray, count: int) -> list[np.ndarray]:
-    """Each model's training rows (indices into the training split): all of them, or with
-    data.shard a disjoint slice per model."""
-    n = len(y_train)
-    if cfg.shard:
-        rows = [np.arange(m, n, count) for m in range(count)]
-        empty = [m for m, r in enumerate(rows) if not len(r)]
-        if empty:
-            raise DataError(
-                f"data.shard: {n} training samples cannot give each of {count} models a "
-                f"shard (models {empty[:5]} would get none); use fewer models"
-            )
-        return rows
-    return [np.arange(n)] * count
+@dataclass(frozen=True)
+class Partition:
+    """Which rows each model sees: train[m] indexes x_train, val[m] indexes x_val."""
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+
+    @property
+    def whole(self) -> bool:
+        """Every model on every row (data.partition iid)."""
+        return all(len(v) == self.n_val for v in self.val) and self.n_val > 0
+
+    n_val: int = 0
+
+
+def partition(cfg: DataConfig, data: Dataset, count: int, seed: int) -> Partition:
+    """Each model's rows, by data.partition (see DataConfig). Seeded: the same for every
+    run of a seed, whatever the placement."""
+    n_train, n_val = len(data.y_train), len(data.y_val)
+    if cfg.partition == "iid":
+        return Partition([np.arange(n_train)] * count, [np.arange(n_val)] * count, n_val)
+    rng = np.random.default_rng([seed, 7919])
+    if cfg.partition == "shard":
+        train = np.array_split(rng.permutation(n_train), count)
+        val = np.array_split(rng.permutation(n_val), count)
+    else:
+        train, val = dirichlet(data, count, cfg.alpha, rng)
+    empty = [m for m in range(count) if not len(train[m]) or not len(val[m])]
+    if empty:
+        raise DataError(
+            f"data.partition {cfg.partition}: {n_train} training and {n_val} validation "
+            f"samples cannot give each of {count} models a share (models {empty[:5]} would "
+            "get none); use fewer models"
+            + (" or a larger data.alpha" if cfg.partition == "dirichlet" else "")
+        )
+    return Partition([np.sort(t) for t in train], [np.sort(v) for v in val], n_val)
+
+
+def dirichlet(data: Dataset, count: int, alpha: float, rng, min_rows: int = 8, tries: int = 200):
+    """Label skew: each class's rows are split across the models in proportions drawn from
+    Dirichlet(alpha); validation rows follow the same proportions. Drawn again until every
+    model has `min_rows` training rows and a validation row (or give up: DataError)."""
+    classes = data.classes
+    for _ in range(tries):
+        props = rng.dirichlet(np.full(count, alpha), size=classes)  # (C, M)
+        train = _split_by(data.y_train, props, rng)
+        val = _split_by(data.y_val, props, rng)
+        if min(len(t) for t in train) >= min_rows and min(len(v) for v in val) >= 1:
+            return train, val
+    raise DataError(
+        f"data.alpha {alpha}: no Dirichlet draw in {tries} gave each of {count} models "
+        f"{min_rows} training rows and a validation row; use a larger data.alpha or fewer "
+        "models"
+    )
+
+
+def _split_by(y: np.ndarray, props: np.ndarray, rng) -> list[np.ndarray]:
+    """Split the rows of each class c across models in proportions props[c]."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(props.shape[1])]
+    for c in range(props.shape[0]):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        cuts = (np.cumsum(props[c])[:-1] * len(rows)).round().astype(int)
+        for m, chunk in enumerate(np.split(rows, cuts)):
+            parts[m].append(chunk)
+    return [np.concatenate(p) if p else np.empty(0, np.int64) for p in parts]

@@ -6,6 +6,7 @@ ens.predict_proba(x)        # (N, C), the mean of the members' probabilities; ra
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,29 @@ from ensemble.config import Config, load_config
 from ensemble.errors import DataError, RunDirError
 from ensemble.model import attach_tethers, build_member
 
+OLD_KEY = re.compile(r"layers\.(\w+)\.(?:linear\.)?(weight|bias|tether)")
+
+
+def migrate_member(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Member keys as an earlier version saved them (layers.fc1.linear.weight,
+    layers.fc1.tether) in today's (fc1.weight, tether.fc1)."""
+    out = {}
+    for key, value in state.items():
+        m = OLD_KEY.fullmatch(key)
+        if m is None:
+            out[key] = value
+        elif m.group(2) == "tether":
+            out[f"tether.{m.group(1)}"] = value
+        else:
+            out[f"{m.group(1)}.{m.group(2)}"] = value
+    return out
+
 
 def load_member(cfg: Config, features: int, classes: int, state: dict[str, np.ndarray]):
     """A saved member as a plain module of the job's architecture, its tethers attached as
     parametrizations (state: module keys plus `tether.<layer>`, as the run saves them)."""
     module, _ = build_member(cfg, features, classes, 0)
+    state = migrate_member(state)
     tethers = {
         k.removeprefix("tether."): torch.from_numpy(np.array(v))
         for k, v in state.items()
@@ -60,7 +79,7 @@ class Ensemble:
             raise RunDirError(
                 f"{run_dir}: no trained models (models/model_*.safetensors); did the job finish?"
             )
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / "config.yaml", saved=True)
         with safe_open(str(pre), "np") as f:
             meta = f.metadata() or {}
         features, classes = int(meta["features"]), int(meta["classes"])

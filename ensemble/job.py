@@ -27,7 +27,7 @@ from ensemble.batches import steps_per_epoch
 from ensemble.compat import COMPAT
 from ensemble.config import Config, dump_config, load_config
 from ensemble.coordinator import Coordinator
-from ensemble.data import DATASETS, Dataset, load_dataset, load_peer_tethers, member_rows
+from ensemble.data import DATASETS, Dataset, Partition, load_dataset, load_peer_tethers, partition
 from ensemble.errors import ConfigError, EnsembleError
 from ensemble.history import HistoryReader, HistoryWriter
 from ensemble.metrics import ensemble_probs, scores
@@ -51,9 +51,9 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
 
 
-def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load(path: str | Path | None = None, overrides: list[str] = (), saved: bool = False) -> Config:
     """`load_config`, then `check`: a config ready to run, or one error naming the source."""
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, saved)
     try:
         check(cfg)
     except ConfigError as e:
@@ -68,7 +68,7 @@ class Prepared:
     cfg: Config
     data: Dataset
     shapes: dict[str, tuple[int, ...]]  # tethered layer -> tether shape
-    rows: list[np.ndarray]  # each model's training rows
+    parts: Partition  # each model's training and validation rows
     steps_per_epoch: int  # the same for every model
     peers: dict[str, tuple[str, np.ndarray]]  # fixed external tethers
 
@@ -79,7 +79,7 @@ class Prepared:
         empty = np.empty((0, *d.x_train.shape[1:]), d.x_train.dtype)
         no_y = np.empty(0, d.y_train.dtype)
         slim = replace(d, x_train=empty, y_train=no_y, x_val=empty, x_test=empty, y_test=no_y)
-        return replace(self, data=slim, rows=[])
+        return replace(self, data=slim, parts=Partition([], [], 0))
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -94,8 +94,9 @@ def prepare(cfg: Config) -> Prepared:
             f"policy.layers: unknown layers {sorted(unknown)}; the model has {list(shapes)}"
         )
     peers = load_peer_tethers(cfg.peers, shapes, cfg.seed)
-    rows = member_rows(cfg.data, data.y_train, cfg.models.count)
-    return Prepared(cfg, data, shapes, rows, steps_per_epoch(rows, cfg.train.batch_size), peers)
+    parts = partition(cfg.data, data, cfg.models.count, cfg.seed)
+    steps = steps_per_epoch(len(data.y_train), cfg.train.batch_size)
+    return Prepared(cfg, data, shapes, parts, steps, peers)
 
 
 def make_trainer(
@@ -106,9 +107,18 @@ def make_trainer(
     resumed: bool = False,
 ) -> Trainer:
     """The trainer of the models `ids` of a prepared job."""
-    rows = [prep.rows[m] for m in ids]
+    rows = [prep.parts.train[m] for m in ids]
+    val = None if prep.parts.whole else [prep.parts.val[m] for m in ids]
     return Trainer(
-        ids, prep.cfg, prep.data, rows, prep.steps_per_epoch, device, checkpoint_dir, resumed
+        ids,
+        prep.cfg,
+        prep.data,
+        rows,
+        prep.steps_per_epoch,
+        device,
+        checkpoint_dir,
+        resumed,
+        val_rows=val,
     )
 
 
@@ -251,9 +261,11 @@ def summarise(
         "members": members,
         "mean_member": {k: float(np.mean([m[k] for m in members])) for k in ("accuracy", "nll")},
         "rounds": progress["rounds"],
-        "merges": progress["merges"],
+        # per instruction: once for each model a decision changed, per layer
+        "merges": progress["merges"] - progress.get("rejected", 0),  # kept
+        "merges_attempted": progress["merges"],
+        "rejected": progress.get("rejected", 0),  # undone by the merge guard
         "drifts": progress["drifts"],
-        "rejected": progress.get("rejected", 0),
         "publications": progress["publications"],
         "staleness": progress.get("staleness"),
         "coordinator_peak_rss_mb": round(progress["peak_rss_mb"], 1),

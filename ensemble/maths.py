@@ -93,12 +93,12 @@ def rbf_repulsion(x: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def merge_weights(
-    w: np.ndarray, t_old: np.ndarray, t_new: np.ndarray, partner_eff: np.ndarray, alpha: float
+    w: np.ndarray, t_old: np.ndarray, t_new: np.ndarray, delta_eff: np.ndarray, alpha: float
 ) -> np.ndarray:
-    """Weight merge: the new W such that W * t_new = (1 - alpha) W * t_old + alpha partner_eff.
-
-    Where a merged tether is (near) zero the layer's output ignores W, so W is kept.
-    """
-    eff = (1.0 - alpha) * w * t_old + alpha * partner_eff
+    """Weight merge of tethered weights: the new W such that
+    W * t_new = W * t_old + alpha * delta_eff, delta_eff the partner's W * T minus this
+    model's (as reported). Where a merged tether is (near) zero the layer's output ignores W,
+    so W is kept."""
+    eff = w * t_old + alpha * delta_eff
     ok = np.abs(t_new) > 1e-3
     return np.where(ok, eff / np.where(ok, t_new, 1.0), w).astype(w.dtype, copy=False)

@@ -34,7 +34,12 @@ def dynamics_3d(h: HistoryReader, path: Path, model: int = 0) -> Path | None:
     pubs = [p for p in h.publications(model=model) if p.probe1 is not None]
     if not pubs:
         return None
-    merged = {d.step for d in h.decisions(kind="merge", model=model, pairs=False)}
+    undone = h.undone()  # merges the guard undid changed nothing: not drawn
+    merged = {
+        d.step
+        for d in h.decisions(kind="merge", model=model, pairs=False)
+        if (d.model, d.partner, d.layer, d.round) not in undone
+    }
     x, y, z = (np.array([getattr(p, a) for p in pubs]) for a in ("probe1", "loss", "probe2"))
     epoch = np.array([p.epoch + 1 for p in pubs])
     fig = plt.figure(figsize=(10, 7))
@@ -98,7 +103,13 @@ def orbits(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
     xy, meta = _orbit_points(h, models)
     if xy is None:
         return None
-    kinds = {(d.model, d.round): d.kind for d in h.decisions(pairs=False)}
+    undone = h.undone()  # a merge the guard undid moved nothing: not drawn as a merge
+    kinds: dict[tuple[int, int], str] = {}
+    for d in h.decisions(pairs=False):
+        if (d.model, d.partner, d.layer, d.round) not in undone:
+            kinds[(d.model, d.round)] = (
+                "merge" if d.kind == "merge" else kinds.get((d.model, d.round), d.kind)
+            )
     fig, ax = plt.subplots(figsize=(8, 7))
     cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
     for k, m in enumerate(models):
@@ -156,8 +167,16 @@ def orbit_animation(h: HistoryReader, path: Path, models: list[int]) -> Path | N
 
 def lineage_graph(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
     """Models as lifelines over rounds; merges (and drifts, faint) join pairs. Repulsive
-    drifts (partner ENSEMBLE: away from all the others) join no pair and are left out."""
-    decisions = [d for d in h.decisions() if d.partner != ENSEMBLE]
+    drifts (partner ENSEMBLE: away from all the others) join no pair and are left out, and so
+    are merges the guard undid on either side (they changed nothing)."""
+    undone = h.undone()
+    decisions = [
+        d
+        for d in h.decisions()
+        if d.partner != ENSEMBLE
+        and (d.model, d.partner, d.layer, d.round) not in undone
+        and (d.partner, d.model, d.layer, d.round) not in undone
+    ]
     if not decisions:
         return None
     fig, ax = plt.subplots(figsize=(11, 0.5 * len(models) + 2.5))

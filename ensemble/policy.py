@@ -163,6 +163,45 @@ class SeedPolicy(Policy):
         return out
 
 
+class PopulationPolicy(Policy):
+    """Every round, every model merges toward the population's mean on every coordinated
+    layer, at `rate` (with alignment, each model's units matched to one reference first).
+    Federated averaging is the case rate = 1. No pairs, so no per-epoch caps, and no drift;
+    `compat` records the model's mean compatibility with the others."""
+
+    rate = 1.0
+    rule = "population mean"
+
+    def decide(self, layers, counts):
+        out = []
+        for layer, v in layers.items():
+            k = len(v.models)
+            for a in range(k):
+                c = float((v.compat[a].sum() - v.compat[a, a]) / max(k - 1, 1))
+                out.append(
+                    Instruction("merge", int(v.models[a]), ENSEMBLE, layer, self.rate, c, self.rule)
+                )
+        return out
+
+
+class FedAvgPolicy(PopulationPolicy):
+    """Federated averaging: every round, each layer of every model <- the population mean."""
+
+    name = "fedavg"
+    rule = "fedavg: the population mean"
+
+
+class MeanPolicy(PopulationPolicy):
+    """A soft pull: each model moves `policy.alpha` of the way to the population mean."""
+
+    name = "mean"
+
+    def __init__(self, params: PolicyParams):
+        super().__init__(params)
+        self.rate = params.alpha
+        self.rule = f"mean: rate {params.alpha:g} toward the population mean"
+
+
 class NoPolicy(Policy):
     """Coordination off: models train independently (the baseline for every comparison)."""
 
@@ -174,7 +213,7 @@ class NoPolicy(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (ThresholdPolicy, SeedPolicy, NoPolicy)
+    cls.name: cls for cls in (ThresholdPolicy, FedAvgPolicy, MeanPolicy, SeedPolicy, NoPolicy)
 }
 
 

@@ -26,13 +26,17 @@ ENSEMBLE = -1  # partner of a repulsive drift (all other models), and the id of 
 class Instruction:
     """Coordinator -> worker: change `model`'s tether of `layer` relative to `partner`'s.
 
-    merge: T <- (1 - rate) T + rate T_partner.   drift: T <- clip(T + rate (T - T_partner)).
+    merge: T <- (1 - rate) T + rate T_partner (unless `share` is weights: T stays).
+    drift: T <- clip(T + rate (T - T_partner)).
     sync: T <- partner_tether, the coordinator's record of this model's own tether (sent after
     a restart or rollback, so worker and coordinator agree again; partner == model).
     `partner_tether` is the partner's tether at decision time, so the worker needs nothing else;
     with alignment it is already permuted into this model's unit order. A repulsive drift has
-    partner ENSEMBLE and partner_tether T - r, r the repulsion from all others.
-    `partner_weights`: for a weight merge, the partner's (aligned) W * T and bias of the layer.
+    partner ENSEMBLE and partner_tether T - r, r the repulsion from all others; a merge with
+    partner ENSEMBLE merges toward the population's mean.
+    `partner_weights` (share weights or both): what to add, times `rate`, to this model's
+    weights and bias: (partner's - its own as reported), of W (weights) or of W * T (both).
+    A difference, not a target, so the steps a model trained since it reported are kept.
     `step`: the model's step when the coordinator decided it (staleness = applied - step).
     """
 
@@ -49,6 +53,7 @@ class Instruction:
     )
     round: int | None = field(default=None, compare=False)  # the decision round, once recorded
     step: int | None = field(default=None, compare=False)
+    share: str = "tethers"  # a merge: what it averages, tethers | weights | both
 
 
 def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float) -> np.ndarray:
@@ -56,6 +61,8 @@ def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float
     worker's model both change through it, so they stay equal."""
     assert ins.partner_tether is not None and ins.partner_tether.shape == tether.shape
     if ins.kind == "merge":
+        if ins.share == "weights":  # the tether is the model's own: it stays
+            return tether.astype(tether.dtype, copy=True)
         return maths.merge(tether, ins.partner_tether, ins.rate)
     if ins.kind == "sync":
         return ins.partner_tether.astype(tether.dtype, copy=True)
@@ -112,7 +119,7 @@ class StackReport:
     tethers: dict[str, np.ndarray]  # layer -> (n_introduced, *shape)
     # compat.fn cka: layer -> (n_pub, n, n) centred Gram of its outputs on the probe batch
     features: dict[str, np.ndarray] | None = None
-    # alignment or weight merge: layer -> ((n_pub, *W) tethered weights, (n_pub, *b) biases)
+    # alignment or weights shared: layer -> ((n_pub, *W) trained weights, (n_pub, *b) biases)
     weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     probes: dict[str, np.ndarray] | None = None  # name -> (k,): probe1, probe2, sparsity, entropy
     events: tuple[Event, ...] = ()

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ensemble import checkpoint, maths
 from ensemble.batches import Batches
@@ -43,7 +44,7 @@ from ensemble.triggers import Triggers
 
 def needs_weights(cfg: Config) -> bool:
     """Whether publications carry the tethered weights (alignment or weight merge)."""
-    return cfg.policy.align or cfg.policy.merge == "weights"
+    return cfg.policy.align or cfg.policy.share != "tethers"
 
 
 class Trainer:
@@ -57,9 +58,11 @@ class Trainer:
         device: str = "cpu",
         checkpoint_dir: Path | None = None,
         resumed: bool = False,
+        val_rows: list[np.ndarray] | None = None,
     ):
         """ids: the models of this stack; rows: each one's training rows (indices into
-        data.x_train); steps_per_epoch: the job's, the same for every model.
+        data.x_train); steps_per_epoch: the job's, the same for every model; val_rows:
+        each one's validation rows (indices into data.x_val), None: all of them.
         checkpoint_dir: where the stack checkpoints at each epoch start; an existing
         checkpoint there is loaded and the stack rejoins ('resumed' or 'restarted')."""
         if not ids or len(set(ids)) != len(ids) or len(rows) != len(ids):
@@ -79,6 +82,14 @@ class Trainer:
         self.x, self.y = as_t(data.x_train), as_t(data.y_train)
         self.x_val, self.y_val = as_t(data.x_val), as_t(data.y_val)
         self.probe = as_t(data.x_val[: cfg.compat.probe_size])  # the fixed probe batch
+        self.own_val = None  # per model (index (k, V), mask (k, V)) when not all of x_val
+        if val_rows is not None:
+            longest = max(len(v) for v in val_rows)
+            index = np.zeros((self.k, longest), dtype=np.int64)
+            mask = np.zeros((self.k, longest), dtype=bool)
+            for i, v in enumerate(val_rows):
+                index[i, : len(v)], mask[i, : len(v)] = v, True
+            self.own_val = (as_t(index), as_t(mask))
         self.triggers = Triggers(cfg.trigger, self.k)
         on = cfg.dynamics.mode != "off"
         self.dynamics = [SurgeCollapse(cfg.dynamics, s) for s in seeds] if on else None
@@ -183,7 +194,9 @@ class Trainer:
         loss, acc, windows, steps = np.maximum(self.running, [[-np.inf], [-np.inf], [1], [1]])
         train = np.stack([loss / steps, acc / windows], 1)  # (k, 2)
         self.running = np.zeros((4, self.k))
-        val, probs = self.evaluate(self.x_val, self.y_val, probs=True)
+        val, probs = self.evaluate(self.x_val, self.y_val, probs=True)  # the whole split
+        if self.own_val is not None:
+            val = self.evaluate_own_val()
         self.outbox.epoch_report = EpochReport(
             self.epoch, self.models[live], train[live], val[live], probs[live]
         )
@@ -220,10 +233,10 @@ class Trainer:
             return
         rows = sorted({self.row[ins.model] for ins in merges})
         index = torch.tensor(rows, device=self.device)
-        before = self.evaluate(self.x_val, self.y_val)[:, 0]
+        before = self.evaluate_own_val()[:, 0]
         saved = self.stack.rows(index)  # copies: fancy indexing
         self.apply(mail)
-        after = self.evaluate(self.x_val, self.y_val)[:, 0]
+        after = self.evaluate_own_val()[:, 0]
         for j, i in enumerate(rows):
             if not after[i] > before[i]:
                 continue
@@ -247,10 +260,15 @@ class Trainer:
             new = apply_instruction(old, ins, lo, hi)
             if ins.kind == "merge" and ins.partner_weights is not None:
                 w, b = self.stack.weight(ins.layer)[i], self.stack.params[f"{ins.layer}.bias"][i]
-                pw, pb = ins.partner_weights
-                merged = maths.merge_weights(w.cpu().numpy(), old, new, pw, ins.rate)
-                w.copy_(torch.from_numpy(merged))
-                b.copy_(torch.from_numpy(maths.merge(b.cpu().numpy(), pb, ins.rate)))
+                dw, db = (torch.from_numpy(np.asarray(d)).to(w) for d in ins.partner_weights)
+                if ins.share == "both":  # W * T moves by rate * (partner's - own)
+                    merged = maths.merge_weights(
+                        w.cpu().numpy(), old, new, ins.partner_weights[0], ins.rate
+                    )
+                    w.copy_(torch.from_numpy(merged))
+                else:  # weights: W moves, the tether stays the model's own
+                    w.add_(dw, alpha=ins.rate)
+                b.add_(db, alpha=ins.rate)
             t.copy_(torch.from_numpy(new))
             if ins.step is not None:
                 self.outbox.staleness.append(self.step - ins.step)
@@ -274,10 +292,10 @@ class Trainer:
         if len(idx) and self.coordinated and self.cfg.compat.fn == "cka":
             features = self.features(sel)
         if len(idx) and self.coordinated and needs_weights(self.cfg):
-            with torch.no_grad():
-                eff = self.stack.effective()
+            with torch.no_grad():  # the trained weights W (not W * T) and biases
+                p = self.stack.params
                 weights = {
-                    n: (eff[f"{n}.weight"][sel].cpu().numpy(), eff[f"{n}.bias"][sel].cpu().numpy())
+                    n: (p[f"{n}.weight"][sel].cpu().numpy(), p[f"{n}.bias"][sel].cpu().numpy())
                     for n in self.layers
                 }
         finished = self.failed | self.done
@@ -351,6 +369,21 @@ class Trainer:
         if not probs:
             return scores
         return scores, torch.softmax(logits, 2).float().cpu().numpy()
+
+    @torch.no_grad()
+    def evaluate_own_val(self) -> np.ndarray:
+        """(k, 2) loss and accuracy of each model on its own validation rows (its shard's
+        held-out part), in one pass of the stack; all of x_val when shards are not used."""
+        if self.own_val is None:
+            return self.evaluate(self.x_val, self.y_val)
+        index, mask = self.own_val
+        logits = self.stack.forward(self.x_val[index])  # (k, V, C): each model its own rows
+        y = self.y_val[index]
+        ce = F.cross_entropy(logits.mT, y, reduction="none")  # (k, V)
+        n = mask.sum(1)
+        loss = (ce * mask).sum(1) / n
+        acc = ((logits.argmax(2) == y) & mask).sum(1) / n
+        return torch.stack([loss, acc], 1).double().cpu().numpy()
 
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

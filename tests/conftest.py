@@ -29,7 +29,7 @@ TINY = [
     # alignment, weight merge, guard, repulsive drift and shared init)
     "model.init=independent",
     "policy.align=false",
-    "policy.merge=tethers",
+    "policy.share=tethers",
     "policy.guard=false",
     "policy.drift=pairwise",
     "faults.checkpoint_seconds=0",  # a checkpoint every epoch: the fault tests resume from them

@@ -222,9 +222,10 @@ def test_quality_variant_that_raises_is_an_error_row(monkeypatch):
     rows = quality.summarise([*ok, {**bad, "variant": "broken"}], p)["digits"]
     assert rows["broken"]["n"] == 0 and rows["broken"]["errors"] == [bad["error"]]
     assert rows["independent"]["n"] == 2 and rows["independent"]["test_nll"]["sd"] == 0.0
-    assert quality.choose({"digits": rows}) is None  # no tethered row ran
-    assert quality.recommend(rows, None) is None
+    assert quality.choose({"digits": rows}, quality.QUALITY) is None  # no tethered row ran
+    assert quality.recommend(rows, None, quality.QUALITY) is None
     res = {
+        "benchmark": "quality",
         "size": "tiny",
         "seconds": 1.0,
         "machine": {"date": "now"},
@@ -248,14 +249,14 @@ def test_quality_subset_from_the_environment(monkeypatch):
     monkeypatch.setenv("QUALITY_VARIANTS", "independent, seed rule")
     monkeypatch.setenv("QUALITY_DATASETS", "wine")
     monkeypatch.setenv("QUALITY_SEEDS", "3")
-    p = quality.plan("default")
+    p = quality.plan("default", quality.QUALITY)
     assert p["variants"] == ["independent", "seed rule"] and p["datasets"] == ["wine"]
     assert p["seeds"] == [0, 1, 2]
     assert p["overrides"]["seed rule"][: len(quality.BASE)] == quality.BASE
     assert p["overrides"]["seed rule"][-1] == "tether.init=uniform"
     monkeypatch.setenv("QUALITY_VARIANTS", "indepndent")
     with pytest.raises(ValueError, match="QUALITY_VARIANTS: unknown"):
-        quality.plan("default")
+        quality.plan("default", quality.QUALITY)
 
 
 def test_quality_recommends_one_row_for_all_datasets_by_relative_val_nll():
@@ -268,9 +269,9 @@ def test_quality_recommends_one_row_for_all_datasets_by_relative_val_nll():
         "digits": {"independent": row(0.08), "seed rule": row(0.12), "aligned": row(0.078)},
         "breast_cancer": {"independent": row(0.07), "seed rule": row(0.06), "aligned": row(0.069)},
     }
-    assert quality.choose(rows) == "aligned"
+    assert quality.choose(rows, quality.QUALITY) == "aligned"
     rows["breast_cancer"]["seed rule"] = row(0.03)  # now it wins overall
-    assert quality.choose(rows) == "seed rule"
+    assert quality.choose(rows, quality.QUALITY) == "seed rule"
     del rows["breast_cancer"]["aligned"]  # a row must have run on every dataset
     rows["breast_cancer"]["seed rule"] = row(0.5)
-    assert quality.choose(rows) == "seed rule"  # the only one left, however bad
+    assert quality.choose(rows, quality.QUALITY) == "seed rule"  # the only one left, however bad

@@ -40,7 +40,9 @@ def test_a_job_records_decisions_and_the_bank_matches_the_workers(tiny_cfg, tmp_
             assert d.compat > d.merge_above
         else:
             assert d.compat < d.drift_below
-    assert coord.merges == sum(d.kind == "merge" for d in decisions)
+    instructions = h.decisions(pairs=False)  # counted per instruction, each side of a pair
+    assert coord.merges == sum(d.kind == "merge" for d in instructions)
+    assert coord.drifts == sum(d.kind == "drift" for d in instructions)
     assert h.count("publications") == coord.publications > 0
     assert len(h.events("finished")) == 4
     # every instruction a worker was sent was applied, once

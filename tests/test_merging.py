@@ -69,19 +69,19 @@ def test_weight_matching_rejects_different_layers():
 
 @settings(max_examples=30, deadline=None)
 @given(st.floats(0.05, 1.0), st.integers(0, 2**31 - 1))
-def test_merge_weights_averages_the_tethered_weights(alpha, seed):
+def test_merge_weights_moves_the_tethered_weights_by_the_difference(alpha, seed):
     rng = np.random.default_rng(seed)
     w, t_old, pw = (rng.normal(size=(4, 3)) for _ in range(3))
     t_old = 1.0 + 0.1 * t_old
     t_new = 1.0 + 0.1 * rng.normal(size=(4, 3))
-    got = maths.merge_weights(w, t_old, t_new, pw, alpha)
+    got = maths.merge_weights(w, t_old, t_new, pw - w * t_old, alpha)  # nothing trained since
     np.testing.assert_allclose(got * t_new, (1 - alpha) * w * t_old + alpha * pw, rtol=1e-9)
 
 
 def test_merge_weights_keeps_w_where_the_tether_is_zero():
     w = np.ones((2, 2))
     t_new = np.array([[0.0, 1.0], [1.0, 1.0]])
-    got = maths.merge_weights(w, np.ones((2, 2)), t_new, np.full((2, 2), 3.0), 0.5)
+    got = maths.merge_weights(w, np.ones((2, 2)), t_new, np.full((2, 2), 2.0), 0.5)  # to 3
     assert got[0, 0] == 1.0 and got[0, 1] == 2.0
 
 
@@ -120,8 +120,8 @@ def merge_pair(tmp_path, *extra):
 
 
 def test_aligned_weight_merge_of_a_permuted_copy_keeps_both_functions(tmp_path):
-    c, t, before, after = merge_pair(tmp_path, "policy.align=true", "policy.merge=weights")
-    assert c.merges == len(c.layers)  # every layer merged
+    c, t, before, after = merge_pair(tmp_path, "policy.align=true", "policy.share=both")
+    assert c.merges == 2 * len(c.layers)  # every layer merged, on both sides
     np.testing.assert_allclose(after, before, atol=1e-5)
     for m in range(2):  # the coordinator's bank still equals what the model holds
         for n, arr in tethers_of(t, m).items():
@@ -129,8 +129,8 @@ def test_aligned_weight_merge_of_a_permuted_copy_keeps_both_functions(tmp_path):
 
 
 def test_unaligned_weight_merge_of_a_permuted_copy_changes_the_function(tmp_path):
-    c, _, before, after = merge_pair(tmp_path, "policy.merge=weights")
-    assert c.merges == len(c.layers)
+    c, _, before, after = merge_pair(tmp_path, "policy.share=both")
+    assert c.merges == 2 * len(c.layers)
     assert np.abs(after - before).max() > 1e-2
 
 
@@ -296,7 +296,7 @@ def test_cka_with_fixed_peers_is_a_clear_config_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key, value", [("policy.drift", "sideways"), ("policy.merge", "both"), ("model.init", "x")]
+    "key, value", [("policy.drift", "sideways"), ("policy.share", "all"), ("model.init", "x")]
 )
 def test_unknown_option_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
@@ -304,7 +304,7 @@ def test_unknown_option_values_name_the_key(key, value):
 
 
 def test_a_weight_merge_averages_the_tethered_weights(tmp_path):
-    prep = prepare(cfg_with(tmp_path, "policy.merge=weights"))
+    prep = prepare(cfg_with(tmp_path, "policy.share=both"))
     t = trainer(prep, [0, 1])
     w0 = (t.stack.weight("fc2")[0] * t.stack.tethers["fc2"][0]).detach().numpy().copy()
     other = t.stack.member_state(1)
@@ -312,14 +312,25 @@ def test_a_weight_merge_averages_the_tethered_weights(tmp_path):
     pw = rng.normal(size=(16, 16)).astype(np.float32)
     pb = rng.normal(size=16).astype(np.float32)
     pt = (1 + 0.1 * rng.normal(size=(16, 16))).astype(np.float32)
-    ins = Instruction(
-        "merge", 0, 1, "fc2", 0.5, 0.7, "t", partner_tether=pt, partner_weights=(pw, pb)
+    b0 = t.stack.member_state(0)["fc2.bias"]
+    ins = Instruction(  # the coordinator sends the difference: partner's - this model's
+        "merge",
+        0,
+        1,
+        "fc2",
+        0.5,
+        0.7,
+        "t",
+        partner_tether=pt,
+        partner_weights=(pw - w0, pb - b0),
+        share="both",
     )
     t.apply([ins])
     mine = t.stack.member_state(0)
     np.testing.assert_allclose(
         mine["fc2.weight"] * mine["tether.fc2"], 0.5 * w0 + 0.5 * pw, rtol=1e-4, atol=1e-5
     )
+    np.testing.assert_allclose(mine["fc2.bias"], 0.5 * b0 + 0.5 * pb, rtol=1e-5, atol=1e-6)
     for k, v in t.stack.member_state(1).items():  # the other model of the stack is untouched
         np.testing.assert_array_equal(v, other[k])
 

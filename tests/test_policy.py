@@ -102,6 +102,6 @@ def test_none_policy_never_coordinates():
 
 
 def test_unknown_policy_lists_the_names():
-    with pytest.raises(ValueError, match="bogus.*none.*seed.*threshold"):
+    with pytest.raises(ValueError, match="bogus.*fedavg.*mean.*none.*seed.*threshold"):
         make_policy("bogus", P)
-    assert set(POLICIES) == {"threshold", "seed", "none"}
+    assert set(POLICIES) == {"threshold", "fedavg", "mean", "seed", "none"}

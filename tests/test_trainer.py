@@ -66,7 +66,7 @@ def test_the_trainer_equals_the_plain_pytorch_loop_step_for_step(tmp_path, ids):
     x, y = torch.as_tensor(prep.data.x_train), torch.as_tensor(prep.data.y_train)
     steps = prep.steps_per_epoch + 5  # into the second epoch: the stream carries over
     sizes = [x.shape[1], 16, 16, prep.data.classes]
-    refs = [reference(sizes, cfg.seed, m, prep.rows[m], x, y, 16, steps) for m in ids]
+    refs = [reference(sizes, cfg.seed, m, prep.parts.train[m], x, y, 16, steps) for m in ids]
     t.begin_epoch()
     for step in range(steps):
         if t.pos == t.steps_per_epoch:

@@ -80,12 +80,28 @@ def history(
             kind=kind, model=model, layer=layer, since_step=since_step, limit=limit
         )
         job = h.meta().get("job", "?")
+        undone = h.undone()
     except EnsembleError as e:
         fail(str(e))
+
+    def outcome(d) -> str:
+        """A merge is kept, or rejected (undone by the guard) on one side or both."""
+        if d.kind != "merge":
+            return ""
+        sides = [
+            m
+            for m, p in ((d.model, d.partner), (d.partner, d.model))
+            if (m, p, d.layer, d.round) in undone
+        ]
+        if not sides:
+            return "kept"
+        return "rejected" if len(sides) == 2 or d.partner < 0 else f"rejected by {sides[0]}"
+
     if fmt != "table":
-        return emit(decisions, fmt)
+        return emit([{**d.as_dict(), "outcome": outcome(d)} for d in decisions], fmt)
     t = Table(title=f"job {job}: {len(decisions)} decisions", title_justify="left")
-    for col in ("id", "round", "kind", "models", "layer", "compat", "step", "epoch", "why"):
+    cols = ("id", "round", "kind", "models", "layer", "compat", "step", "epoch", "outcome", "why")
+    for col in cols:
         t.add_column(col)
     for d in decisions:
         t.add_row(
@@ -97,6 +113,7 @@ def history(
             f"{d.compat:.4f}",
             str(d.step),
             str(d.epoch + 1),
+            outcome(d),
             d.rule,
         )
     console.print(t)
@@ -411,3 +428,60 @@ def predict(
         w.writerow([*(f"{v:.6g}" for v in row), int(row.argmax())])
     write_atomic(output, text.getvalue())  # all of it or nothing
     console.print(f"wrote {len(probs)} predictions to {output}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write into")],
+    soup_: Annotated[
+        bool,
+        typer.Option(
+            "--soup",
+            help="One model instead of the members: their aligned average, each member "
+            "joining only if the validation accuracy does not drop (greedy soup)",
+        ),
+    ] = False,
+) -> None:
+    """Members for plain PyTorch: each member's state_dict with its tethers folded in
+    (W ⊙ T under the weight's own key), as safetensors; `load_state_dict` on a fresh module
+    of the job's architecture gives the member, with no import of this package."""
+    from safetensors.numpy import load_file, save_file
+
+    from ensemble.config import load_config
+    from ensemble.data import load_dataset
+    from ensemble.export import folded, soup
+    from ensemble.inference import migrate_member
+    from ensemble.rundir import open_run_dir
+
+    try:
+        rd = open_run_dir(run_dir)
+        files = sorted((rd / "models").glob("model_*.safetensors"))
+        if not files:
+            fail(f"{rd}: no trained models (models/model_*.safetensors); did the job finish?")
+        if out.exists() and not out.is_dir():
+            fail(f"{out}: exists and is not a directory")
+        states = {int(f.stem.split("_")[1]): migrate_member(load_file(str(f))) for f in files}
+        cfg = load_config(rd / "config.yaml", saved=True)
+        out.mkdir(parents=True, exist_ok=True)
+        if soup_:
+            s = soup(cfg, load_dataset(cfg.data, cfg.seed), states)
+            save_file(
+                s.weights,
+                str(out / "soup.safetensors"),
+                metadata={"members": ",".join(map(str, s.members))},
+            )
+            (out / "soup.json").write_text(json.dumps(s.report, indent=1))
+            r = s.report
+            console.print(
+                f"soup of members {s.members} -> {out / 'soup.safetensors'}: test accuracy "
+                f"{r['soup']['test']['accuracy']:.4f} (best member "
+                f"{r['best_member']['test']['accuracy']:.4f}, ensemble "
+                f"{r['ensemble']['test']['accuracy']:.4f})"
+            )
+            return
+        for m, state in states.items():
+            save_file(folded(state), str(out / f"model_{m}.safetensors"))
+        console.print(f"{len(states)} members -> {out}/model_<i>.safetensors (tethers folded)")
+    except EnsembleError as e:
+        fail(str(e))

@@ -21,7 +21,8 @@ from ensemble.errors import EnsembleError
 
 def progress_table(p: dict, epochs: int) -> Table:
     t = Table(
-        title=f"round {p['rounds']}   merges {p['merges']}   drifts {p['drifts']}   "
+        title=f"round {p['rounds']}   merges kept {p['merges_kept']} of {p['merges']}   "
+        f"drifts {p['drifts']}   "
         f"publications {p['publications']}",
         title_justify="left",
     )
@@ -60,9 +61,9 @@ def summary_table(s: dict) -> Table:
         "",
     )
     t.caption = (
-        f"merges {s['merges']}   drifts {s['drifts']}   "
-        + (f"rejected {s['rejected']}   " if s.get("rejected") else "")
-        + f"rounds {s['rounds']}   "
+        f"merges kept {s['merges']} of {s['merges_attempted']}"
+        + (f" ({s['rejected']} rejected)" if s.get("rejected") else "")
+        + f"   drifts {s['drifts']}   rounds {s['rounds']}   "
         f"wall {s['wall_seconds']:.1f}s"
     )
     return t
@@ -104,7 +105,7 @@ def run(
                     "--resume takes the job's own config from the run directory; "
                     "drop CONFIG, --set and --run-dir"
                 )
-            cfg = load_config(open_run_dir(resume) / "config.yaml")
+            cfg = load_config(open_run_dir(resume) / "config.yaml", saved=True)
         else:
             cfg = resolve_job(load_config(config or default_config(), set_ or []))
     except EnsembleError as e:
@@ -165,7 +166,8 @@ class PlainProgress:
             self.epoch = epoch
             print(
                 f"{self.job}: epoch {min(epoch + 1, self.epochs)}/{self.epochs}  rounds "
-                f"{p['rounds']}  merges {p['merges']}  drifts {p['drifts']}  publications "
+                f"{p['rounds']}  merges kept {p['merges_kept']} of {p['merges']}  drifts "
+                f"{p['drifts']}  publications "
                 f"{p['publications']}",
                 flush=True,
             )

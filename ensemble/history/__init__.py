@@ -37,6 +37,7 @@ QUERIES = frozenset(
         "count",
         "explain",
         "rejected",
+        "undone",
         "lineage",
         "generations",
         "tethers",

@@ -202,6 +202,10 @@ class HistoryReader:
         ).fetchall()
         return Event(*rows[0][:4], json.loads(rows[0][4]), rows[0][5]) if rows else None
 
+    def undone(self) -> set[tuple[int, int, str, int]]:
+        """(model, partner, layer, round) of every merge the merge guard undid."""
+        return {(r["model"], r["partner"], r["layer"], r["round"]) for r in self.rejected()}
+
     def rejected(self) -> list[dict]:
         """Merges the merge guard undid, each under its decision's id (the same ids as
         `decisions`, so `explain(id)` explains it), with the losses that undid it."""
@@ -315,12 +319,8 @@ class HistoryReader:
             st.per_epoch[(kind, model, epoch)] = n
         st.rounds = self.count("rounds")
         st.publications = self.count("publications")
-        for kind, n in q(
-            "SELECT kind, COUNT(*) FROM instructions WHERE model < partner"
-            " OR partner >= ? OR partner < 0 GROUP BY kind",
-            (count,),
-        ):
-            if kind in ("merge", "drift"):
+        for kind, n in q("SELECT kind, COUNT(*) FROM instructions GROUP BY kind"):
+            if kind in ("merge", "drift"):  # per instruction, as the coordinator counts
                 setattr(st, f"{kind}s", n)
         st.rejected = q("SELECT COUNT(*) FROM events WHERE kind = 'rejected'").fetchone()[0]
         return st

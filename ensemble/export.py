@@ -1,0 +1,112 @@
+"""Members as plain PyTorch, and the ensemble consolidated into one model (a soup).
+
+`folded(cfg, data shapes, state)`: a member's state dict with its tethers folded in
+(W ⊙ T under the weight's own key): `load_state_dict` on a fresh module of the job's
+architecture gives the member, with no import of this package.
+
+`soup(...)`: one model from many. Members are first aligned to the best member (weight
+matching on their tethered weights: hidden units of independently initialised models come
+in different orders), then averaged. Greedy (Wortsman et al., model soups): in order of
+validation accuracy, a member joins the soup only if the soup's validation accuracy does not
+drop; uniform: all of them. Validation data chooses; the test split only reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ensemble import align
+from ensemble.config import Config
+from ensemble.data import Dataset
+from ensemble.metrics import ensemble_probs, scores
+from ensemble.model import build_member, tethered_layers
+
+
+def folded(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A saved member (module keys plus `tether.<layer>`) with W ⊙ T folded in: exactly the
+    module's own keys."""
+    out = {k: np.asarray(v) for k, v in state.items() if not k.startswith("tether.")}
+    for key, t in state.items():
+        if key.startswith("tether."):
+            w = f"{key.removeprefix('tether.')}.weight"
+            out[w] = (out[w] * t).astype(np.float32)
+    return out
+
+
+def module_of(cfg: Config, data: Dataset, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+    """A plain module of the job's architecture holding `weights` (folded: no tethers)."""
+    module, _ = build_member(cfg, data.features, data.classes, 0)
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return module.eval()
+
+
+@torch.no_grad()
+def probs_of(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    return F.softmax(module(torch.from_numpy(np.ascontiguousarray(x))), dim=1).numpy()
+
+
+def aligned_to(ref: dict, other: dict, layers: list[str]) -> dict[str, np.ndarray]:
+    """`other` (folded) with its hidden units permuted into `ref`'s order (MLPs)."""
+    a = {n: (ref[f"{n}.weight"], ref[f"{n}.bias"]) for n in layers}
+    b = {n: (other[f"{n}.weight"], other[f"{n}.bias"]) for n in layers}
+    perms = align.weight_matching(a, b)
+    out = dict(other)
+    for li, n in enumerate(layers):
+        out[f"{n}.weight"] = align.permute(other[f"{n}.weight"], li, perms)
+        out[f"{n}.bias"] = align.permute(other[f"{n}.bias"], li, perms)
+    return out
+
+
+def average(states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.mean([s[k] for s in states], 0).astype(np.float32) for k in states[0]}
+
+
+@dataclass(frozen=True)
+class Soup:
+    weights: dict[str, np.ndarray]  # the soup, folded: the module's own keys
+    members: list[int]  # which members went in, best first
+    report: dict  # val and test scores of the soup, the best member and the ensemble
+
+
+def soup(
+    cfg: Config,
+    data: Dataset,
+    states: dict[int, dict[str, np.ndarray]],
+    greedy: bool = True,
+    aligned: bool = True,
+) -> Soup:
+    """One model from the members `states` (model -> saved state, tethers unfolded)."""
+    members = {m: folded(s) for m, s in states.items()}
+    val = {
+        m: scores(probs_of(module_of(cfg, data, w), data.x_val), data.y_val)
+        for m, w in members.items()
+    }
+    order = sorted(members, key=lambda m: (-val[m]["accuracy"], val[m]["nll"]))
+    best = order[0]
+    layers = tethered_layers(module_of(cfg, data, members[best]))
+    if aligned:
+        members = {
+            m: w if m == best else aligned_to(members[best], w, layers) for m, w in members.items()
+        }
+    chosen, current = [best], val[best]
+    for m in order[1:]:
+        trial = average([members[i] for i in [*chosen, m]])
+        s = scores(probs_of(module_of(cfg, data, trial), data.x_val), data.y_val)
+        if not greedy or s["accuracy"] >= current["accuracy"]:
+            chosen, current = [*chosen, m], s
+    weights = average([members[i] for i in chosen])
+    test = {m: probs_of(module_of(cfg, data, members[m]), data.x_test) for m in members}
+    report = {
+        "soup": {
+            "members": chosen,
+            "val": current,
+            "test": scores(probs_of(module_of(cfg, data, weights), data.x_test), data.y_test),
+        },
+        "best_member": {"model": best, "val": val[best], "test": scores(test[best], data.y_test)},
+        "ensemble": {"test": scores(ensemble_probs(list(test.values())), data.y_test)},
+    }
+    return Soup(weights, chosen, report)

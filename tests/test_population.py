@@ -1,0 +1,169 @@
+"""Merging toward the population: fedavg, mean, what a merge shares, and data partitions."""
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble.config import load_config
+from ensemble.errors import ConfigError
+from ensemble.job import drive, prepare
+from ensemble.protocol import ENSEMBLE
+from tests.conftest import TINY
+from tests.helpers import assert_bank_matches, coordinator, publish, tethers_of, trainer
+
+
+def cfg(tmp_path, *extra):
+    return load_config(None, [*TINY, f"job=p-{tmp_path.name}", *extra])
+
+
+def one_round(tmp_path, *extra):
+    """Four trained models, one round of the policy, its mail applied."""
+    prep = prepare(cfg(tmp_path, "models.count=4", *extra))
+    t = trainer(prep, range(4))
+    t.train_window()  # models that differ
+    c = coordinator(prep, tmp_path)
+    before = {n: t.stack.weight(n).detach().clone() for n in t.layers}
+    tethers = [tethers_of(t, i) for i in range(4)]
+    reply = c.exchange(publish(t))
+    t.receive(reply)
+    return c, t, before, tethers, reply
+
+
+def test_a_fedavg_round_leaves_every_member_equal(tmp_path):
+    c, t, before, tethers, reply = one_round(
+        tmp_path,
+        "policy.name=fedavg",
+        "model.init=shared",
+        "policy.align=false",
+        "policy.share=both",
+    )
+    assert {(i.kind, i.partner) for i in reply.instructions} == {("merge", ENSEMBLE)}
+    assert len(reply.instructions) == 4 * len(t.layers)  # every model, every layer
+    for n in t.layers:
+        eff = (t.stack.weight(n) * t.stack.tethers[n]).detach()
+        for i in range(1, 4):  # W * T and the tethers: the same for all
+            torch.testing.assert_close(eff[i], eff[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(t.stack.tethers[n][i], t.stack.tethers[n][0])
+        mean = np.mean([before[n][i].numpy() * tethers[i][n] for i in range(4)], 0)
+        np.testing.assert_allclose(eff[0].numpy(), mean, rtol=1e-4, atol=1e-5)  # their mean
+    assert_bank_matches(c, [t])
+
+
+def test_mean_moves_each_member_part_of_the_way(tmp_path):
+    c, t, _, tethers, _ = one_round(
+        tmp_path,
+        "policy.name=mean",
+        "policy.alpha=0.25",
+        "model.init=shared",
+        "policy.align=false",
+        "policy.share=tethers",
+    )
+    for n in t.layers:
+        mean = np.mean([x[n] for x in tethers], 0)
+        for i in range(4):
+            want = 0.75 * tethers[i][n] + 0.25 * mean
+            np.testing.assert_allclose(tethers_of(t, i)[n], want, rtol=1e-5, atol=1e-6)
+    assert_bank_matches(c, [t])
+
+
+def test_sharing_weights_keeps_each_members_own_tether(tmp_path):
+    c, t, before, tethers, _ = one_round(
+        tmp_path,
+        "policy.name=fedavg",
+        "model.init=shared",
+        "policy.align=false",
+        "policy.share=weights",
+    )
+    for n in t.layers:
+        w = t.stack.weight(n).detach()
+        for i in range(4):
+            np.testing.assert_array_equal(tethers_of(t, i)[n], tethers[i][n])  # personal
+            torch.testing.assert_close(w[i], before[n].mean(0), rtol=1e-5, atol=1e-6)
+    assert_bank_matches(c, [t])
+
+
+def test_an_aligned_population_mean_of_permuted_copies_keeps_their_function(tmp_path):
+    from tests.test_merging import copy_permuted
+
+    prep = prepare(
+        cfg(
+            tmp_path,
+            "models.count=2",
+            "policy.name=fedavg",
+            "policy.align=true",
+            "policy.share=both",
+            "policy.guard=false",
+        )
+    )
+    t = trainer(prep, [0, 1])
+    rng = np.random.default_rng(0)
+    copy_permuted(t, 0, 1, [rng.permutation(16), rng.permutation(16)])
+    before = t.predict_proba(prep.data.x_test)
+    c = coordinator(prep, tmp_path)
+    t.receive(c.exchange(publish(t)))
+    np.testing.assert_allclose(t.predict_proba(prep.data.x_test), before, atol=1e-5)
+    assert_bank_matches(c, [t])
+
+
+def test_a_fedavg_job_ends_with_members_close_to_each_other(tmp_path):
+    prep = prepare(
+        cfg(
+            tmp_path,
+            "policy.name=fedavg",
+            "model.init=shared",
+            "policy.align=false",
+            "policy.share=both",
+            "data.partition=shard",
+        )
+    )
+    c = coordinator(prep, tmp_path)
+    t = trainer(prep, range(4))
+    drive([t], c)
+    c.history.close()
+    assert c.merges > 0 and c.rejected == 0
+    assert_bank_matches(c, [t])
+
+
+def test_a_dirichlet_partition_with_a_tiny_alpha_gives_each_member_few_classes(tmp_path):
+    few = prepare(cfg(tmp_path, "models.count=8", "data.partition=dirichlet", "data.alpha=0.05"))
+    many = prepare(cfg(tmp_path, "models.count=8", "data.partition=dirichlet", "data.alpha=100"))
+    y = few.data.y_train
+
+    def classes(p, share):  # per member: the classes that hold `share` of its rows or more
+        return [
+            int((np.bincount(y[r], minlength=10) / len(r) >= share).sum()) for r in p.parts.train
+        ]
+
+    assert np.mean(classes(few, 0.1)) <= 2.5  # label skew: a class or two each
+    assert min(classes(many, 0.05)) == 10  # nearly uniform: every class, in earnest
+    for p in (few, many):  # disjoint shards that cover the training split; val rows too
+        rows = np.concatenate(p.parts.train)
+        assert len(rows) == len(set(rows)) == len(y)
+        assert len(np.concatenate(p.parts.val)) == len(p.data.y_val)
+        for tr, va in zip(p.parts.train, p.parts.val, strict=True):  # val follows the skew
+            assert set(np.unique(p.data.y_val[va])) <= set(np.unique(y[tr])) | set(range(10))
+    again = prepare(cfg(tmp_path, "models.count=8", "data.partition=dirichlet", "data.alpha=0.05"))
+    for a, b in zip(few.parts.train, again.parts.train, strict=True):  # seeded
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shard_gives_disjoint_equal_slices_and_members_validate_on_their_own(tmp_path):
+    prep = prepare(cfg(tmp_path, "data.partition=shard"))
+    sizes = [len(r) for r in prep.parts.train]
+    assert max(sizes) - min(sizes) <= 1 and not prep.parts.whole
+    t = trainer(prep, range(4))
+    assert t.own_val is not None
+    own = t.evaluate_own_val()
+    for i in range(4):  # each model's own rows, not the whole split
+        x = prep.data.x_val[prep.parts.val[i]]
+        logits = t.stack.forward(torch.as_tensor(x), shared=True)[i]
+        y = torch.as_tensor(prep.data.y_val[prep.parts.val[i]])
+        loss = torch.nn.functional.cross_entropy(logits, y).item()
+        assert own[i, 0] == pytest.approx(loss, rel=1e-5)
+
+
+def test_the_old_shard_key_points_to_the_new_one():
+    with pytest.raises(ConfigError, match="data.shard was replaced by data.partition"):
+        load_config(None, ["data.shard=true"])
+    with pytest.raises(ConfigError, match="policy.merge was replaced by policy.share"):
+        load_config(None, ["policy.merge=weights"])
