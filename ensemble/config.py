@@ -94,8 +94,8 @@ class CompatConfig(Section):
 class PolicyConfig(Section):
     # registry name, see ensemble.policy.POLICIES: threshold (pairs by compatibility),
     # fedavg (everyone to the population mean), mean (a pull of rate alpha toward it),
-    # seed, none
-    name: str = "threshold"
+    # seed, none; or auto: the default of the data's regime (see AUTO below)
+    name: str = "auto"
     merge_above: float = 1.0  # merge when compat > merge_above
     drift_below: float = -1.0  # drift when compat < drift_below
     alpha: float = Field(0.5, gt=0, le=1)  # merge rate; 0.5 is the seed's plain average
@@ -221,6 +221,27 @@ class HistoryConfig(Section):
         return v
 
 
+# policy.name auto (the default): the settings of the regime the data puts the job in,
+# chosen on validation data only by `python -m benchmarks --only partitions --full`
+# (docs/merging.md). Keys a config or --set gives itself win.
+AUTO: dict[str, dict[str, dict[str, Any]]] = {
+    # every member trains on all the data (data.partition iid): nothing measurably pays
+    "same data": {
+        "policy": {"name": "none"},
+    },
+    # members see different data (shard, dirichlet): merging pays
+    "different data": {
+        "policy": {"name": "fedavg", "share": "both", "align": False, "guard": False},
+        "model": {"init": "shared"},
+    },
+}
+
+
+def regime(partition: str) -> str:
+    """Which AUTO regime a data.partition is."""
+    return "same data" if partition == "iid" else "different data"
+
+
 class Config(Section):
     job: str | None = None  # run name; None picks "<data>-<timestamp>"
     seed: int = 0  # seeds data splits, inits and shuffles
@@ -248,6 +269,29 @@ class Config(Section):
                 "and start with a letter or digit"
             )
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto(cls, values: Any) -> Any:
+        """policy.name auto: fill in the regime's settings (AUTO), under the keys given."""
+        if not isinstance(values, dict):
+            return values
+        policy = values.get("policy")
+        if policy is None:
+            policy = {}
+        if not isinstance(policy, dict) or policy.get("name", "auto") != "auto":
+            return values
+        data = values.get("data")
+        partition = data.get("partition", "iid") if isinstance(data, dict) else "iid"
+        out = dict(values)
+        for section, keys in AUTO[regime(partition)].items():
+            given = out.get(section)
+            if given is None or isinstance(given, dict):
+                given = {
+                    k: v for k, v in (given or {}).items() if not (k == "name" and v == "auto")
+                }
+                out[section] = {**keys, **given}
+        return out
 
     @model_validator(mode="after")
     def _across(self) -> Config:

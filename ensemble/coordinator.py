@@ -109,6 +109,7 @@ class Coordinator:
         self.rounds, self.merges, self.drifts = state.rounds, state.merges, state.drifts
         self.publications, self.rejected = state.publications, state.rejected
         self.staleness: list[int] = []
+        self.finishing: dict[int, int] = {}  # model -> step: finished at this boundary
 
     # --- worker-facing -------------------------------------------------------------------
     def join(self, req: JoinRequest) -> Reply:
@@ -129,6 +130,7 @@ class Coordinator:
         self.receive(report)
         if self.round_due():
             self.run_round()
+        self.settle()
         return self.take_mail(report.models)
 
     def receive(self, r: StackReport) -> None:
@@ -152,9 +154,20 @@ class Coordinator:
             if r.epoch_report is not None:
                 self.record_epoch(r.epoch_report)
             self.staleness += list(r.staleness)
-            if r.finished is not None:
+            if r.finished is not None:  # the job's last round still includes them
                 for i in np.flatnonzero(r.finished):
-                    self.finish(int(r.models[i]), r.step, bool(r.failed[i]))
+                    m = int(r.models[i])
+                    if r.failed[i] or not self.active[m]:
+                        self.finish(m, r.step, bool(r.failed[i]))
+                    else:
+                        self.finishing[m] = r.step
+
+    def settle(self) -> None:
+        """After the boundary's round: the models that finished there stop taking part."""
+        with self.history.tx():
+            for m, step in sorted(self.finishing.items()):
+                self.finish(m, step)
+        self.finishing = {}
 
     def record_publications(self, r: StackReport) -> None:
         row = {m: i for i, m in enumerate(r.models.tolist())}
@@ -309,7 +322,13 @@ class Coordinator:
         return self.cfg.coordinator.round_every or max(1, int(self.active.sum()))
 
     def round_due(self) -> bool:
-        return self.policy.coordinates and self.since_round >= self.round_every()
+        """A round runs once enough has been published since the last, and always as the
+        job ends (every model still training has finished): federated averaging's last
+        aggregation, so the members end on a decision rather than on local steps."""
+        ending = bool(self.finishing) and all(
+            self.finishing.get(m) is not None for m in np.flatnonzero(self.active)
+        )
+        return self.policy.coordinates and (self.since_round >= self.round_every() or ending)
 
     def run_round(self) -> list[Instruction]:
         self.since_round = 0

@@ -207,6 +207,7 @@ def drive(
             coord.receive(r)
         if coord.round_due():
             coord.run_round()
+        coord.settle()
         for t, r in zip(live, reports, strict=True):
             replies[id(t)] = coord.take_mail(r.models)
             if t.done:

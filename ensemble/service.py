@@ -54,6 +54,7 @@ class CoordinatorActor:
             return
         if self.c.round_due():
             self.c.run_round()
+        self.c.settle()
         self.closed = frontier
         async with self._condition():
             self.changed.notify_all()

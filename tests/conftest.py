@@ -23,6 +23,7 @@ TINY = [
     "trigger.cooldown_steps=0",
     "compat.normalize=zscore",
     "compat.fn=cosine",
+    "policy.name=threshold",  # pairs by compatibility, whatever auto picks for the data
     "policy.merge_above=0.9",
     "policy.drift_below=-0.9",
     # the plain mechanics, whatever the defaults recommend (tests/test_merging.py covers

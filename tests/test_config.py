@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from ensemble.config import load_config
+from ensemble.config import AUTO, load_config
 from ensemble.errors import ConfigError
 from ensemble.job import load
 
@@ -13,9 +13,28 @@ def test_builtin_defaults_are_the_default_job():
     assert (cfg.models.count, cfg.train.epochs, cfg.data.name) == (8, 20, "digits")
 
 
-def test_default_yaml_loads(tmp_path):
-    cfg = load_config("configs/default.yaml")
-    assert cfg.policy.name == "threshold"
+def test_default_yaml_is_the_builtin_default():
+    assert load_config("configs/default.yaml") == load_config()
+
+
+@pytest.mark.parametrize(
+    "partition, regime",
+    [("iid", "same data"), ("shard", "different data"), ("dirichlet", "different data")],
+)
+def test_policy_auto_takes_the_regimes_settings(partition, regime):
+    cfg = load_config(None, [f"data.partition={partition}"])
+    for section, keys in AUTO[regime].items():
+        for key, value in keys.items():
+            assert getattr(getattr(cfg, section), key) == value, (section, key)
+
+
+def test_policy_auto_keeps_the_keys_the_user_gives():
+    cfg = load_config(
+        None, ["data.partition=dirichlet", "policy.share=weights", "model.init=independent"]
+    )
+    assert cfg.policy.name == AUTO["different data"]["policy"]["name"]
+    assert (cfg.policy.share, cfg.model.init) == ("weights", "independent")
+    assert load_config(None, ["data.partition=dirichlet", "policy.name=none"]).policy.name == "none"
 
 
 def test_set_overrides_are_typed(tmp_path):

@@ -105,7 +105,8 @@ def test_an_aligned_population_mean_of_permuted_copies_keeps_their_function(tmp_
     assert_bank_matches(c, [t])
 
 
-def test_a_fedavg_job_ends_with_members_close_to_each_other(tmp_path):
+@pytest.mark.parametrize("groups", [[[0, 1, 2, 3]], [[0, 2], [1, 3]]])
+def test_a_fedavg_job_ends_on_a_round_with_every_member_equal(tmp_path, groups):
     prep = prepare(
         cfg(
             tmp_path,
@@ -114,14 +115,18 @@ def test_a_fedavg_job_ends_with_members_close_to_each_other(tmp_path):
             "policy.align=false",
             "policy.share=both",
             "data.partition=shard",
+            "coordinator.round_every=100000",  # no round but the job's last
         )
     )
     c = coordinator(prep, tmp_path)
-    t = trainer(prep, range(4))
-    drive([t], c)
+    ts = [trainer(prep, g) for g in groups]
+    drive(ts, c)
     c.history.close()
-    assert c.merges > 0 and c.rejected == 0
-    assert_bank_matches(c, [t])
+    assert c.rounds == 1 and c.merges > 0 and c.rejected == 0
+    assert_bank_matches(c, ts)
+    probs = np.stack([p for t in ts for p in t.predict_proba(prep.data.x_test)])
+    # the job's last round came after every member's last step: one model, four copies
+    np.testing.assert_allclose(probs, np.broadcast_to(probs[0], probs.shape), atol=1e-5)
 
 
 def test_a_dirichlet_partition_with_a_tiny_alpha_gives_each_member_few_classes(tmp_path):
