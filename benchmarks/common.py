@@ -111,7 +111,7 @@ def case(
     target: tuple[str, float] | None = None,
     **details,
 ) -> dict:
-    """One row of results: a ratio over repeats, its target ('<=' or '>=', value) and met?.
+    """One row of results: a ratio over repeats, its target ('<=', '<' or '>=', value) and met?.
 
     `met` judges the median; it is None when the case has no target.
     """
@@ -119,7 +119,11 @@ def case(
     met = None
     if target is not None:
         op, bound = target
-        met = r["median"] <= bound if op == "<=" else r["median"] >= bound
+        met = {
+            "<=": r["median"] <= bound,
+            "<": r["median"] < bound,
+            ">=": r["median"] >= bound,
+        }[op]
     return {
         "case": name,
         "ratio_of": what,

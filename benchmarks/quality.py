@@ -252,6 +252,13 @@ class Study:
     # name -> which datasets form a regime; the recommendation is made per regime
     regimes: dict[str, Callable[[str], bool]] = field(default_factory=lambda: {"all": bool})
     reference_can_win: bool = False  # the reference is a candidate too (do no harm)
+    # datasets that never choose: the regime's recommendation is only reported on them
+    held_out: Callable[[str], bool] = lambda d: False
+    # a row the recommendation must beat where it ran too (NLL below it, accuracy no worse)
+    bar: str | None = None
+    bar_where: Callable[[str], bool] = lambda d: True  # on which datasets
+    # dataset -> the bound on the recommendation's test NLL over the reference's
+    nll_bounds: dict[str, float] = field(default_factory=dict)
 
 
 def plan(size: str, study: Study) -> dict:
@@ -418,7 +425,7 @@ def make_cases(rows: dict[str, dict], best: dict[str, dict | None], study: Study
             nll = _paired(row, ref, "test_nll")
             if not nll:
                 continue
-            target = ("<=", 1.0) if v == rec else None
+            target = ("<=", study.nll_bounds.get(d, 1.0)) if v == rec else None
             details = {k: row[k]["mean"] for k in METRICS}
             cases.append(
                 case(
@@ -440,6 +447,20 @@ def make_cases(rows: dict[str, dict], best: dict[str, dict | None], study: Study
                         (">=", 1.0),
                     )
                 )
+                bar = by_variant.get(study.bar or "")
+                if bar is not None and bar["n"] and v != study.bar and study.bar_where(d):
+                    for key, what, target in (
+                        ("test_nll", "test NLL", ("<", 1.0)),
+                        ("test_acc", "test accuracy", (">=", 1.0)),
+                    ):
+                        cases.append(
+                            case(
+                                f"{d}: {v} (recommended) vs {study.bar}",
+                                f"ensemble {what} / {study.bar}'s (paired by seed)",
+                                _paired(row, bar, key),
+                                target,
+                            )
+                        )
     return cases
 
 
@@ -460,8 +481,9 @@ def run_study(size: str, study: Study) -> tuple[list[dict], list[str], dict]:
     chosen: dict[str, str | None] = {}
     for regime, member in study.regimes.items():
         mine = {d: r for d, r in rows.items() if member(d)}
-        if mine:
-            chosen[regime] = choose(mine, study)
+        tuning = {d: r for d, r in mine.items() if not study.held_out(d)}
+        if tuning:
+            chosen[regime] = choose(tuning, study)
             best.update({d: recommend(r, chosen[regime], study) for d, r in mine.items()})
     cases = make_cases(rows, best, study)
     ref = study.reference

@@ -112,6 +112,9 @@ class PolicyConfig(Section):
     share: Literal["tethers", "weights", "both"] = "both"
     align: bool = True  # match partner hidden units (weight matching) before a merge
     guard: bool = True  # keep a merge only if the model's validation loss is no worse
+    # fedavg: server momentum (FedAvgM): the round's target is the population mean plus
+    # momentum times the target's last move; 0 is plain federated averaging
+    momentum: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +131,11 @@ class PolicyConfig(Section):
         if self.drift_below > self.merge_above:
             raise ValueError(
                 f"drift_below ({self.drift_below}) must be <= merge_above ({self.merge_above})"
+            )
+        if self.momentum and self.name not in ("fedavg", "auto"):
+            raise ValueError(
+                f"momentum ({self.momentum}) is fedavg's server momentum; policy.name "
+                f"{self.name!r} takes none (set policy.name=fedavg or momentum 0)"
             )
         return self
 

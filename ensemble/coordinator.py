@@ -83,6 +83,8 @@ class Coordinator:
         self.has_features = np.zeros(m, dtype=bool)
         self.params: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # latest W*T, b
         self.aligned: dict[tuple[int, int], list[np.ndarray]] = {}  # pair -> last alignment
+        # fedavg's server momentum, per layer: the last round's target and its velocity
+        self.server: dict[str, tuple[dict, dict, int]] = {}
         self.policy = make_policy(cfg.policy.name, policy_params(cfg))
         self.history = history
         self.val_labels = val_labels
@@ -504,7 +506,28 @@ class Coordinator:
             src = {m: (self.effective(m) if p.share == "both" else self.params[m]) for m in known}
             means["w"] = np.mean([to_ref(m, src[m][layer][0]) for m in known], 0)
             means["b"] = np.mean([to_ref(m, src[m][layer][1]) for m in known], 0)
-        return means, order
+        return self.with_momentum(layer, ref, means), order
+
+    def with_momentum(self, layer: str, ref: int, means: dict[str, np.ndarray]):
+        """FedAvgM (Hsu et al. 2019): the round's target is g - v, with v <- beta v + (g -
+        mean), g the last round's target: the mean, carried on along the way the targets
+        have been moving. Kept in the reference model's unit order; it starts again when the
+        reference or what is shared changes (and after a restart of the coordinator)."""
+        beta = self.cfg.policy.momentum
+        if not beta:
+            return means
+        last = self.server.get(layer)
+        if last is None or last[0].keys() != means.keys() or last[2] != ref:
+            self.server[layer] = (means, {k: np.zeros_like(x) for k, x in means.items()}, ref)
+            return means
+        g, v, _ = last
+        v = {k: beta * v[k] + (g[k] - means[k]) for k in means}
+        target = {k: (g[k] - v[k]).astype(means[k].dtype) for k in means}
+        if "tether" in target:
+            lo, hi = self.cfg.tether.min, self.cfg.tether.max
+            target["tether"] = np.clip(target["tether"], lo, hi)
+        self.server[layer] = (target, v, ref)
+        return target
 
     def snapshot(self, model: int, round_id: int | None) -> None:
         self.generation[model] += 1

@@ -111,6 +111,11 @@ def load_wine(cfg: DataConfig, seed: int) -> Dataset:
     return load_bundled("wine", "load_wine", cfg, seed)
 
 
+def load_iris(cfg: DataConfig, seed: int) -> Dataset:
+    """sklearn's bundled iris (150 samples, 4 features, 3 classes)."""
+    return load_bundled("iris", "load_iris", cfg, seed)
+
+
 def seed_noise(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The seed's default data: U[0,1) features and uniformly random labels."""
     rng = np.random.default_rng(seed)
@@ -194,6 +199,7 @@ DATASETS: dict[str, Callable[[DataConfig, int], Dataset]] = {
     "digits": load_digits,
     "breast_cancer": load_breast_cancer,
     "wine": load_wine,
+    "iris": load_iris,
     "synthetic": load_synthetic,
     "text": load_text,
 }

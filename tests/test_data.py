@@ -1,4 +1,4 @@
-"""Datasets: digits, breast_cancer and wine splits and the seed's text files, with every
+"""Datasets: digits, breast_cancer, wine and iris splits and the seed's text files, with every
 bad-file case."""
 
 import numpy as np
@@ -26,6 +26,7 @@ def test_digits_split_is_fixed_by_seed_and_standardised():
     [
         ("breast_cancer", 569, 30, 2, (340, 86, 143)),
         ("wine", 178, 13, 3, (106, 27, 45)),
+        ("iris", 150, 4, 3, (89, 23, 38)),
     ],
 )
 def test_bundled_sklearn_datasets(name, samples, features, classes, split_sizes):
@@ -50,7 +51,7 @@ def test_bundled_sklearn_datasets(name, samples, features, classes, split_sizes)
 def test_bundled_datasets_are_valid_config_names():
     from ensemble.config import load_config
 
-    for name in ("breast_cancer", "wine"):
+    for name in ("breast_cancer", "wine", "iris"):
         assert load_config(None, [f"data.name={name}"]).data.name == name
 
 
