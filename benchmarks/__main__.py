@@ -58,6 +58,7 @@ REGISTRY = [
         False,
         "merging on sharded and label-skewed data: policies vs local-only and FedAvg",
     ),
+    Bench("soup", False, False, "the greedy soup vs the best member and the ensemble"),
 ]
 BY_NAME = {b.name: b for b in REGISTRY}
 

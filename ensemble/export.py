@@ -23,7 +23,23 @@ from ensemble import align
 from ensemble.config import Config
 from ensemble.data import Dataset
 from ensemble.metrics import ensemble_probs, scores
-from ensemble.model import build_member, tethered_layers
+from ensemble.model import build_member, hidden_sizes, layer_names, tethered_layers
+
+LOADING = """\
+import json, torch
+from safetensors.torch import load_file
+
+m = json.load(open("manifest.json"))
+net = torch.nn.Sequential()  # Linear layers under the manifest's names, ReLU between
+for i, (name, a, b) in enumerate(zip(m["layers"], m["sizes"], m["sizes"][1:])):
+    net.add_module(name, torch.nn.Linear(a, b))
+    if i < len(m["layers"]) - 1:
+        net.add_module(f"relu{i + 1}", torch.nn.ReLU())
+net.load_state_dict(load_file(m["files"][0]))
+pre = load_file("preprocess.safetensors")  # empty when the inputs were used raw
+x = (x - pre["mean"]) / pre["std"] if pre else x  # x: (N, features) float32 tensor
+probs = torch.softmax(net(x), dim=1)  # the ensemble: the mean over the members' probs
+"""
 
 
 def folded(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -35,6 +51,22 @@ def folded(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             w = f"{key.removeprefix('tether.')}.weight"
             out[w] = (out[w] * t).astype(np.float32)
     return out
+
+
+def manifest(cfg: Config, features: int, classes: int, files: list[str]) -> dict:
+    """What a user needs to rebuild an exported model in plain PyTorch: its layers, in
+    order, and how to feed it (see LOADING)."""
+    sizes = [features, *hidden_sizes(cfg.model.preset, cfg.model.layers), classes]
+    return {
+        "architecture": "mlp: Linear layers under these names, ReLU between them, none after "
+        "the last; outputs are logits",
+        "sizes": sizes,
+        "layers": layer_names(len(sizes) - 1),
+        "inputs": "standardise raw inputs with preprocess.safetensors, (x - mean) / std, "
+        "when it holds them",
+        "files": files,
+        "loading": LOADING,
+    }
 
 
 def module_of(cfg: Config, data: Dataset, weights: dict[str, np.ndarray]) -> torch.nn.Module:

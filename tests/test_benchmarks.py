@@ -57,7 +57,7 @@ def check_result(res: dict, name: str) -> None:
         if c["target"] is None:
             assert c["met"] is None
         else:
-            assert c["target"]["op"] in ("<=", ">=") and isinstance(c["met"], bool)
+            assert c["target"]["op"] in ("<=", "<", ">=") and isinstance(c["met"], bool)
 
 
 @pytest.mark.parametrize("name", [b.name for b in REGISTRY if not b.ray])

@@ -49,6 +49,53 @@ def test_a_fedavg_round_leaves_every_member_equal(tmp_path):
     assert_bank_matches(c, [t])
 
 
+def test_fedavg_momentum_carries_the_target_on_along_its_last_move(tmp_path):
+    beta = 0.5
+    prep = prepare(
+        cfg(
+            tmp_path,
+            "policy.name=fedavg",
+            "model.init=shared",
+            "policy.align=false",
+            "policy.share=both",
+            f"policy.momentum={beta}",
+        )
+    )
+    t, c = trainer(prep, range(4)), coordinator(prep, tmp_path)
+
+    def eff():  # every member's tethered weights W * T, layer -> (4, ...)
+        return {
+            n: (t.stack.weight(n) * t.stack.tethers[n]).detach().numpy().copy() for n in t.layers
+        }
+
+    means, targets = [], []
+    for _ in range(3):
+        t.train_window()  # the weights train: each round's mean differs
+        means.append({n: w.mean(0) for n, w in eff().items()})
+        t.receive(c.exchange(publish(t)))
+        after = eff()
+        for n in t.layers:  # still one target for all
+            np.testing.assert_allclose(
+                after[n], np.broadcast_to(after[n][0], after[n].shape), atol=1e-6
+            )
+        targets.append({n: w[0] for n, w in after.items()})
+    for n in t.layers:
+        # no velocity yet: the first two targets are the means
+        np.testing.assert_allclose(targets[0][n], means[0][n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(targets[1][n], means[1][n], rtol=1e-5, atol=1e-6)
+        # then v = g1 - mean2 (g1 = mean1, the last target), and the target is mean3 - beta v
+        moved = np.abs(means[1][n] - means[0][n]).max()
+        want = means[2][n] + beta * (means[1][n] - means[0][n])
+        np.testing.assert_allclose(targets[2][n], want, rtol=0, atol=0.01 * moved)
+        assert np.abs(targets[2][n] - means[2][n]).max() > 0.4 * beta * moved > 0  # carried on
+    assert_bank_matches(c, [t])
+
+
+def test_momentum_is_fedavgs_alone():
+    with pytest.raises(ConfigError, match=r"momentum \(0.5\) is fedavg's server momentum"):
+        load_config(None, ["policy.name=mean", "policy.momentum=0.5"])
+
+
 def test_mean_moves_each_member_part_of_the_way(tmp_path):
     c, t, _, tethers, _ = one_round(
         tmp_path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -444,13 +445,15 @@ def export(
     ] = False,
 ) -> None:
     """Members for plain PyTorch: each member's state_dict with its tethers folded in
-    (W ⊙ T under the weight's own key), as safetensors; `load_state_dict` on a fresh module
-    of the job's architecture gives the member, with no import of this package."""
+    (W ⊙ T under the weight's own key), as safetensors, beside manifest.json (the layers and
+    a loading snippet) and preprocess.safetensors (the input standardisation): no import of
+    this package is needed to use them."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
     from ensemble.config import load_config
     from ensemble.data import load_dataset
-    from ensemble.export import folded, soup
+    from ensemble.export import folded, manifest, soup
     from ensemble.inference import migrate_member
     from ensemble.rundir import open_run_dir
 
@@ -461,17 +464,31 @@ def export(
             fail(f"{rd}: no trained models (models/model_*.safetensors); did the job finish?")
         if out.exists() and not out.is_dir():
             fail(f"{out}: exists and is not a directory")
+        pre = rd / "models" / "preprocess.safetensors"
+        if not pre.is_file():
+            fail(f"{pre}: missing (the input standardisation); did the job finish?")
         states = {int(f.stem.split("_")[1]): migrate_member(load_file(str(f))) for f in files}
         cfg = load_config(rd / "config.yaml", saved=True)
+        data = load_dataset(cfg.data, cfg.seed) if soup_ else None  # the soup validates on it
         out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pre, out / "preprocess.safetensors")
+        with safe_open(str(pre), "np") as f:
+            meta = f.metadata() or {}
+        shape = int(meta["features"]), int(meta["classes"])
+
+        def described(names: list[str]) -> None:
+            text = json.dumps(manifest(cfg, *shape, names), indent=1)
+            (out / "manifest.json").write_text(text + "\n")
+
         if soup_:
-            s = soup(cfg, load_dataset(cfg.data, cfg.seed), states)
+            s = soup(cfg, data, states)
             save_file(
                 s.weights,
                 str(out / "soup.safetensors"),
                 metadata={"members": ",".join(map(str, s.members))},
             )
             (out / "soup.json").write_text(json.dumps(s.report, indent=1))
+            described(["soup.safetensors"])
             r = s.report
             console.print(
                 f"soup of members {s.members} -> {out / 'soup.safetensors'}: test accuracy "
@@ -482,6 +499,10 @@ def export(
             return
         for m, state in states.items():
             save_file(folded(state), str(out / f"model_{m}.safetensors"))
-        console.print(f"{len(states)} members -> {out}/model_<i>.safetensors (tethers folded)")
+        described([f"model_{m}.safetensors" for m in sorted(states)])
+        console.print(
+            f"{len(states)} members -> {out}/model_<i>.safetensors (tethers folded); "
+            "manifest.json says how to load them in plain PyTorch"
+        )
     except EnsembleError as e:
         fail(str(e))
