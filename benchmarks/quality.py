@@ -14,7 +14,8 @@ with the lowest mean VALIDATION ensemble NLL; test numbers never choose it. A va
 raises (e.g. a config key not implemented yet) becomes an error row with its message.
 
 Runs are independent: a spawn Pool of QUALITY_PROCS processes (default 2), one torch
-thread each. Environment variables select a subset (comma-separated, names as in VARIANTS):
+thread each. Environment variables select a subset (comma- or semicolon-separated, names
+as in VARIANTS):
 QUALITY_VARIANTS, QUALITY_DATASETS; QUALITY_SEEDS overrides the number of seeds.
 
 Cases (RESULTS.md): per dataset and variant, the ensemble test NLL over independent's, paired
@@ -229,7 +230,8 @@ def _subset(env: str, chosen: list[str], known: list[str] | None) -> list[str]:
     raw = os.environ.get(env, "").strip()
     if not raw:
         return chosen
-    names = [n.strip() for n in raw.split(",") if n.strip()]
+    sep = ";" if ";" in raw else ","  # ";" for names that hold commas
+    names = [n.strip() for n in raw.split(sep) if n.strip()]
     if known is None:  # datasets: any name or name@partition; loading one names a bad one
         return names
     unknown = [n for n in names if n not in known]
@@ -259,6 +261,8 @@ class Study:
     bar_where: Callable[[str], bool] = lambda d: True  # on which datasets
     # dataset -> the bound on the recommendation's test NLL over the reference's
     nll_bounds: dict[str, float] = field(default_factory=dict)
+    # rows (by their overrides) whose training reads the validation split: never chosen
+    fitted: Callable[[list[str]], bool] = lambda overrides: False
 
 
 def plan(size: str, study: Study) -> dict:
@@ -354,10 +358,16 @@ def choose(rows: dict[str, dict[str, dict]], study: Study) -> str | None:
     """One recommendation for these datasets: the row (not a baseline, ran on all of them)
     with the lowest geometric mean, over datasets, of its mean validation NLL relative to
     the reference's (its plain mean validation NLL where the reference did not run). Test
-    numbers never choose."""
+    numbers never choose. Rows whose training reads the validation split (study.fitted: the
+    merge guard keeps only merges that lower it) are not candidates: their validation NLL
+    is fitted, not measured. Where the reference can win (do no harm), another row must
+    beat it clearly: the mean over datasets and seeds of log(val NLL / the reference's),
+    plus twice its standard error, below 0."""
     scores: dict[str, float] = {}
     for v in study.variants:
         candidate = v not in study.baselines or (study.reference_can_win and v == study.reference)
+        if study.fitted(study.variants[v]):
+            candidate = False
         if not candidate or not all(v in r and r[v]["n"] for r in rows.values()):
             continue
         logs = []
@@ -366,6 +376,18 @@ def choose(rows: dict[str, dict[str, dict]], study: Study) -> str | None:
             scale = ref["val_nll"]["mean"] if ref and ref["n"] else 1.0
             logs.append(math.log(max(r[v]["val_nll"]["mean"], 1e-12) / scale))
         scores[v] = sum(logs) / len(logs)
+    if study.reference_can_win and study.reference in scores:
+        for v in list(scores):
+            pairs = [
+                math.log(max(a, 1e-12) / max(b, 1e-12))
+                for r in rows.values()
+                if study.reference in r
+                for a, b in _by_seed(r[v], r[study.reference], "val_nll")
+            ]
+            if v != study.reference and len(pairs) > 1:
+                se = float(np.std(pairs, ddof=1)) / math.sqrt(len(pairs))
+                if float(np.mean(pairs)) + 2 * se >= 0:
+                    del scores[v]  # not clearly better than doing nothing
     return min(scores, key=scores.get) if scores else None
 
 

@@ -1,19 +1,19 @@
 """tether-ensemble: many small models that train side by side, merging and drifting.
 
-from ensemble import History, Ensemble
+from ensemble import Job, History, Ensemble
 """
 
 from __future__ import annotations
 
-__all__ = ["Ensemble", "History"]
+__all__ = ["Ensemble", "History", "Job", "JobResult"]
 
 
 def __getattr__(name: str):
     # Lazy: `ensemble --help` must not pay for torch and Ray.
-    if name == "History":
-        from ensemble.api import History
+    if name in ("History", "Job", "JobResult"):
+        from ensemble import api
 
-        return History
+        return getattr(api, name)
     if name == "Ensemble":
         from ensemble.inference import Ensemble
 

@@ -6,6 +6,7 @@ field path and the bad value (see `ConfigError`).
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,29 @@ class ModelConfig(Section):
     # shared: every member starts from model 0's weights and tethers (as in model soups) and
     # diverges through its own data order; independent: each member has its own init
     init: Literal["independent", "shared"] = "independent"
+    # your own module: "package.module:function" or "path/to/file.py:function" (a relative
+    # path is from where the job starts), called as function(features, classes, **options)
+    # and returning an nn.Module whose forward maps (B, features) to (B, classes) logits;
+    # None: the built-in MLP of `preset` / `layers`
+    factory: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the factory
+    # which layers carry tethers: module names (e.g. "features.0") or type names ("Linear",
+    # "Conv2d"); None: every nn.Linear and nn.Conv2d
+    tethered: list[str] | None = None
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        target, sep, fn = v.rpartition(":")
+        if not sep or not target or not fn.isidentifier():
+            raise ValueError(
+                f"expected 'package.module:function' or 'path/to/file.py:function', got {v!r}"
+            )
+        if target.endswith(".py"):  # workers load it by path: make it absolute here
+            return f"{Path(target).expanduser().resolve()}:{fn}"
+        return v
 
     @field_validator("layers")
     @classmethod
@@ -58,6 +82,16 @@ class DataConfig(Section):
     features: int = Field(128, ge=1)  # text/synthetic: declared width of one sample
     classes: int = Field(10, ge=2)  # text/synthetic: labels lie in [0, classes)
     create_missing: bool = False  # text: write random files when absent, as the seed does
+    # your own data (ensemble.userdata): csv / parquet, a table file with one row a sample
+    path: str | None = None
+    label_column: str = "label"  # csv / parquet: the class column; the rest are features
+    x_path: str | None = None  # npy: samples (samples x features, or any shape: flattened)
+    y_path: str | None = None  # npy: one label per sample
+    # factory: "package.module:function" or "path/to/file.py:function", called with options
+    # as keyword arguments, returning (x, y) arrays or a torch Dataset of (x, y) pairs
+    factory: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    standardize: bool = True  # csv / parquet / npy / factory: by the training split's stats
 
     @model_validator(mode="before")
     @classmethod
@@ -67,7 +101,38 @@ class DataConfig(Section):
                 "data.shard was replaced by data.partition: use data.partition=shard for "
                 "disjoint slices (shard: true) or leave data.partition=iid (shard: false)"
             )
+        if isinstance(values, dict) and "name" not in values:  # the kind the keys imply
+            path = str(values.get("path") or "")
+            if values.get("factory"):
+                values = {**values, "name": "factory"}
+            elif values.get("x_path"):
+                values = {**values, "name": "npy"}
+            elif path.endswith((".parquet", ".pq")):
+                values = {**values, "name": "parquet"}
+            elif path:
+                values = {**values, "name": "csv"}
         return values
+
+    @field_validator("path", "x_path", "y_path")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        """Relative to where the job starts (its workers may run elsewhere)."""
+        return None if v is None else str(Path(v).expanduser().resolve())
+
+    @field_validator("factory")
+    @classmethod
+    def _data_factory(cls, v: str | None) -> str | None:
+        return ModelConfig._factory(v)
+
+    @model_validator(mode="after")
+    def _files(self) -> DataConfig:
+        needs = {"csv": "path", "parquet": "path", "npy": "x_path", "factory": "factory"}
+        key = needs.get(self.name)
+        if key and getattr(self, key) is None:
+            raise ValueError(f"data.name {self.name}: set data.{key}")
+        if self.name == "npy" and self.y_path is None:
+            raise ValueError("data.name npy: set data.y_path (one label per sample)")
+        return self
 
 
 class TrainConfig(Section):
@@ -239,7 +304,13 @@ AUTO: dict[str, dict[str, dict[str, Any]]] = {
     },
     # members see different data (shard, dirichlet): merging pays
     "different data": {
-        "policy": {"name": "fedavg", "share": "both", "align": False, "guard": False},
+        "policy": {
+            "name": "fedavg",
+            "share": "both",
+            "align": False,
+            "guard": False,
+            "momentum": 0.3,
+        },
         "model": {"init": "shared"},
     },
 }
@@ -393,13 +464,17 @@ def migrate(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] = (), saved: bool = False
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    saved: bool = False,
+    base: dict[str, Any] | None = None,
 ) -> Config:
     """Load YAML (or the built-in defaults when path is None) and apply overrides.
     saved: the config a run directory holds, perhaps written by an earlier version
-    (`migrate`); a config a user writes gets no such help, but a clear error."""
-    source = str(path) if path else "built-in defaults"
-    tree: dict[str, Any] = {}
+    (`migrate`); a config a user writes gets no such help, but a clear error. base: a tree
+    of config keys to start from instead of a file (the Python API's dict or Config)."""
+    source = str(path) if path else "the given config" if base is not None else "built-in defaults"
+    tree: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         p = Path(path)
         if not p.is_file():

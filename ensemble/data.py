@@ -8,7 +8,7 @@ train/val/test by a seeded, stratified split where the labels allow it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class Dataset:
     classes: int
     mean: np.ndarray | None = None  # standardisation of raw inputs, from the train split
     std: np.ndarray | None = None
+    class_names: list[str] | None = None  # a user's labels, when they were names
 
     @property
     def features(self) -> int:
@@ -195,11 +196,31 @@ def load_text(cfg: DataConfig, seed: int) -> Dataset:
     return split("text", x, y, cfg, seed, cfg.classes, standardise=False)
 
 
+def load_user(cfg: DataConfig, seed: int) -> Dataset:
+    """A user's csv, parquet, npy or factory data (ensemble.userdata)."""
+    from ensemble import userdata
+
+    read = {
+        "csv": userdata.load_table,
+        "parquet": userdata.load_table,
+        "npy": userdata.load_arrays,
+        "factory": userdata.load_from_factory,
+    }[cfg.name]
+    x, y, names = read(cfg)
+    d = split(cfg.name, x, y, cfg, seed, len(names), standardise=cfg.standardize)
+    numbered = names == [str(i) for i in range(len(names))]
+    return d if numbered else replace(d, class_names=names)
+
+
 DATASETS: dict[str, Callable[[DataConfig, int], Dataset]] = {
     "digits": load_digits,
     "breast_cancer": load_breast_cancer,
     "wine": load_wine,
     "iris": load_iris,
+    "csv": load_user,
+    "parquet": load_user,
+    "npy": load_user,
+    "factory": load_user,
     "synthetic": load_synthetic,
     "text": load_text,
 }

@@ -56,15 +56,29 @@ def folded(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def manifest(cfg: Config, features: int, classes: int, files: list[str]) -> dict:
     """What a user needs to rebuild an exported model in plain PyTorch: its layers, in
     order, and how to feed it (see LOADING)."""
+    common = {
+        "features": features,
+        "classes": classes,
+        "inputs": "standardise raw inputs with preprocess.safetensors, (x - mean) / std, "
+        "when it holds them",
+        "files": files,
+    }
+    if cfg.model.factory is not None:  # the user's own module: its keys, its code
+        return {
+            "factory": cfg.model.factory,
+            "options": cfg.model.options,
+            **common,
+            "loading": "net = factory(features, classes, **options); "
+            "net.load_state_dict(safetensors.torch.load_file(file)); outputs are logits",
+        }
     sizes = [features, *hidden_sizes(cfg.model.preset, cfg.model.layers), classes]
     return {
         "architecture": "mlp: Linear layers under these names, ReLU between them, none after "
         "the last; outputs are logits",
         "sizes": sizes,
         "layers": layer_names(len(sizes) - 1),
-        "inputs": "standardise raw inputs with preprocess.safetensors, (x - mean) / std, "
-        "when it holds them",
-        "files": files,
+        "options": {},
+        **common,
         "loading": LOADING,
     }
 
@@ -119,7 +133,7 @@ def soup(
     }
     order = sorted(members, key=lambda m: (-val[m]["accuracy"], val[m]["nll"]))
     best = order[0]
-    layers = tethered_layers(module_of(cfg, data, members[best]))
+    layers = tethered_layers(module_of(cfg, data, members[best]), cfg.model.tethered)
     if aligned:
         members = {
             m: w if m == best else aligned_to(members[best], w, layers) for m, w in members.items()

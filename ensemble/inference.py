@@ -6,6 +6,7 @@ ens.predict_proba(x)        # (N, C), the mean of the members' probabilities; ra
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class Ensemble:
         self.run_dir, self.cfg, self.members = run_dir, cfg, members
         self.features, self.classes = features, classes
         self.mean, self.std = mean, std
+        self.class_names: list[str] | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Ensemble:
@@ -85,7 +87,10 @@ class Ensemble:
         features, classes = int(meta["features"]), int(meta["classes"])
         stats = load_file(str(pre))
         members = [load_member(cfg, features, classes, load_file(str(f))) for f in files]
-        return cls(run_dir, cfg, members, features, classes, stats.get("mean"), stats.get("std"))
+        ens = cls(run_dir, cfg, members, features, classes, stats.get("mean"), stats.get("std"))
+        if "class_names" in meta:  # the labels were names: class i is class_names[i]
+            ens.class_names = json.loads(meta["class_names"])
+        return ens
 
     def _prepare(self, x: np.ndarray, source: str = "input") -> torch.Tensor:
         x = np.asarray(x)

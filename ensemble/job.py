@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.numpy import save_file
 
 from ensemble.batches import steps_per_epoch
@@ -31,7 +32,7 @@ from ensemble.data import DATASETS, Dataset, Partition, load_dataset, load_peer_
 from ensemble.errors import ConfigError, EnsembleError
 from ensemble.history import HistoryReader, HistoryWriter
 from ensemble.metrics import ensemble_probs, scores
-from ensemble.model import PRESETS, build_member
+from ensemble.model import PRESETS, build_member, check_module
 from ensemble.placement import groups_of
 from ensemble.policy import POLICIES
 from ensemble.protocol import MemberResult
@@ -42,12 +43,12 @@ from ensemble.trainer import Trainer
 def check(cfg: Config) -> None:
     """Every name the config gives is one its registry knows; the error names the key."""
     for path, value, names in [
-        ("model.preset", cfg.model.preset, PRESETS),
+        ("model.preset", cfg.model.preset if cfg.model.factory is None else None, PRESETS),
         ("data.name", cfg.data.name, DATASETS),
         ("compat.fn", cfg.compat.fn, COMPAT),
         ("policy.name", cfg.policy.name, POLICIES),
     ]:
-        if value not in names:
+        if value is not None and value not in names:
             raise ConfigError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
 
 
@@ -87,6 +88,8 @@ def prepare(cfg: Config) -> Prepared:
     check(cfg)
     data = load_dataset(cfg.data, cfg.seed)
     module, tethers = build_member(cfg, data.features, data.classes, 0)
+    what = f"model.factory {cfg.model.factory!r}" if cfg.model.factory else "the model"
+    check_module(module, torch.from_numpy(data.x_train[:2]), data.classes, what)
     shapes = {n: tuple(t.shape) for n, t in tethers.items()}
     unknown = set(cfg.policy.layers or []) - set(shapes)
     if unknown:
@@ -288,7 +291,11 @@ def save_members(run_dir: Path, results: list[MemberResult], data: Dataset) -> N
     save_file(
         pre,
         str(tmp / "preprocess.safetensors"),
-        metadata={"features": str(data.features), "classes": str(data.classes)},
+        metadata={
+            "features": str(data.features),
+            "classes": str(data.classes),
+            **({"class_names": json.dumps(data.class_names)} if data.class_names else {}),
+        },
     )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -11,10 +11,19 @@ The built-in MLP presets are modules like any other: `MLP(sizes)`.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+from ensemble.errors import ConfigError
 
 # Hidden-layer layouts; input and output widths come from the dataset.
 PRESETS: dict[str, list[int]] = {
@@ -54,9 +63,103 @@ def mlp(sizes: list[int], seed: int) -> MLP:
     return MLP(sizes)
 
 
-def tethered_layers(module: nn.Module) -> list[str]:
-    """Names of the modules whose weight carries a tether, in registration order."""
-    return [n for n, m in module.named_modules() if isinstance(m, TETHERED_TYPES)]
+def tethered_layers(module: nn.Module, select: list[str] | None = None) -> list[str]:
+    """Names of the modules whose weight carries a tether, in registration order: every
+    nn.Linear and nn.Conv2d, or (select) those named, by module name or type name."""
+    mods = [(n, m) for n, m in module.named_modules() if n]
+    if select is None:
+        return [n for n, m in mods if isinstance(m, TETHERED_TYPES)]
+    known = {n for n, _ in mods} | {type(m).__name__ for _, m in mods}
+    unknown = [s for s in select if s not in known]
+    if unknown:
+        raise ConfigError(
+            f"model.tethered: {unknown} name no module or module type of the model; it has "
+            f"{[n for n, _ in mods][:20]} of types {sorted({type(m).__name__ for _, m in mods})}"
+        )
+    out = [n for n, m in mods if n in select or type(m).__name__ in select]
+    bare = [n for n in out if not isinstance(getattr(dict(mods)[n], "weight", None), nn.Parameter)]
+    if bare or not out:
+        raise ConfigError(f"model.tethered: {bare or select} have no weight to tether")
+    return out
+
+
+def load_factory(spec: str, key: str = "model.factory") -> Callable:
+    """The function a factory key names: 'package.module:function' (imported) or
+    '/path/to/file.py:function' (loaded from the file)."""
+    target, _, fn = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"{key} {spec!r}: no file {path}")
+            name = "ensemble_factory_" + re.sub(r"\W", "_", str(path))
+            mod = sys.modules.get(name)
+            if mod is None:
+                found = importlib.util.spec_from_file_location(name, path)
+                mod = importlib.util.module_from_spec(found)
+                found.loader.exec_module(mod)
+                sys.modules[name] = mod
+        else:
+            mod = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"{key} {spec!r}: importing {target} failed: {type(e).__name__}: {e}"
+        ) from None
+    f = getattr(mod, fn, None)
+    if not callable(f):
+        raise ConfigError(f"{key} {spec!r}: {target} has no function {fn!r}")
+    return f
+
+
+def build_module(cfg, features: int, classes: int) -> nn.Module:
+    """A fresh module of the job's architecture (its init drawn from torch's generator)."""
+    m = cfg.model
+    if m.factory is None:
+        return MLP([features, *hidden_sizes(m.preset, m.layers), classes])
+    try:
+        module = load_factory(m.factory)(features, classes, **m.options)
+    except ConfigError:
+        raise
+    except Exception as e:
+        opts = "".join(f", {k}={v!r}" for k, v in m.options.items())
+        raise ConfigError(
+            f"model.factory {m.factory!r}: calling it with features={features}, "
+            f"classes={classes}{opts} failed: {type(e).__name__}: {e}"
+        ) from None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(
+            f"model.factory {m.factory!r}: returned {type(module).__name__}, expected a "
+            "torch.nn.Module"
+        )
+    return module
+
+
+def check_module(module: nn.Module, x: torch.Tensor, classes: int, what: str) -> None:
+    """A module the trainer can stack: no buffers, and (B, ...) inputs to (B, classes)."""
+    buffers = [n for n, _ in module.named_buffers()]
+    if buffers:
+        raise ConfigError(
+            f"{what}: the module has buffers {buffers[:5]}, which stacked training does not "
+            "support (batch norm's running statistics); use GroupNorm or LayerNorm, or "
+            "track_running_stats=False"
+        )
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception as e:
+        raise ConfigError(
+            f"{what}: its forward failed on a batch of shape {tuple(x.shape)}: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    want = (x.shape[0], classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"{what}: maps a batch of shape {tuple(x.shape)} to {got}; expected {want}, "
+            "one logit per class"
+        )
 
 
 def init_tether(shape: tuple[int, ...], kind: str, std: float, gen: torch.Generator):
@@ -69,13 +172,15 @@ def init_tether(shape: tuple[int, ...], kind: str, std: float, gen: torch.Genera
     raise ValueError(f"tether.init: unknown {kind!r}; choose one of {list(TETHER_INITS)}")
 
 
-def init_tethers(module: nn.Module, kind: str, std: float, seed: int) -> dict[str, torch.Tensor]:
+def init_tethers(
+    module: nn.Module, kind: str, std: float, seed: int, select: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """layer -> float32 tether shaped like its weight, drawn from its own generator."""
     gen = torch.Generator().manual_seed(seed)
     layers = dict(module.named_modules())
     return {
         n: init_tether(tuple(layers[n].weight.shape), kind, std, gen).float()
-        for n in tethered_layers(module)
+        for n in tethered_layers(module, select)
     }
 
 
@@ -137,6 +242,7 @@ def init_seeds(seed: int, model: int, shared: bool) -> tuple[int, int]:
 def build_member(cfg, features: int, classes: int, model: int):
     """Model `model` of a job (cfg: the job's Config): its module and its tethers."""
     w_seed, t_seed = init_seeds(cfg.seed, model, cfg.model.init == "shared")
-    sizes = [features, *hidden_sizes(cfg.model.preset, cfg.model.layers), classes]
-    module = mlp(sizes, w_seed)
-    return module, init_tethers(module, cfg.tether.init, cfg.tether.std, t_seed)
+    torch.manual_seed(w_seed)  # as nn.Linear and nn.Conv2d draw their init
+    module = build_module(cfg, features, classes)
+    tethers = init_tethers(module, cfg.tether.init, cfg.tether.std, t_seed, cfg.model.tethered)
+    return module, tethers

@@ -281,6 +281,8 @@ class Trainer:
     def report(self) -> StackReport:
         """Everything since the last report, for the whole stack; empties the outbox."""
         out = self.outbox
+        if self.done:  # the last word: the job's last round works on every final state
+            out.published[:] = True
         pub = out.published & ~self.failed
         new = pub & ~self.introduced  # the coordinator lacks their tethers
         self.introduced |= new

@@ -424,9 +424,11 @@ def predict(
         fail(str(e))
     text = io.StringIO()
     w = csv.writer(text)
-    w.writerow([*(f"p{c}" for c in range(probs.shape[1])), "label"])
+    names = ens.class_names  # the data's own class names, when its labels were names
+    w.writerow([*(f"p{c}" for c in range(probs.shape[1])), "label", *(["name"] if names else [])])
     for row in probs:
-        w.writerow([*(f"{v:.6g}" for v in row), int(row.argmax())])
+        c = int(row.argmax())
+        w.writerow([*(f"{v:.6g}" for v in row), c, *([names[c]] if names else [])])
     write_atomic(output, text.getvalue())  # all of it or nothing
     console.print(f"wrote {len(probs)} predictions to {output}")
 
