@@ -284,6 +284,12 @@ class ResourcesConfig(Section):
         return v
 
 
+class TrackingConfig(Section):
+    # TensorBoard scalars in <run dir>/tensorboard: per member and epoch, loss and accuracy;
+    # per round, merges, drifts and rejections (needs the `tracking` extra)
+    tensorboard: bool = False
+
+
 class HistoryConfig(Section):
     generations: str = "all"  # tether snapshots to keep per model: all | every:K | last:N
 
@@ -334,6 +340,7 @@ class Config(Section):
     trigger: TriggerConfig = TriggerConfig()
     coordinator: CoordinatorConfig = CoordinatorConfig()
     history: HistoryConfig = HistoryConfig()
+    tracking: TrackingConfig = TrackingConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
     faults: FaultsConfig = FaultsConfig()
     resources: ResourcesConfig = ResourcesConfig()

@@ -88,6 +88,11 @@ class Coordinator:
         self.policy = make_policy(cfg.policy.name, policy_params(cfg))
         self.history = history
         self.val_labels = val_labels
+        self.tracker = None  # TensorBoard scalars (tracking.tensorboard), beside the history
+        if cfg.tracking.tensorboard:
+            from ensemble.tracking import TensorBoard
+
+            self.tracker = TensorBoard(history.run_dir)
         # per model
         self.generation = np.array([state.generation.get(i, -1) for i in range(m)])
         self.known = self.generation >= 0  # has published at least once
@@ -271,6 +276,7 @@ class Coordinator:
                 val_loss_after=rej.loss_after,
             )
         self.rejected += len(rej.merges)
+        self.track()
         self.bank.write(rej.model, self.pending_applied(rej.model, rej.tethers))
         self.snapshot(rej.model, None)
 
@@ -282,6 +288,8 @@ class Coordinator:
         for j, m in enumerate(er.models.tolist()):
             for split, (loss, acc) in (("train", er.train[j]), ("val", er.val[j])):
                 self.history.metrics(m, er.epoch, split, float(loss), float(acc))
+                if self.tracker is not None:
+                    self.tracker.epoch(m, er.epoch, split, float(loss), float(acc))
             self.val_acc[m] = er.val[j][1]
             if self.val_labels is not None:
                 got = self.history.val_probs(m, er.epoch, er.val_probs[j])
@@ -291,6 +299,8 @@ class Coordinator:
         if set(members) <= set(got):
             s = scores(ensemble_probs([got[m] for m in members]), self.val_labels)
             self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
+            if self.tracker is not None:
+                self.tracker.ensemble(er.epoch, s["nll"], s["accuracy"])
 
     def finish(self, model: int, step: int, failed: bool = False, **detail) -> None:
         """The model stops training: no further decisions involve it. Its `finished` (or
@@ -305,6 +315,14 @@ class Coordinator:
         if failed:
             self.failed_recorded.add(model)
         self.history.event("failed" if failed else "finished", model, step, **detail)
+        if self.tracker is not None and not self.active.any():  # the job is over
+            self.tracker.close()
+
+    def track(self) -> None:
+        """The coordination counts so far, at this round, to TensorBoard."""
+        if self.tracker is not None:
+            kept = self.merges - self.rejected
+            self.tracker.round(self.rounds, self.merges, kept, self.drifts, self.rejected)
 
     def fail(self, models: list[int], detail: dict) -> None:
         """A worker is gone for good: its models are recorded as failed, out of the job."""
@@ -400,6 +418,7 @@ class Coordinator:
         self.rounds += 1  # counted per instruction: once for each model a decision changes
         self.merges += sum(i.kind == "merge" for i in decided)
         self.drifts += sum(i.kind == "drift" for i in decided)
+        self.track()
         return [ins for ins, _ in out]
 
     def layer_compat(self, layer: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

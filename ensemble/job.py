@@ -50,6 +50,10 @@ def check(cfg: Config) -> None:
     ]:
         if value is not None and value not in names:
             raise ConfigError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
+    if cfg.tracking.tensorboard:
+        from ensemble.tracking import check_available
+
+        check_available()
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), saved: bool = False) -> Config:

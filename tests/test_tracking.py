@@ -1,0 +1,38 @@
+"""tracking.tensorboard: TensorBoard scalars that say what the history says."""
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ensemble import Job
+from ensemble.config import load_config
+from ensemble.errors import ConfigError
+from ensemble.job import prepare
+from tests.conftest import TINY
+
+
+def test_tensorboard_gets_member_epochs_and_the_summarys_counts(tmp_path):
+    cfg = load_config(None, [*TINY, "job=tb", "tracking.tensorboard=true", "train.epochs=3"])
+    result = Job(cfg, run_dir=tmp_path / "run").run(local=True)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for m in range(4):
+        assert {f"member_{m}/val_accuracy", f"member_{m}/train_loss"} <= tags
+        assert [e.step for e in acc.Scalars(f"member_{m}/val_loss")] == [0, 1, 2]
+    assert [e.step for e in acc.Scalars("ensemble/val_nll")] == [0, 1, 2]
+    s = result.summary
+    assert acc.Scalars("coordination/merges")[-1].value == s["merges_attempted"] > 0
+    assert acc.Scalars("coordination/drifts")[-1].value == s["drifts"]
+    assert acc.Scalars("coordination/merges_kept")[-1].value == s["merges"]
+    history = [r for r in result.history.metrics(model=0) if r.split == "val"]
+    vals = [e.value for e in acc.Scalars("member_0/val_accuracy")]
+    assert vals == pytest.approx([r.accuracy for r in history])
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import ensemble.tracking
+
+    monkeypatch.setattr(ensemble.tracking.importlib.util, "find_spec", lambda name: None)
+    cfg = load_config(None, [*TINY, "job=tb", "tracking.tensorboard=true"])
+    with pytest.raises(ConfigError, match=r"pip install 'tether-ensemble\[tracking\]'"):
+        prepare(cfg)
