@@ -4,7 +4,8 @@ In this process, one torch thread, the default MLP (64-64) on digits-sized batch
 forward + cross-entropy + backward + Adam, model-steps per second side by side:
 - the stack's two forward paths, the hand-fused MLP (baddbmm) and torch.func
   (vmap of functional_call, the path any module takes), against a Python loop over k
-  separate modules (target for torch.func: >= 3x the loop at k = 8).
+  separate modules (target for torch.func: >= 3x the loop at k = 8); and the same for a
+  module of a user's, the examples' digits CNN (conv 8, conv 16, maxpool, Linear).
 
 Inside a real Ray job, one worker training k models (k = 8 and 64), against the bare
 stacked loop of the same models in this process (no Ray, no coordinator, no bookkeeping:
@@ -38,18 +39,27 @@ JOBS = {  # name -> overrides on configs/default.yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_fns(k: int) -> dict:
-    """One training step of k 64-64 MLPs, three ways."""
+def step_fns(k: int, kind: str = "mlp") -> dict:
+    """One training step of k 64-64 MLPs (three ways), or of k of the examples' digits CNN
+    (a module of a user's: torch.func against the loop)."""
     from ensemble.model import init_tethers, mlp
     from ensemble.stack import Stack, cross_entropy
 
-    sizes = [64, 64, 64, 10]
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(k, 32, 64, generator=gen), torch.randint(0, 10, (k, 32), generator=gen)
-    nets = [mlp(sizes, seed=i) for i in range(k)]
+    if kind == "cnn":
+        from examples.cnn_digits import cnn
+
+        nets = []
+        for i in range(k):
+            torch.manual_seed(i)
+            nets.append(cnn(64, 10, channels=8))
+    else:
+        nets = [mlp([64, 64, 64, 10], seed=i) for i in range(k)]
     tethers = [init_tethers(n, "normal", 0.1, seed=i) for i, n in enumerate(nets)]
     out = {}
-    for name, fused in (("fused", True), ("torch.func", False)):
+    forms = (("torch.func", False),) if kind == "cnn" else (("fused", True), ("torch.func", False))
+    for name, fused in forms:
         stack = Stack(nets, tethers, fused=fused)
         opt = torch.optim.Adam(stack.parameters(), lr=1e-3, fused=True)
 
@@ -145,6 +155,18 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
                 f"k={k}: torch.func stack vs the fused MLP stack",
                 "model-steps/s func / fused",
                 ratios(t["fused"], t["torch.func"]),
+            )
+        )
+        t = side_by_side(step_fns(k, "cnn"), cfg["repeats"] * 3, cfg["min_seconds"])
+        cases.append(
+            case(
+                f"k={k}: torch.func stack of a user's CNN (examples/cnn_digits.py) vs a "
+                f"Python loop over {k} of them",
+                "model-steps/s stack / loop",
+                ratios(t["loop"], t["torch.func"]),
+                (">=", 3.0) if k == 8 else None,
+                stack_seconds=spread(t["torch.func"]),
+                loop_seconds=spread(t["loop"]),
             )
         )
     with tempfile.TemporaryDirectory() as tmp:
