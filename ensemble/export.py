@@ -8,7 +8,9 @@ architecture gives the member, with no import of this package.
 matching on their tethered weights: hidden units of independently initialised models come
 in different orders), then averaged. Greedy (Wortsman et al., model soups): in order of
 validation accuracy, a member joins the soup only if the soup's validation accuracy does not
-drop; uniform: all of them. Validation data chooses; the test split only reports.
+drop and its validation NLL does not rise (on a small validation split accuracy ties often:
+accuracy alone let members in that cost test accuracy); uniform: all of them. Validation
+data chooses; the test split only reports.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def soup(
     for m in order[1:]:
         trial = average([members[i] for i in [*chosen, m]])
         s = scores(probs_of(module_of(cfg, data, trial), data.x_val), data.y_val)
-        if not greedy or s["accuracy"] >= current["accuracy"]:
+        if not greedy or (s["accuracy"] >= current["accuracy"] and s["nll"] <= current["nll"]):
             chosen, current = [*chosen, m], s
     weights = average([members[i] for i in chosen])
     test = {m: probs_of(module_of(cfg, data, members[m]), data.x_test) for m in members}

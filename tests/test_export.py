@@ -80,6 +80,7 @@ def test_the_soup_is_at_least_the_best_member_on_validation(finished, tmp_path):
     report = json.loads((out / "soup.json").read_text())
     assert "best member" in res.output and "ensemble" in res.output
     assert report["soup"]["val"]["accuracy"] >= report["best_member"]["val"]["accuracy"]
+    assert report["soup"]["val"]["nll"] <= report["best_member"]["val"]["nll"]
     assert report["soup"]["members"][0] == report["best_member"]["model"]
     assert {"accuracy", "nll"} <= set(report["ensemble"]["test"])
     weights = load_file(str(out / "soup.safetensors"))

@@ -442,7 +442,7 @@ def export(
         typer.Option(
             "--soup",
             help="One model instead of the members: their aligned average, each member "
-            "joining only if the validation accuracy does not drop (greedy soup)",
+            "joining only if the validation accuracy does not drop nor the NLL rise (greedy soup)",
         ),
     ] = False,
 ) -> None:
