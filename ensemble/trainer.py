@@ -390,7 +390,8 @@ class Trainer:
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(k, N, C): every model's probabilities on the shared x (N, ...)."""
-        logits = self.stack.forward(torch.as_tensor(np.asarray(x)).to(self.device), shared=True)
+        x = torch.tensor(np.asarray(x), device=self.device)  # a copy: x may be read-only
+        logits = self.stack.forward(x, shared=True)
         return torch.softmax(logits, 2).cpu().numpy()
 
     def results(self, blocked: float, seconds: float) -> list[MemberResult]:

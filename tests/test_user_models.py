@@ -106,12 +106,36 @@ def test_a_users_cnn_trains_with_merges_and_drifts_and_exports_to_plain_torch(us
     (out / "user.py").write_text(script)
     proc = subprocess.run([sys.executable, "user.py"], cwd=out, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    acc = (np.load(out / "probs.npy").argmax(1) == data.y_test).mean()
-    reported = result.ensemble.evaluate()["ensemble"]["accuracy"]  # what `ensemble eval` says
+    probs = np.load(out / "probs.npy")
+    ens = result.ensemble  # the package's own members, tethers as parametrizations
+    with torch.no_grad():
+        x = torch.from_numpy(data.x_test)
+        theirs = np.mean([torch.softmax(m(x), 1).numpy() for m in ens.members], 0)
+    np.testing.assert_allclose(probs, theirs, atol=1e-5)
+    acc = (probs.argmax(1) == data.y_test).mean()
+    reported = ens.evaluate()["ensemble"]["accuracy"]  # what `ensemble eval` says
     assert acc == pytest.approx(reported, abs=1e-9)
     assert set(load_file(str(out / "model_0.safetensors"))) == set(
         build_member(result.ensemble.cfg, 64, 10, 0)[0].state_dict()
     )
+
+
+@pytest.mark.ray
+def test_ensemble_run_trains_a_users_cnn_on_ray(user_cnn, tmp_path):
+    from tests.conftest import cli
+
+    config = tmp_path / "cnn.yaml"
+    text = (ROOT / "configs" / "cnn-digits.yaml").read_text()
+    config.write_text(text.replace("examples/cnn_digits.py:cnn", "elsewhere/my_cnn.py:cnn"))
+    run = tmp_path / "run"
+    sets = ["train.epochs=2", "models.count=3", "model.options={channels: 4}", "job=cnn-ray"]
+    args = [a for o in sets for a in ("--set", o)]
+    proc = cli("run", str(config), *args, "--run-dir", str(run), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["merges_attempted"] > 0 and summary["drifts"] > 0, summary
+    saved = load_config(run / "config.yaml", saved=True)
+    assert saved.model.factory == f"{user_cnn}:cnn"  # resolved where the job started
 
 
 def test_alignment_undoes_a_permutation_of_conv_channels(user_cnn, tmp_path):
