@@ -108,6 +108,7 @@ class Trainer:
         self.rollbacks = np.zeros(self.k, dtype=np.int64)
         self.rejected = np.zeros(self.k, dtype=np.int64)  # merges the guard undid
         self.introduced = np.zeros(self.k, dtype=bool)  # the coordinator holds its tethers
+        self.final_published = False  # the last report publishes every final state
         self.snapshot: dict | None = None  # the stack at this epoch's start (rollback)
         self.outbox = Outbox(self.k)
         self.ckpt = None
@@ -281,8 +282,9 @@ class Trainer:
     def report(self) -> StackReport:
         """Everything since the last report, for the whole stack; empties the outbox."""
         out = self.outbox
-        if self.done:  # the last word: the job's last round works on every final state
-            out.published[:] = True
+        if self.done and not self.final_published:  # the job's last round sees every
+            out.published[:] = True  # final state, once
+            self.final_published = True
         pub = out.published & ~self.failed
         new = pub & ~self.introduced  # the coordinator lacks their tethers
         self.introduced |= new
@@ -329,7 +331,14 @@ class Trainer:
     def has_news(self) -> bool:
         """Whether something happened since the last report that the coordinator must hear."""
         o = self.outbox
-        return bool(o.events or o.rejections or o.rejoined or o.epoch_report or o.published.any())
+        return bool(
+            o.events
+            or o.rejections
+            or o.rejoined
+            or o.epoch_report
+            or o.published.any()
+            or o.staleness  # the last round's mail, applied: the coordinator counts it
+        )
 
     @torch.no_grad()
     def features(self, sel: torch.Tensor) -> dict[str, np.ndarray]:

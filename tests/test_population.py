@@ -219,3 +219,32 @@ def test_the_old_shard_key_points_to_the_new_one():
         load_config(None, ["data.shard=true"])
     with pytest.raises(ConfigError, match="policy.merge was replaced by policy.share"):
         load_config(None, ["policy.merge=weights"])
+
+
+def test_the_guards_verdicts_on_the_last_round_reach_the_history(tmp_path):
+    """Merges given in the job's last round, after every model's last step, are still
+    judged by the guard, and what it undid is reported: the counts add up."""
+    from ensemble.history import HistoryReader
+
+    prep = prepare(
+        cfg(
+            tmp_path,
+            "policy.name=threshold",
+            "policy.merge_above=-10",  # every pair is compatible: merges to judge
+            "policy.drift_below=-20",
+            "policy.share=both",
+            "policy.guard=true",
+            "coordinator.round_every=100000",  # no round but the job's last
+        )
+    )
+    c = coordinator(prep, tmp_path)
+    ts = [trainer(prep, [0, 1]), trainer(prep, [2, 3])]
+    drive(ts, c)
+    c.history.close()
+    h = HistoryReader(tmp_path / "history.sqlite")
+    assert c.rounds == 1 and c.merges > 0
+    undone = int(sum(t.rejected.sum() for t in ts))
+    assert undone > 0  # unaligned weight merges of independent nets: the guard undoes some
+    assert c.rejected == undone == len(h.events("rejected"))
+    assert c.progress()["staleness"]["applied"] == h.count("instructions")
+    assert_bank_matches(c, ts)
