@@ -178,6 +178,7 @@ class Coordinator:
 
     def record_publications(self, r: StackReport) -> None:
         row = {m: i for i, m in enumerate(r.models.tolist())}
+        first = []  # generation 0: the tethers a model starts with
         for j, m in enumerate(r.introduced_ids().tolist()):  # tethers the bank lacked
             tethers = {n: t[j] for n, t in r.tethers.items()}
             bad = next((n for n, t in tethers.items() if not np.isfinite(t).all()), None)
@@ -185,9 +186,10 @@ class Coordinator:
                 self.quarantine(m, r.step, f"tether {bad} has non-finite values")
                 continue
             self.bank.write(m, self.pending_applied(m, tethers))
-            if not self.known[m]:  # generation 0: the tethers a model starts with
+            if not self.known[m]:
                 self.known[m] = True
-                self.snapshot(m, None)
+                first.append(m)
+        self.snapshot(first, None)
         ids = r.published_ids()
         if not len(ids):
             return
@@ -278,7 +280,7 @@ class Coordinator:
         self.rejected += len(rej.merges)
         self.track()
         self.bank.write(rej.model, self.pending_applied(rej.model, rej.tethers))
-        self.snapshot(rej.model, None)
+        self.snapshot([rej.model], None)
 
     def record_epoch(self, er: EpochReport) -> None:
         """Members' epoch scores; once every model still in the job has reported an epoch,
@@ -406,15 +408,14 @@ class Coordinator:
                 )
             )
             out.append((ins, new))
-        compat = {layer: (v.models.tolist(), v.compat.tolist()) for layer, v in views.items()}
+        compat = {layer: (v.models, v.compat) for layer, v in views.items()}
         with self.history.tx():  # the round, its instructions and new generations: one commit
             round_id = self.history.round(models.tolist(), compat, records)
             for ins, new in out:  # recorded first: nothing is sent that the history lacks
                 self.bank.write(ins.model, {ins.layer: new})
                 step = int(self.step[ins.model])
                 self.mailbox[ins.model].append(replace(ins, round=round_id, step=step))
-            for m in sorted({ins.model for ins in decided}):  # a new generation per change
-                self.snapshot(m, round_id)
+            self.snapshot(sorted({ins.model for ins in decided}), round_id)  # one per change
         self.rounds += 1  # counted per instruction: once for each model a decision changes
         self.merges += sum(i.kind == "merge" for i in decided)
         self.drifts += sum(i.kind == "drift" for i in decided)
@@ -548,15 +549,15 @@ class Coordinator:
         self.server[layer] = (target, v, ref)
         return target
 
-    def snapshot(self, model: int, round_id: int | None) -> None:
-        self.generation[model] += 1
-        self.history.generation(
-            model,
-            int(self.generation[model]),
-            round_id,
-            int(self.step[model]),
-            self.bank.tethers(model),
-        )
+    def snapshot(self, models: list[int], round_id: int | None) -> None:
+        """A new tether generation for each of `models`, in one file."""
+        rows = []
+        for m in models:
+            self.generation[m] += 1
+            rows.append(
+                (m, int(self.generation[m]), round_id, int(self.step[m]), self.bank.tethers(m))
+            )
+        self.history.generations(rows)
 
     # --- observers -----------------------------------------------------------------------
     def progress(self) -> dict:

@@ -2,6 +2,7 @@
 
 import sqlite3
 
+import numpy as np
 import pytest
 
 from ensemble.errors import RunDirError
@@ -37,7 +38,11 @@ def test_round_records_compat_and_pairs(tmp_path):
     h = HistoryReader(tmp_path / "h.sqlite")
     (d,) = h.decisions()
     assert (d.round, d.kind, d.model, d.partner, d.compat, d.step) == (rid, "merge", 0, 2, 0.9, 10)
-    assert h.count("compat") == 3 and h.count("instructions") == 2
+    assert h.count("compat") == 1 and h.count("instructions") == 2  # one row per layer
+    ids, mat = h.compat_matrix(rid, "fc1")
+    assert ids == [0, 1, 2] and mat[0, 2] == mat[2, 0] == pytest.approx(0.9)
+    assert np.isnan(mat[1, 1]) and mat[1, 2] == pytest.approx(0.4)
+    assert h.explain(d.id).compat_row == pytest.approx({1: 0.3, 2: 0.9})
     assert h.decisions("drift") == []
 
 
@@ -46,7 +51,9 @@ def test_other_schema_version_is_refused_clearly(tmp_path):
     HistoryWriter(path, "j", "").close()
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    with pytest.raises(RunDirError, match=f"schema version {SCHEMA_VERSION + 1}.*reads version"):
+    with pytest.raises(
+        RunDirError, match=f"schema version {SCHEMA_VERSION + 1}.*reads version 1 or 2"
+    ):
         HistoryReader(path)
     with pytest.raises(RunDirError, match="schema version"):
         HistoryWriter(path, "j", "")
@@ -69,3 +76,40 @@ def test_one_writer_per_history(tmp_path):
         HistoryWriter(path, "j", "", lock_timeout=0.3)
     first.close()  # the lock goes with its holder
     HistoryWriter(path, "j", "").close()
+
+
+def test_version_1_histories_are_still_read(tmp_path):
+    """Version 1 kept compat as one row per pair; the reader answers the same from it, and a
+    writer refuses to append to it rather than mix two layouts."""
+    from ensemble.history.schema import SCHEMA
+
+    v1 = SCHEMA.replace(
+        "round INTEGER NOT NULL, layer TEXT NOT NULL, models BLOB NOT NULL, upper BLOB NOT NULL,"
+        "\n    PRIMARY KEY (round, layer));",
+        "round INTEGER NOT NULL, layer TEXT NOT NULL, i INTEGER NOT NULL, j INTEGER NOT NULL,"
+        "\n    value REAL NOT NULL, PRIMARY KEY (round, layer, i, j));",
+    )
+    assert v1 != SCHEMA
+    path = tmp_path / "history.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(v1)
+        conn.execute("PRAGMA user_version=1")
+        conn.execute("INSERT INTO meta VALUES ('job', 'old')")
+        conn.execute("INSERT INTO rounds VALUES (1, 0.0, '[0, 1, 2]', 2)")
+        conn.executemany(
+            "INSERT INTO compat VALUES (1, 'fc1', ?, ?, ?)", [(0, 1, 0.3), (0, 2, 0.9), (1, 2, 0.4)]
+        )
+        conn.execute(
+            "INSERT INTO instructions (round, kind, model, partner, layer, rate, compat, rule,"
+            " merge_above, drift_below, step, epoch, merges_in_epoch, t)"
+            " VALUES (1, 'merge', 0, 2, 'fc1', 0.5, 0.9, 'r', 0.8, 0.2, 10, 0, 1, 0.0)"
+        )
+    conn.close()
+    h = HistoryReader(path)
+    ids, mat = h.compat_matrix(1, "fc1")
+    assert ids == [0, 1, 2] and mat[0, 2] == 0.9 and mat[2, 1] == 0.4 and np.isnan(mat[0, 0])
+    (d,) = h.decisions()
+    assert h.explain(d.id).compat_row == {1: 0.3, 2: 0.9}
+    assert h.layers() == ["fc1"]
+    with pytest.raises(RunDirError, match="schema version 1.*writes version 2"):
+        HistoryWriter(path, "old", "")

@@ -123,14 +123,31 @@ def test_retention(tmp_path, spec, kept):
     w.close()
     h = History.open(tmp_path)
     assert [g.generation for g in h.generations(0) if g.path] == kept
-    files = sorted(p.name for p in (tmp_path / "generations" / "model_0").iterdir())
-    assert files == [f"gen_{g:06d}.safetensors" for g in kept]
+    files = sorted(p.name for p in (tmp_path / "generations").iterdir())
+    names = [f"round_{g:06d}" if g else "model_0_gen_000000" for g in kept]
+    assert files == sorted(f"{n}.safetensors" for n in names)
     dropped = sorted(set(range(7)) - set(kept))
     if dropped:
         with pytest.raises(RunDirError, match=f"generation {dropped[0]} of model 0 was not kept"):
             h.tethers(0, dropped[0])
     for g in kept:
         assert h.tethers(0, g)["fc1"][0, 0] == g
+
+
+def test_a_round_file_holds_every_model_it_changed_and_goes_with_the_last(tmp_path):
+    """Generations of one round share a file; retention deletes it only once none of the
+    generations in it is kept."""
+    w = HistoryWriter(tmp_path / "history.sqlite", "r", "", retention="last:1")
+    t = {"fc1": np.zeros((2, 2), dtype=np.float32)}
+    w.generations([(0, 0, None, 0, t), (1, 0, None, 0, t)])
+    w.generations([(0, 1, 1, 5, {"fc1": t["fc1"] + 1})])  # model 1 keeps generation 0
+    assert (tmp_path / "generations" / "model_0_gen_000000.safetensors").exists()
+    w.generations([(1, 1, 2, 6, {"fc1": t["fc1"] + 2})])  # now no one keeps the first file
+    w.close()
+    files = sorted(p.name for p in (tmp_path / "generations").iterdir())
+    assert files == ["round_000001.safetensors", "round_000002.safetensors"]
+    h = History.open(tmp_path)
+    assert h.tethers(0)["fc1"][0, 0] == 1 and h.tethers(1)["fc1"][0, 0] == 2
 
 
 def test_retention_spec_errors():

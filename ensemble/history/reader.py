@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 from ensemble.errors import RunDirError
 from ensemble.history.records import (
@@ -25,7 +25,7 @@ from ensemble.history.records import (
     Metric,
     Publication,
 )
-from ensemble.history.schema import check_schema
+from ensemble.history.schema import check_schema, unpack_upper
 
 KINDS = ("merge", "drift")
 DECISION_COLUMNS = (
@@ -50,7 +50,7 @@ class HistoryReader:
             self.conn = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
         except sqlite3.OperationalError as e:
             raise RunDirError(f"{self.path}: cannot open history ({e})") from None
-        check_schema(self.conn, self.path)
+        self.version = check_schema(self.conn, self.path)
 
     def _rows(self, head: str, conds: list, order: str, limit: int | None = None):
         """`head WHERE conds ORDER BY order [LIMIT limit]`; conds are (sql, args) pairs,
@@ -173,12 +173,7 @@ class HistoryReader:
         (models_json,) = self.conn.execute(
             "SELECT models FROM rounds WHERE id = ?", (d.round,)
         ).fetchone()
-        row_vals = {}
-        for i, j, v in self.conn.execute(
-            "SELECT i, j, value FROM compat WHERE round = ? AND layer = ? AND (i = ? OR j = ?)",
-            (d.round, d.layer, d.model, d.model),
-        ):
-            row_vals[j if i == d.model else i] = v
+        row_vals = self.compat_row(d.round, d.layer, d.model)
         before = d.merges_in_epoch - (1 if d.kind == "merge" else 0)
         rejected = None
         if d.kind == "merge":
@@ -264,7 +259,13 @@ class HistoryReader:
                 f"generation {generation} of model {model} was not kept by the "
                 f"retention setting; kept: {kept}"
             )
-        return load_file(str(self.inside(match[0].path)))
+        path = str(self.inside(match[0].path))
+        prefix = f"model_{model}/"
+        with safe_open(path, "numpy") as f:  # a round's file holds every changed model
+            keys = list(f.keys())
+            if not any(k.startswith("model_") and "/" in k for k in keys):
+                return {k: f.get_tensor(k) for k in keys}  # schema 1: one model a file
+            return {k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
 
     def inside(self, stored: str) -> Path:
         """A path the history stores, resolved inside its run directory; a path that leads
@@ -282,8 +283,28 @@ class HistoryReader:
             for r, m in self.conn.execute("SELECT id, models FROM rounds ORDER BY id")
         ]
 
+    def compat_row(self, round_id: int, layer: str, model: int) -> dict[int, float]:
+        """One model's compatibility with each other model a round saw on a layer."""
+        if self.version == 1:
+            rows = self.conn.execute(
+                "SELECT i, j, value FROM compat WHERE round = ? AND layer = ? AND (i = ? OR j = ?)",
+                (round_id, layer, model, model),
+            )
+            return {(j if i == model else i): v for i, j, v in rows}
+        ids, mat = self.compat_matrix(round_id, layer)
+        if model not in ids:
+            return {}
+        a = ids.index(model)
+        # stored as float32: print each as the shortest decimal that is that float32
+        return {m: float(str(np.float32(mat[a, b]))) for b, m in enumerate(ids) if b != a}
+
     def compat_matrix(self, round_id: int, layer: str) -> tuple[list[int], np.ndarray]:
         """The full compat matrix a round saw on a layer: (model ids, (k, k), NaN diagonal)."""
+        if self.version >= 2:
+            row = self.conn.execute(
+                "SELECT models, upper FROM compat WHERE round = ? AND layer = ?", (round_id, layer)
+            ).fetchone()
+            return unpack_upper(*row) if row else ([], np.full((0, 0), np.nan))
         rows = self.conn.execute(
             "SELECT i, j, value FROM compat WHERE round = ? AND layer = ?", (round_id, layer)
         ).fetchall()

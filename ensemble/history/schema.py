@@ -5,9 +5,16 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import numpy as np
+
 from ensemble.errors import RunDirError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE = (1, 2)  # version 1 kept one row per pair; readers still read it
+
+# Version 2 keeps a round's compatibility on a layer as one row: the model ids (int32) and
+# the upper triangle of the (k, k) matrix, row by row (float32), as two BLOBs. Version 1
+# kept one row per pair: M^2/2 rows per layer and round, which stopped rounds at M = 1,024.
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -19,8 +26,8 @@ CREATE TABLE publications (
 CREATE TABLE rounds (
     id INTEGER PRIMARY KEY, t REAL NOT NULL, models TEXT NOT NULL, instructions INTEGER NOT NULL);
 CREATE TABLE compat (
-    round INTEGER NOT NULL, layer TEXT NOT NULL, i INTEGER NOT NULL, j INTEGER NOT NULL,
-    value REAL NOT NULL, PRIMARY KEY (round, layer, i, j));
+    round INTEGER NOT NULL, layer TEXT NOT NULL, models BLOB NOT NULL, upper BLOB NOT NULL,
+    PRIMARY KEY (round, layer));
 CREATE TABLE instructions (
     id INTEGER PRIMARY KEY, round INTEGER NOT NULL, kind TEXT NOT NULL,
     model INTEGER NOT NULL, partner INTEGER NOT NULL, layer TEXT NOT NULL,
@@ -37,6 +44,7 @@ CREATE TABLE generations (
     model INTEGER NOT NULL, generation INTEGER NOT NULL, round INTEGER,
     step INTEGER NOT NULL, path TEXT, t REAL NOT NULL,
     PRIMARY KEY (model, generation));
+CREATE INDEX generations_path ON generations (path);
 CREATE TABLE metrics (
     model INTEGER NOT NULL, epoch INTEGER NOT NULL, split TEXT NOT NULL,
     loss REAL NOT NULL, accuracy REAL NOT NULL, t REAL NOT NULL,
@@ -59,8 +67,9 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def check_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Refuse a file of another schema version, or one that is not a history at all."""
+def check_schema(conn: sqlite3.Connection, path: Path, readable: tuple[int, ...] = READABLE) -> int:
+    """The file's schema version; refuse a version not in `readable`, or a file that is not
+    a history at all."""
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         has_meta = conn.execute(
@@ -70,8 +79,30 @@ def check_schema(conn: sqlite3.Connection, path: Path) -> None:
         raise RunDirError(f"{path}: not a history database ({e})") from None
     if not has_meta:
         raise RunDirError(f"{path}: not a tether-ensemble history (no meta table)")
-    if version != SCHEMA_VERSION:
+    if version not in readable:
+        which = " or ".join(str(v) for v in readable)
         raise RunDirError(
-            f"{path}: history schema version {version}, this version of tether-ensemble reads "
-            f"version {SCHEMA_VERSION}; use the matching release to read it"
+            f"{path}: history schema version {version}, this version of tether-ensemble "
+            f"{'reads' if len(readable) > 1 else 'writes'} version {which}; "
+            "use the matching release to read it"
         )
+    return version
+
+
+def pack_upper(ids, mat) -> tuple[bytes, bytes]:
+    """(model ids, (k, k) matrix) -> the two BLOBs of a version-2 compat row."""
+    ids = np.asarray(ids, dtype=np.int32)
+    iu = np.triu_indices(len(ids), k=1)
+    return ids.tobytes(), np.asarray(mat, dtype=np.float32)[iu].tobytes()
+
+
+def unpack_upper(ids_blob: bytes, upper_blob: bytes) -> tuple[list[int], np.ndarray]:
+    """The inverse: (model ids, (k, k) float64 matrix, NaN diagonal)."""
+    ids = np.frombuffer(ids_blob, dtype=np.int32)
+    k = len(ids)
+    mat = np.full((k, k), np.nan)
+    iu = np.triu_indices(k, k=1)
+    vals = np.frombuffer(upper_blob, dtype=np.float32)
+    mat[iu] = vals
+    mat[iu[1], iu[0]] = vals
+    return ids.tolist(), mat

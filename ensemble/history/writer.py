@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from ensemble.errors import EnsembleError
 from ensemble.history.retention import dropped_by_retention, parse_retention
-from ensemble.history.schema import SCHEMA, SCHEMA_VERSION, check_schema, connect
+from ensemble.history.schema import SCHEMA, SCHEMA_VERSION, check_schema, connect, pack_upper
 
 
 class HistoryFullError(EnsembleError):
@@ -60,7 +60,7 @@ class HistoryWriter:
                     ],
                 )
         else:
-            check_schema(self.conn, self.path)
+            check_schema(self.conn, self.path, readable=(SCHEMA_VERSION,))
 
     @contextmanager
     def tx(self):
@@ -117,10 +117,11 @@ class HistoryWriter:
     def round(
         self,
         models: list[int],
-        compat: dict[str, tuple[list[int], list[list[float]]]],
+        compat: dict[str, tuple[list[int], np.ndarray]],
         rows: list[tuple],
     ) -> int:
-        """One decision round: the compat matrices it saw and the instructions it gave.
+        """One decision round: the compat matrices it saw (one row per layer: the ids and
+        the matrix's upper triangle) and the instructions it gave, in one transaction.
 
         rows: (kind, model, partner, layer, rate, compat, rule, merge_above, drift_below,
         step, epoch, merges_in_epoch) per instruction.
@@ -132,15 +133,10 @@ class HistoryWriter:
                 (now, json.dumps(models), len(rows)),
             )
             rid = cur.lastrowid
-            for layer, (ids, mat) in compat.items():
-                self.conn.executemany(
-                    "INSERT INTO compat VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (rid, layer, ids[a], ids[b], mat[a][b])
-                        for a in range(len(ids))
-                        for b in range(a + 1, len(ids))
-                    ],
-                )
+            self.conn.executemany(
+                "INSERT INTO compat VALUES (?, ?, ?, ?)",
+                [(rid, layer, *pack_upper(ids, mat)) for layer, (ids, mat) in compat.items()],
+            )
             self.conn.executemany(
                 "INSERT INTO instructions (round, kind, model, partner, layer, rate, compat,"
                 " rule, merge_above, drift_below, step, epoch, merges_in_epoch, t)"
@@ -157,27 +153,69 @@ class HistoryWriter:
         step: int,
         tethers: dict[str, np.ndarray],
     ) -> None:
-        """Snapshot a model's tethers as safetensors, then apply the retention rule."""
-        rel = Path("generations") / f"model_{model}" / f"gen_{generation:06d}.safetensors"
+        """Snapshot one model's tethers (see `generations`)."""
+        self.generations([(model, generation, round_id, step, tethers)])
+
+    def generations(self, rows: list[tuple[int, int, int | None, int, dict]]) -> None:
+        """Snapshot several models' tethers into one safetensors file, then apply the
+        retention rule.
+
+        rows: (model, generation, round, step, layer -> tethers). A round's new generations
+        share one file, `generations/round_<id>.safetensors`; others (a model's first
+        tethers, a rejected merge) are named by their first row. Keys are
+        `model_<i>/<layer>`. One file per round, not per model and generation: at
+        thousands of models the old layout was a file system's worth of small files.
+        """
+        if not rows:
+            return
+        model0, gen0, round_id = rows[0][0], rows[0][1], rows[0][2]
+        name = f"round_{round_id:06d}" if round_id is not None else f"model_{model0}_gen_{gen0:06d}"
+        rel = str(Path("generations") / f"{name}.safetensors")
         target = self.run_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in tethers.items()}, str(tmp))
+        save_file(
+            {
+                f"model_{m}/{k}": np.ascontiguousarray(v)
+                for m, _, _, _, tethers in rows
+                for k, v in tethers.items()
+            },
+            str(tmp),
+        )
         os.replace(tmp, target)  # atomic: a reader never sees half a file
-        drop = dropped_by_retention(*self.retention, generation)
+        now = time.time()
+        drops = [
+            (m, d)
+            for m, g, *_ in rows
+            if (d := dropped_by_retention(*self.retention, g)) is not None
+        ]
         with self.tx():
-            self.conn.execute(
+            self.conn.executemany(
                 "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
-                (model, generation, round_id, step, str(rel), time.time()),
+                [(m, g, r, s, rel, now) for m, g, r, s, _ in rows],
             )
-            if drop is not None:
-                self.conn.execute(
-                    "UPDATE generations SET path = NULL WHERE model = ? AND generation = ?",
-                    (model, drop),
+            old = {
+                p
+                for m, d in drops
+                for (p,) in self.conn.execute(
+                    "SELECT path FROM generations WHERE model = ? AND generation = ?"
+                    " AND path IS NOT NULL",
+                    (m, d),
                 )
-        if drop is not None:
-            old = self.run_dir / "generations" / f"model_{model}" / f"gen_{drop:06d}.safetensors"
-            old.unlink(missing_ok=True)
+            }
+            self.conn.executemany(
+                "UPDATE generations SET path = NULL WHERE model = ? AND generation = ?", drops
+            )
+            # a file goes once no kept generation is in it
+            gone = [
+                p
+                for p in old
+                if not self.conn.execute(
+                    "SELECT 1 FROM generations WHERE path = ? LIMIT 1", (p,)
+                ).fetchone()
+            ]
+        for p in gone:
+            (self.run_dir / p).unlink(missing_ok=True)
 
     def val_probs(self, model: int, epoch: int, probs: np.ndarray) -> dict[int, np.ndarray]:
         """Store one member's validation probabilities for an epoch; return every member's
