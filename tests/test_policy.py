@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ensemble.policy import POLICIES, LayerView, PolicyParams, make_policy
 
@@ -105,3 +107,99 @@ def test_unknown_policy_lists_the_names():
     with pytest.raises(ValueError, match="bogus.*fedavg.*mean.*none.*seed.*threshold"):
         make_policy("bogus", P)
     assert set(POLICIES) == {"threshold", "fedavg", "mean", "seed", "none"}
+
+
+def reference_threshold(p: PolicyParams, layers, counts):
+    """The threshold policy as it was written before it became array work: a Python loop
+    over every pair in sorted order. The vectorised policy must decide exactly the same."""
+    from ensemble.compat import SAME_TOL
+    from ensemble.protocol import ENSEMBLE, Instruction
+
+    counts = dict(counts)
+    caps = {"merge": p.max_merges_per_epoch, "drift": p.max_drifts_per_epoch}
+
+    def allows(kind, i, j):
+        return counts.get((kind, i), 0) < caps[kind] and counts.get((kind, j), 0) < caps[kind]
+
+    out = []
+    for layer, v in layers.items():
+        iu, ju = np.triu_indices(len(v.models), k=1)
+        vals = v.compat[iu, ju]
+        matched = set()
+        passes = [("merge", np.argsort(-vals, kind="stable"), p.alpha)]
+        if p.drift == "pairwise":
+            passes.append(("drift", np.argsort(vals, kind="stable"), p.eta))
+        for kind, order, rate in passes:
+            for idx in order:
+                a, b, c = int(iu[idx]), int(ju[idx]), float(vals[idx])
+                if (c <= p.merge_above) if kind == "merge" else (c >= p.drift_below):
+                    break
+                i, j = int(v.models[a]), int(v.models[b])
+                if i in matched or j in matched or not allows(kind, i, j):
+                    continue
+                if kind == "merge" and v.sq_dist[a, b] <= SAME_TOL:
+                    continue
+                matched |= {i, j}
+                for m in (i, j):
+                    counts[(kind, m)] = counts.get((kind, m), 0) + 1
+                sign, bound = (">", "merge_above") if kind == "merge" else ("<", "drift_below")
+                rule = f"compat {c:.4g} {sign} {bound}"
+                out += [
+                    Instruction(kind, i, j, layer, rate, c, rule),
+                    Instruction(kind, j, i, layer, rate, c, rule),
+                ]
+        if p.drift == "repulsive":
+            k = len(v.models)
+            for a in range(k):
+                i = int(v.models[a])
+                if i in matched or not allows("drift", i, i):
+                    continue
+                counts[("drift", i)] = counts.get(("drift", i), 0) + 1
+                c = float((v.compat[a].sum() - v.compat[a, a]) / max(k - 1, 1))
+                out.append(
+                    Instruction("drift", i, ENSEMBLE, layer, p.eta, c, "repulsive: rbf kernel")
+                )
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    k=st.integers(2, 14),
+    levels=st.integers(2, 9),  # few distinct values: many ties
+    seed=st.integers(0, 2**31 - 1),
+    caps=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    drift=st.sampled_from(["pairwise", "repulsive"]),
+)
+def test_vectorised_threshold_decides_exactly_as_the_pairwise_loop(k, levels, seed, caps, drift):
+    """Same bank, same decisions, in the same order: ties, identical tethers (squared
+    distance 0), per-epoch caps spent across layers, both drift modes."""
+    rng = np.random.default_rng(seed)
+    p = PolicyParams(0.3, -0.3, 0.5, 0.1, caps[0], caps[1], drift)
+    layers = {}
+    for layer in ("fc1", "fc2"):
+        c = rng.integers(0, levels, (k, k)) / (levels - 1) * 2 - 1
+        c = np.triu(c, 1) + np.triu(c, 1).T + np.eye(k)
+        sq = rng.integers(0, 3, (k, k)).astype(float)
+        sq = np.triu(sq, 1) + np.triu(sq, 1).T
+        layers[layer] = LayerView(rng.permutation(20)[:k], c, sq)
+    counts = {
+        (kind, int(m)): int(rng.integers(0, 4)) for kind in ("merge", "drift") for m in range(20)
+    }
+    assert make_policy("threshold", p).decide(layers, counts) == reference_threshold(
+        p, layers, counts
+    )
+
+
+def test_vectorised_threshold_equals_the_loop_on_a_large_real_shaped_round():
+    """k = 300 with continuous compat values (z-scored cosines), the coordinator's regime."""
+    rng = np.random.default_rng(0)
+    t = rng.normal(1, 0.1, (300, 64))
+    g = t @ t.T
+    n = np.sqrt(np.diag(g))
+    c = g / n[:, None] / n[None, :]
+    off = ~np.eye(300, dtype=bool)
+    c = (c - c[off].mean()) / c[off].std()
+    v = LayerView(np.arange(300), c, np.ones((300, 300)) - np.eye(300))
+    p = PolicyParams(1.0, -1.0, 0.5, 0.1, 5, 5)
+    got = make_policy("threshold", p).decide({"fc1": v}, {})
+    assert len(got) > 100 and got == reference_threshold(p, {"fc1": v}, {})
