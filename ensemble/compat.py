@@ -34,7 +34,10 @@ def get_compat(name: str) -> CompatFn:
 class TetherBank:
     """Latest tethers of every model, one preallocated (M, P) float32 buffer per layer.
 
-    Rows are written in place on each publication; no per-round restacking.
+    Rows are written in place on each publication; no per-round restacking. The Gram is
+    kept between rounds and only the rows written since are recomputed: tethers change only
+    through the coordinator's own instructions, so a round after a quiet one costs a
+    fraction of the full (M, M, P) matmul.
     """
 
     def __init__(self, count: int, shapes: dict[str, tuple[int, ...]]):
@@ -44,6 +47,7 @@ class TetherBank:
             name: np.zeros((count, int(np.prod(s))), dtype=np.float32) for name, s in shapes.items()
         }  # layer -> (M, P)
         self._gram = {name: np.empty((count, count), dtype=np.float32) for name in shapes}
+        self._dirty = {name: np.ones(count, dtype=bool) for name in shapes}  # rows to redo
 
     def write(self, model: int, tethers: dict[str, np.ndarray]) -> None:
         for name, arr in tethers.items():
@@ -54,6 +58,7 @@ class TetherBank:
                     f"layer {name!r}: tether shape {tuple(arr.shape)}, expected {self.shapes[name]}"
                 )
             self.buffers[name][model] = arr.reshape(-1)
+            self._dirty[name][model] = True
 
     def row(self, model: int, layer: str) -> np.ndarray:
         return self.buffers[layer][model].reshape(self.shapes[layer])
@@ -62,8 +67,20 @@ class TetherBank:
         return {name: self.row(model, name).copy() for name in self.buffers}
 
     def gram(self, layer: str) -> np.ndarray:
-        """(M, M) Gram of the layer, into a preallocated output."""
-        return maths.gram(self.buffers[layer], out=self._gram[layer])
+        """(M, M) Gram of the layer, in a preallocated buffer: the rows written since the
+        last call are recomputed (one (d, P) x (P, M) matmul), or all of it when most are."""
+        x, g, dirty = self.buffers[layer], self._gram[layer], self._dirty[layer]
+        rows = np.flatnonzero(dirty)
+        if len(rows) * 2 > self.count:
+            maths.gram(x, out=g)
+        elif len(rows):
+            part = x[rows] @ x.T  # (d, M)
+            g[rows, :] = part
+            g[:, rows] = part.T
+            block = part[:, rows]  # symmetric exactly, like the full product
+            g[np.ix_(rows, rows)] = np.triu(block) + np.triu(block, 1).T
+        dirty[:] = False
+        return g
 
     def compat(self, layer: str, fn: str, rows: np.ndarray, normalize: str = "none"):
         """Compatibility and squared distances among `rows` (model ids), each (k, k)."""

@@ -148,16 +148,14 @@ def greedy_matching(score: np.ndarray, allowed: np.ndarray) -> list[tuple[int, i
     4,096), each one O(k^2) scan of an int32 matrix.
     """
     k = len(score)
-    iu, ju = np.triu_indices(k, k=1)
-    cand = np.flatnonzero(allowed[iu, ju])
-    if not len(cand):
+    iu, ju = np.nonzero(np.triu(allowed, 1))  # candidates in (row, column) order
+    if not len(iu):
         return []
-    order = cand[np.argsort(score[iu[cand], ju[cand]], kind="stable")]
-    n = len(order)
+    order = np.argsort(score[iu, ju], kind="stable")
+    iu, ju, n = iu[order], ju[order], len(order)
     rank = np.full((k, k), n, dtype=np.int32 if n < 2**31 - 1 else np.int64)  # n: none
-    rank[iu[order], ju[order]] = np.arange(n)
-    rank[ju[order], iu[order]] = np.arange(n)
-    del iu, ju, cand, order
+    rank[iu, ju] = rank[ju, iu] = np.arange(n)
+    del iu, ju, order
     rows = np.arange(k)
     taken = []
     while True:

@@ -51,6 +51,24 @@ def test_bank_compat_uses_its_preallocated_buffer():
     np.testing.assert_allclose(c, full[np.ix_([0, 2, 3], [0, 2, 3])], rtol=1e-5)
 
 
+def test_bank_gram_recomputes_only_written_rows_and_stays_the_full_product():
+    """After a round, only rows written since are recomputed; the result is the full
+    Gram of the buffer (to float32 rounding) and exactly symmetric, whatever rows change."""
+    rng = np.random.default_rng(3)
+    bank = TetherBank(10, {"fc1": (4, 6)})
+    for m in range(10):
+        bank.write(m, {"fc1": rng.normal(1, 0.1, (4, 6)).astype(np.float32)})
+    bank.gram("fc1")
+    for rows in ([3], [0, 9], [2, 5, 7], []):
+        for m in rows:
+            bank.write(m, {"fc1": rng.normal(1, 0.1, (4, 6)).astype(np.float32)})
+        g = bank.gram("fc1").copy()
+        x = bank.buffers["fc1"].astype(np.float64)
+        np.testing.assert_allclose(g, x @ x.T, rtol=1e-5)
+        np.testing.assert_array_equal(g, g.T)
+    assert not bank._dirty["fc1"].any()
+
+
 def test_zscore_leaves_identical_pairs_out_of_the_statistics():
     c = np.array(
         [[1.0, 1.0, 0.2, 0.4], [1.0, 1.0, 0.2, 0.4], [0.2, 0.2, 1, 0.6], [0.4, 0.4, 0.6, 1]]
