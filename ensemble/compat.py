@@ -84,8 +84,12 @@ class TetherBank:
 
     def compat(self, layer: str, fn: str, rows: np.ndarray, normalize: str = "none"):
         """Compatibility and squared distances among `rows` (model ids), each (k, k)."""
-        g = self.gram(layer)[np.ix_(rows, rows)].astype(np.float64)
-        c, sq = get_compat(fn)(g), maths.sq_dist_from_gram(g)
+        g = self.gram(layer)
+        everyone = len(rows) == self.count and (rows == np.arange(self.count)).all()
+        g = g.astype(np.float64) if everyone else g[np.ix_(rows, rows)].astype(np.float64)
+        sq = maths.sq_dist_from_gram(g)
+        c = get_compat(fn)(g)
+        del g
         if normalize == "zscore":
             c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
         return c, sq

@@ -292,12 +292,33 @@ class TrackingConfig(Section):
 
 class HistoryConfig(Section):
     generations: str = "all"  # tether snapshots to keep per model: all | every:K | last:N
+    # the rounds whose compatibility matrices are kept: all | every:K (round ids that are
+    # multiples of K, and the first) | none | auto: all up to 512 models, every:10 beyond
+    # (at 4,096 models one round's matrices are 100 MB)
+    compat: str = "auto"
 
     @field_validator("generations")
     @classmethod
     def _retention(cls, v: str) -> str:
         parse_retention(v)
         return v
+
+    @field_validator("compat")
+    @classmethod
+    def _compat(cls, v: str) -> str:
+        kind, _, k = v.partition(":")
+        if v in ("auto", "all", "none") or (kind == "every" and k.isdigit() and int(k) >= 1):
+            return v
+        raise ValueError(f"{v!r}: expected 'auto', 'all', 'every:K' (K >= 1) or 'none'")
+
+    def compat_every(self, models: int) -> int:
+        """Keep round r's matrices when r % K == 0 or r == 1; 0: keep none."""
+        v = self.compat
+        if v == "auto":
+            v = "all" if models <= 512 else "every:10"
+        if v in ("all", "none"):
+            return int(v == "all")
+        return int(v.partition(":")[2])
 
 
 # policy.name auto (the default): the settings of the regime the data puts the job in,

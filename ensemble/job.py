@@ -135,7 +135,13 @@ def open_coordinator(prep: Prepared, run_dir: Path) -> Coordinator:
     validation labels of `prep` are used: `prep.coordinator_part()` is enough."""
     cfg = prep.cfg
     path = Path(run_dir) / "history.sqlite"
-    writer = HistoryWriter(path, cfg.job, dump_config(cfg), retention=cfg.history.generations)
+    writer = HistoryWriter(
+        path,
+        cfg.job,
+        dump_config(cfg),
+        retention=cfg.history.generations,
+        compat_every=cfg.history.compat_every(cfg.models.count),
+    )
     try:
         state = None
         if writer.reopened:

@@ -5,6 +5,8 @@ Each is tested against the slow, obvious loop (the seed's `torch.sum(a * b)`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -15,13 +17,18 @@ def gram(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def cosine_from_gram(g: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))  # (M,)
-    return g / np.maximum(np.outer(norms, norms), eps)
+    out = np.outer(norms, norms)  # one (M, M) temporary: at M = 4,096 each is 134 MB
+    np.maximum(out, eps, out=out)
+    return np.divide(g, out, out=out)
 
 
 def sq_dist_from_gram(g: np.ndarray) -> np.ndarray:
     """||x_i - x_j||^2 = G_ii + G_jj - 2 G_ij, clipped at 0 against rounding."""
-    d = np.diag(g)
-    return np.clip(d[:, None] + d[None, :] - 2.0 * g, 0.0, None)
+    d = np.diag(g).copy()
+    out = np.multiply(g, -2.0)
+    out += d[:, None]
+    out += d[None, :]
+    return np.clip(out, 0.0, None, out=out)
 
 
 def median_bandwidth(sq: np.ndarray) -> float:
@@ -44,16 +51,30 @@ def zscore_offdiag(c: np.ndarray, same: np.ndarray | None = None) -> np.ndarray:
 
     `same` (bool, (M, M)) marks pairs whose tethers are identical (already merged): they
     are left out of the mean and sd, so one merged pair does not squash everyone else.
+    The statistics are sums over the whole matrix less the diagonal and the `same` pairs,
+    so no masked copy of the M^2 entries is made.
     """
     m = c.shape[0]
     out = np.zeros_like(c, dtype=np.float64)
     if m < 2:
         return out
-    mask = ~np.eye(m, dtype=bool)
-    stats = mask & ~same if same is not None else mask
-    vals = c[stats] if stats.any() else c[mask]
-    sd = float(vals.std())
-    out[mask] = (c[mask] - vals.mean()) / sd if sd > 0 else 0.0
+    diag = np.diag(c).astype(np.float64)
+    n, s1, s2 = m * m - m, float(c.sum(dtype=np.float64) - diag.sum()), 0.0
+    s2 = float(np.einsum("ij,ij->", c, c, dtype=np.float64) - (diag * diag).sum())
+    if same is not None:
+        off = same.copy()
+        np.fill_diagonal(off, False)
+        k = int(off.sum())
+        if k < n:  # else every pair is the same: fall back to all of them
+            v = c[off].astype(np.float64)
+            n, s1, s2 = n - k, s1 - float(v.sum()), s2 - float((v * v).sum())
+    mean = s1 / n
+    sd = math.sqrt(max(s2 / n - mean * mean, 0.0))
+    if sd <= 1e-12 * max(1.0, abs(mean)):
+        return out
+    np.subtract(c, mean, out=out)
+    out /= sd
+    np.fill_diagonal(out, 0.0)
     return out
 
 

@@ -113,3 +113,29 @@ def test_version_1_histories_are_still_read(tmp_path):
     assert h.layers() == ["fc1"]
     with pytest.raises(RunDirError, match="schema version 1.*writes version 2"):
         HistoryWriter(path, "old", "")
+
+
+def test_history_compat_keeps_the_matrices_of_chosen_rounds_only(tmp_path):
+    """history.compat every:K keeps rounds that are multiples of K and the first; a round
+    without its matrices still has its decisions, and --explain says what was not kept."""
+    from typer.testing import CliRunner
+
+    from ensemble.cli import app
+    from ensemble.config import HistoryConfig
+
+    assert HistoryConfig().compat_every(512) == 1 and HistoryConfig().compat_every(4096) == 10
+    assert HistoryConfig(compat="none").compat_every(8) == 0
+    with pytest.raises(ValueError, match="'last:2': expected 'auto', 'all', 'every:K'"):
+        HistoryConfig(compat="last:2")
+    w = HistoryWriter(tmp_path / "history.sqlite", "j", "", compat_every=3)
+    c = {"fc1": ([0, 1], np.array([[1, 0.9], [0.9, 1]]))}
+    for r in range(1, 7):
+        w.round([0, 1], c, [("merge", 0, 1, "fc1", 0.5, 0.9, "r", 0.8, 0.2, r, 0, 1)])
+    w.close()
+    h = HistoryReader(tmp_path / "history.sqlite")
+    kept = [r for r in range(1, 7) if h.compat_matrix(r, "fc1")[0]]
+    assert kept == [1, 3, 6] and len(h.decisions()) == 6
+    out = CliRunner().invoke(app, ["history", str(tmp_path), "--explain", "2"])
+    assert out.exit_code == 0, out.output
+    assert "round 2's compatibility matrices were not kept (history.compat)" in out.output
+    assert "0.9000" in out.output

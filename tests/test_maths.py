@@ -1,6 +1,7 @@
 """Compatibility maths against the seed's naive pair loop; merge and drift properties."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,3 +102,19 @@ def test_drift_increases_distance_within_clip_range(a, b, eta):
     inside &= (b + eta * (b - a) >= 0) & (b + eta * (b - a) <= 2)
     if inside.all() and np.linalg.norm(a - b) > 1e-3:  # unclipped: strictly farther
         assert np.linalg.norm(a2 - b2) > np.linalg.norm(a - b)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_zscore_from_sums_equals_the_masked_statistics(seed):
+    """The z-score takes its mean and sd from sums (no masked copy of M^2 entries); it must
+    equal the obvious computation over the off-diagonal pairs that are not `same`."""
+    rng = np.random.default_rng(seed)
+    m = 30
+    c = rng.normal(0.5, 0.2, (m, m))
+    c = (c + c.T) / 2
+    same = rng.random((m, m)) < 0.1
+    same = same | same.T | np.eye(m, dtype=bool)
+    stats = ~np.eye(m, dtype=bool) & ~same
+    expected = (c - c[stats].mean()) / c[stats].std()
+    np.fill_diagonal(expected, 0.0)
+    np.testing.assert_allclose(maths.zscore_offdiag(c, same), expected, rtol=1e-9, atol=1e-12)

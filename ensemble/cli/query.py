@@ -178,6 +178,12 @@ def show_explanation(x, fmt: str) -> None:
             f"[bold]rejected[/] by the merge guard at step {r['step']}: validation loss "
             f"{r['val_loss_before']:.4f} → {r['val_loss_after']:.4f}; the merge was undone"
         )
+    if not x.compat_row:
+        console.print(
+            f"round {d.round}'s compatibility matrices were not kept (history.compat); "
+            f"the decision's own compat is {d.compat:.4f}"
+        )
+        return
     t = Table(
         title=f"compat of model {d.model} on {d.layer} in round {d.round}", title_justify="left"
     )

@@ -30,10 +30,12 @@ class HistoryWriter:
         config_yaml: str,
         retention: str = "all",
         lock_timeout: float = 60.0,
+        compat_every: int = 1,
     ):
         self.path = Path(path)
         self.run_dir = self.path.parent
         self.retention = parse_retention(retention)
+        self.compat_every = compat_every  # 0: no compat matrices kept (history.compat)
         self.lock = take_lock(self.path.with_suffix(".lock"), lock_timeout)
         self._in_tx = False
         try:
@@ -133,10 +135,12 @@ class HistoryWriter:
                 (now, json.dumps(models), len(rows)),
             )
             rid = cur.lastrowid
-            self.conn.executemany(
-                "INSERT INTO compat VALUES (?, ?, ?, ?)",
-                [(rid, layer, *pack_upper(ids, mat)) for layer, (ids, mat) in compat.items()],
-            )
+            every = self.compat_every
+            if every and (rid % every == 0 or rid == 1):
+                self.conn.executemany(
+                    "INSERT INTO compat VALUES (?, ?, ?, ?)",
+                    [(rid, layer, *pack_upper(ids, mat)) for layer, (ids, mat) in compat.items()],
+                )
             self.conn.executemany(
                 "INSERT INTO instructions (round, kind, model, partner, layer, rate, compat,"
                 " rule, merge_above, drift_below, step, epoch, merges_in_epoch, t)"
