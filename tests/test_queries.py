@@ -150,6 +150,25 @@ def test_a_round_file_holds_every_model_it_changed_and_goes_with_the_last(tmp_pa
     assert h.tethers(0)["fc1"][0, 0] == 1 and h.tethers(1)["fc1"][0, 0] == 2
 
 
+def test_identical_tethers_in_a_round_are_stored_once(tmp_path):
+    """A FedAvg round leaves every model with the same tethers: the round's file holds
+    them once, and every model still reads its own generation back."""
+    from safetensors import safe_open
+
+    w = HistoryWriter(tmp_path / "history.sqlite", "r", "")
+    mean = {"fc1": np.full((2, 2), 0.5, dtype=np.float32), "out": np.ones(3, dtype=np.float32)}
+    other = {"fc1": np.full((2, 2), 0.7, dtype=np.float32), "out": np.ones(3, dtype=np.float32)}
+    w.generations([(m, 1, 1, 10, other if m == 2 else mean) for m in range(4)])
+    w.close()
+    with safe_open(str(tmp_path / "generations" / "round_000001.safetensors"), "numpy") as f:
+        assert sorted(f.keys()) == ["model_0/fc1", "model_0/out", "model_2/fc1", "model_2/out"]
+    h = History.open(tmp_path)
+    for m in range(4):
+        got = h.tethers(m, 1)
+        assert set(got) == {"fc1", "out"}
+        assert got["fc1"][0, 0] == np.float32(0.7 if m == 2 else 0.5)
+
+
 def test_retention_spec_errors():
     assert parse_retention("every:4") == ("every", 4)
     assert dropped_by_retention("last", 3, 2) is None

@@ -260,12 +260,17 @@ class HistoryReader:
                 f"retention setting; kept: {kept}"
             )
         path = str(self.inside(match[0].path))
-        prefix = f"model_{model}/"
-        with safe_open(path, "numpy") as f:  # a round's file holds every changed model
-            keys = list(f.keys())
-            if not any(k.startswith("model_") and "/" in k for k in keys):
-                return {k: f.get_tensor(k) for k in keys}  # schema 1: one model a file
-            return {k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+        key = None
+        if self.version >= 2:  # a round's file holds every model it changed, each by key
+            (key,) = self.conn.execute(
+                "SELECT key FROM generations WHERE model = ? AND generation = ?",
+                (model, generation),
+            ).fetchone()
+        with safe_open(path, "numpy") as f:
+            if key is None:  # schema 1: one model a file, keyed by layer
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            prefix = f"{key}/"
+            return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
 
     def inside(self, stored: str) -> Path:
         """A path the history stores, resolved inside its run directory; a path that leads

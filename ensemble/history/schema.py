@@ -15,6 +15,8 @@ READABLE = (1, 2)  # version 1 kept one row per pair; readers still read it
 # Version 2 keeps a round's compatibility on a layer as one row: the model ids (int32) and
 # the upper triangle of the (k, k) matrix, row by row (float32), as two BLOBs. Version 1
 # kept one row per pair: M^2/2 rows per layer and round, which stopped rounds at M = 1,024.
+# Version 2's generations share one file per round, each under a key prefix (`key`);
+# identical tethers in one round (a merged pair, a FedAvg population) are stored once.
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,7 +44,7 @@ CREATE INDEX instructions_layer ON instructions (layer, round);
 CREATE INDEX instructions_step ON instructions (step);
 CREATE TABLE generations (
     model INTEGER NOT NULL, generation INTEGER NOT NULL, round INTEGER,
-    step INTEGER NOT NULL, path TEXT, t REAL NOT NULL,
+    step INTEGER NOT NULL, path TEXT, t REAL NOT NULL, key TEXT,
     PRIMARY KEY (model, generation));
 CREATE INDEX generations_path ON generations (path);
 CREATE TABLE metrics (

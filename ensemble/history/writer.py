@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -167,8 +168,10 @@ class HistoryWriter:
         rows: (model, generation, round, step, layer -> tethers). A round's new generations
         share one file, `generations/round_<id>.safetensors`; others (a model's first
         tethers, a rejected merge) are named by their first row. Keys are
-        `model_<i>/<layer>`. One file per round, not per model and generation: at
-        thousands of models the old layout was a file system's worth of small files.
+        `model_<i>/<layer>`, and models whose tethers are identical (a merged pair, a
+        FedAvg population) share the first one's: a FedAvg round of 4,096 models is one
+        model's worth of bytes, not 145 MB. One file per round, not per model and
+        generation: at thousands of models that was a file system's worth of small files.
         """
         if not rows:
             return
@@ -178,14 +181,18 @@ class HistoryWriter:
         target = self.run_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
-        save_file(
-            {
-                f"model_{m}/{k}": np.ascontiguousarray(v)
-                for m, _, _, _, tethers in rows
-                for k, v in tethers.items()
-            },
-            str(tmp),
-        )
+        tensors, keys, seen = {}, [], {}  # digest -> the key of the first with those tethers
+        for m, _, _, _, tethers in rows:
+            arrays = {k: np.ascontiguousarray(v) for k, v in tethers.items()}
+            h = hashlib.blake2b(digest_size=16)
+            for k in sorted(arrays):
+                h.update(k.encode() + b"\0" + str(arrays[k].shape).encode())
+                h.update(arrays[k].tobytes())
+            key = seen.setdefault(h.digest(), f"model_{m}")
+            if key == f"model_{m}":
+                tensors |= {f"{key}/{k}": v for k, v in arrays.items()}
+            keys.append(key)
+        save_file(tensors, str(tmp))
         os.replace(tmp, target)  # atomic: a reader never sees half a file
         now = time.time()
         drops = [
@@ -195,8 +202,11 @@ class HistoryWriter:
         ]
         with self.tx():
             self.conn.executemany(
-                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?)",
-                [(m, g, r, s, rel, now) for m, g, r, s, _ in rows],
+                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (m, g, r, s, rel, now, key)
+                    for (m, g, r, s, _), key in zip(rows, keys, strict=True)
+                ],
             )
             old = {
                 p
