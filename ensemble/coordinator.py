@@ -286,21 +286,21 @@ class Coordinator:
         """Members' epoch scores; once every model still in the job has reported an epoch,
         the ensemble's validation score under model -1 (the probabilities are kept in the
         history, so this survives a restart)."""
-        got: dict[int, np.ndarray] = {}
-        for j, m in enumerate(er.models.tolist()):
+        models = er.models.tolist()
+        for j, m in enumerate(models):
             for split, (loss, acc) in (("train", er.train[j]), ("val", er.val[j])):
                 self.history.metrics(m, er.epoch, split, float(loss), float(acc))
                 if self.tracker is not None:
                     self.tracker.epoch(m, er.epoch, split, float(loss), float(acc))
             self.val_acc[m] = er.val[j][1]
-            if self.val_labels is not None:
-                got = self.history.val_probs(m, er.epoch, er.val_probs[j])
-        if self.val_labels is None or not got:
+        if self.val_labels is None or not models:
             return
+        got = self.history.val_probs(er.epoch, dict(zip(models, er.val_probs, strict=True)))
         members = [m for m in range(self.count) if m not in self.failed]
         if set(members) <= set(got):
             s = scores(ensemble_probs([got[m] for m in members]), self.val_labels)
             self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
+            self.history.drop_val_probs(er.epoch)  # scored: no longer needed
             if self.tracker is not None:
                 self.tracker.ensemble(er.epoch, s["nll"], s["accuracy"])
 

@@ -128,3 +128,57 @@ def test_ctrl_c_stops_cleanly_and_keeps_history(tmp_path, tiny_overrides):
     assert not (run_dir / "summary.json").exists()  # not mistaken for a finished run
     h = HistoryReader(run_dir / "history.sqlite")
     assert h.count("publications") >= seen
+
+
+def test_tables_summarise_thousands_of_models():
+    """A 4,096-model job's summary shows the best and the worst members, not 4,096 rows;
+    its progress display one line for the population."""
+    from rich.console import Console
+
+    from ensemble.cli.run import MAX_ROWS, progress_table, summary_table
+
+    n = 4096
+    members = [{"model": i, "accuracy": i / n, "nll": 1 - i / n, "steps": 9} for i in range(n)]
+    s = {
+        "job": "big",
+        "models": n,
+        "data": "digits",
+        "test_samples": 360,
+        "members": members,
+        "mean_member": {"accuracy": 0.5, "nll": 0.5},
+        "ensemble": {"accuracy": 0.9, "nll": 0.3},
+        "merges": 0,
+        "merges_attempted": 0,
+        "drifts": 0,
+        "rounds": 0,
+        "wall_seconds": 1.0,
+    }
+    t = summary_table(s)
+    assert t.row_count == MAX_ROWS + 1 + 2
+    con = Console(width=120, record=True)
+    con.print(t)
+    text = con.export_text()
+    assert f"… {n - MAX_ROWS} more" in text and "4095" in text and "\n│ 0 " not in text
+    p = {
+        "rounds": 1,
+        "merges_kept": 0,
+        "merges": 0,
+        "drifts": 0,
+        "publications": 5,
+        "models": [
+            {
+                "model": i,
+                "epoch": i % 2,
+                "step": 10 + i % 3,
+                "loss": 1.0,
+                "val_acc": 0.5,
+                "active": i % 4 != 0,
+            }
+            for i in range(n)
+        ],
+    }
+    t = progress_table(p, epochs=3)
+    assert t.row_count == 1
+    con.print(t)
+    text = con.export_text()
+    assert "all 4096" in text and "3072 running" in text

@@ -18,6 +18,8 @@ from rich.table import Table
 from ensemble.cli.common import app, console, fail
 from ensemble.errors import EnsembleError
 
+MAX_ROWS = 16  # beyond this many models, tables summarise the population
+
 
 def progress_table(p: dict, epochs: int) -> Table:
     t = Table(
@@ -28,7 +30,21 @@ def progress_table(p: dict, epochs: int) -> Table:
     )
     for col in ("model", "epoch", "step", "loss", "val acc", "state"):
         t.add_column(col, justify="right")
-    for m in p["models"]:
+    models = p["models"]
+    if len(models) > MAX_ROWS:  # thousands of models: one line for the whole population
+        ep = [min(m["epoch"] + 1, epochs) for m in models]
+        steps = [m["step"] for m in models]
+        running = sum(m["active"] for m in models)
+        t.add_row(
+            f"all {len(models)}",
+            f"{min(ep)}..{max(ep)}/{epochs}",
+            f"{min(steps)}..{max(steps)}",
+            f"{sum(m['loss'] for m in models) / len(models):.4f} mean",
+            f"{sum(m['val_acc'] for m in models) / len(models):.3f} mean",
+            f"{running} running",
+        )
+        return t
+    for m in models:
         t.add_row(
             str(m["model"]),
             f"{min(m['epoch'] + 1, epochs)}/{epochs}",
@@ -48,7 +64,15 @@ def summary_table(s: dict) -> Table:
     )
     for col in ("member", "test accuracy", "test NLL", "steps"):
         t.add_column(col, justify="right")
-    for m in s["members"]:
+    members = s["members"]
+    if len(members) > MAX_ROWS:  # the best and the worst; every member is in summary.json
+        ranked = sorted(members, key=lambda m: (-m["accuracy"], m["nll"]))
+        half = MAX_ROWS // 2
+        members = [*ranked[:half], None, *ranked[-half:]]
+    for m in members:
+        if m is None:
+            t.add_row(f"… {len(s['members']) - 2 * half} more", "", "", "")
+            continue
         t.add_row(str(m["model"]), f"{m['accuracy']:.4f}", f"{m['nll']:.4f}", str(m["steps"]))
     t.add_section()
     t.add_row(

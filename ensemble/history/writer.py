@@ -231,19 +231,25 @@ class HistoryWriter:
         for p in gone:
             (self.run_dir / p).unlink(missing_ok=True)
 
-    def val_probs(self, model: int, epoch: int, probs: np.ndarray) -> dict[int, np.ndarray]:
-        """Store one member's validation probabilities for an epoch; return every member's
-        stored so far for that epoch (model -> (N, C))."""
-        p = np.ascontiguousarray(probs, dtype=np.float32)
+    def val_probs(self, epoch: int, probs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Store members' validation probabilities for an epoch (model -> (N, C)), in one
+        transaction; return every member's stored so far for that epoch."""
+        rows = [
+            (m, epoch, json.dumps(p.shape), np.ascontiguousarray(p, dtype=np.float32).tobytes())
+            for m, p in probs.items()
+        ]
         with self.tx():
-            self.conn.execute(
-                "INSERT OR REPLACE INTO val_probs VALUES (?, ?, ?, ?)",
-                (model, epoch, json.dumps(p.shape), p.tobytes()),
-            )
+            self.conn.executemany("INSERT OR REPLACE INTO val_probs VALUES (?, ?, ?, ?)", rows)
         rows = self.conn.execute(
             "SELECT model, shape, probs FROM val_probs WHERE epoch = ?", (epoch,)
         )
         return {m: np.frombuffer(b, dtype=np.float32).reshape(json.loads(sh)) for m, sh, b in rows}
+
+    def drop_val_probs(self, epoch: int) -> None:
+        """An epoch's probabilities are needed only until the ensemble's score for it is
+        recorded; at 4,096 models they are 44 MB an epoch."""
+        with self.tx():
+            self.conn.execute("DELETE FROM val_probs WHERE epoch = ?", (epoch,))
 
     def metrics(self, model: int, epoch: int, split: str, loss: float, accuracy: float):
         with self.tx():
