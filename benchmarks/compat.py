@@ -1,13 +1,14 @@
 """The coordinator's per-layer Gram vs the seed's pair loop, and vs this machine's roofline.
 
-Gram: `TetherBank.gram` (one `np.matmul(X, X.T)` into a preallocated (M, M) output) over
-the bank's (M, P) float32 buffer. Pair loop: the seed's `torch.sum(a * b).item()` over the
-M (M + 1) / 2 pairs i <= j (the diagonal is needed for cosine), tethers already torch
-tensors. Roofline: memory bandwidth and matmul FLOP/s measured in the same run; the bound
-for one Gram is max(bytes / bandwidth, flops / peak), bytes = the buffer read once plus
-the (M, M) output, flops = M (M + 1) P (the symmetric product, one multiply-add per pair
-and element). BLAS runs on one thread, as in the coordinator actor (Ray sets
-OMP_NUM_THREADS=1 for a num_cpus=0 actor).
+Gram: `maths.gram` (one `np.matmul(X, X.T)` into a preallocated (M, M) output, what
+`TetherBank.gram` does when most rows changed) over the bank's (M, P) float32 buffer;
+beside it torch.mm of the same buffer, which issue 16 proposed for small M. Pair loop:
+the seed's `torch.sum(a * b).item()` over the M (M + 1) / 2 pairs i <= j (the diagonal
+is needed for cosine), tethers already torch tensors. Roofline: memory bandwidth and
+matmul FLOP/s measured in the same run; the bound for one Gram is max(bytes / bandwidth,
+flops / peak), bytes = the buffer read once plus the (M, M) output, flops = M (M + 1) P
+(the symmetric product, one multiply-add per pair and element). BLAS runs on one
+thread, as in the coordinator actor (Ray sets OMP_NUM_THREADS=1 for a num_cpus=0 actor).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from benchmarks.common import case, ratios, side_by_side, spread
+from ensemble import maths
 from ensemble.compat import TetherBank
 
 TARGET_POINT = (64, 13_000)  # ~ all tethers of the seed Net 128-64-64-10: 8192+4096+640
@@ -95,8 +97,16 @@ def one_point(m: int, p: int, roof: dict, repeats: int) -> list[dict]:
     sample = [all_pairs[i] for i in sorted(pick)]
     scale = len(all_pairs) / k  # 1.0 when every pair is timed
 
+    x = bank.buffers["t"]
+    tx = torch.from_numpy(x)
+    full = np.empty((m, m), dtype=np.float32)
     t = side_by_side(
-        {"gram": lambda: bank.gram("t"), "loop": lambda: pair_loop(rows, sample)}, repeats
+        {
+            "gram": lambda: maths.gram(x, out=full),  # what a round with every row changed does
+            "torch": lambda: torch.mm(tx, tx.T),
+            "loop": lambda: pair_loop(rows, sample),
+        },
+        repeats,
     )
     loop = [s * scale for s in t["loop"]]
     gram = t["gram"]
@@ -119,6 +129,12 @@ def one_point(m: int, p: int, roof: dict, repeats: int) -> list[dict]:
             pairs=len(all_pairs),
             pairs_timed=k,
             extrapolated=k < len(all_pairs),
+        ),
+        case(
+            point,
+            "torch.mm Gram / numpy Gram (seconds)",
+            ratios(t["torch"], gram),
+            torch_seconds=spread(t["torch"]),
         ),
         case(
             point,

@@ -84,12 +84,16 @@ class TetherBank:
 
     def compat(self, layer: str, fn: str, rows: np.ndarray, normalize: str = "none"):
         """Compatibility and squared distances among `rows` (model ids), each (k, k)."""
-        g = self.gram(layer)
+        g = self.gram(layer)  # float32; the maths below upcasts to float64 as it goes
         everyone = len(rows) == self.count and (rows == np.arange(self.count)).all()
-        g = g.astype(np.float64) if everyone else g[np.ix_(rows, rows)].astype(np.float64)
+        if not everyone:
+            g = g[np.ix_(rows, rows)]
         sq = maths.sq_dist_from_gram(g)
         c = get_compat(fn)(g)
-        del g
+        if c is g or c.dtype != np.float64:  # "dot" is the Gram itself: never write into it
+            c = c.astype(np.float64)
         if normalize == "zscore":
-            c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
-        return c, sq
+            c = maths.zscore_offdiag(c, same=sq <= SAME_TOL, out=c)
+        # the policy only tests distances against SAME_TOL and repulsion weighs them:
+        # float32 halves the largest array a round keeps per layer (67 MB at M = 4,096)
+        return c, sq.astype(np.float32)

@@ -16,7 +16,7 @@ def gram(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def cosine_from_gram(g: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    norms = np.sqrt(np.clip(np.diag(g), 0.0, None))  # (M,)
+    norms = np.sqrt(np.clip(np.diag(g).astype(np.float64), 0.0, None))  # (M,)
     out = np.outer(norms, norms)  # one (M, M) temporary: at M = 4,096 each is 134 MB
     np.maximum(out, eps, out=out)
     return np.divide(g, out, out=out)
@@ -24,8 +24,8 @@ def cosine_from_gram(g: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 def sq_dist_from_gram(g: np.ndarray) -> np.ndarray:
     """||x_i - x_j||^2 = G_ii + G_jj - 2 G_ij, clipped at 0 against rounding."""
-    d = np.diag(g).copy()
-    out = np.multiply(g, -2.0)
+    d = np.diag(g).astype(np.float64)
+    out = np.multiply(g, -2.0, dtype=np.float64)
     out += d[:, None]
     out += d[None, :]
     return np.clip(out, 0.0, None, out=out)
@@ -46,18 +46,19 @@ def rbf_from_gram(g: np.ndarray) -> np.ndarray:
     return np.exp(-sq / median_bandwidth(sq))
 
 
-def zscore_offdiag(c: np.ndarray, same: np.ndarray | None = None) -> np.ndarray:
+def zscore_offdiag(
+    c: np.ndarray, same: np.ndarray | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """Standardise off-diagonal entries (mean 0, sd 1); the diagonal is left at 0.
 
     `same` (bool, (M, M)) marks pairs whose tethers are identical (already merged): they
     are left out of the mean and sd, so one merged pair does not squash everyone else.
     The statistics are sums over the whole matrix less the diagonal and the `same` pairs,
-    so no masked copy of the M^2 entries is made.
+    so no masked copy of the M^2 entries is made. `out` may be `c` itself (float64).
     """
     m = c.shape[0]
-    out = np.zeros_like(c, dtype=np.float64)
     if m < 2:
-        return out
+        return np.zeros_like(c, dtype=np.float64) if out is None else out * 0.0
     diag = np.diag(c).astype(np.float64)
     n, s1, s2 = m * m - m, float(c.sum(dtype=np.float64) - diag.sum()), 0.0
     s2 = float(np.einsum("ij,ij->", c, c, dtype=np.float64) - (diag * diag).sum())
@@ -70,7 +71,10 @@ def zscore_offdiag(c: np.ndarray, same: np.ndarray | None = None) -> np.ndarray:
             n, s1, s2 = n - k, s1 - float(v.sum()), s2 - float((v * v).sum())
     mean = s1 / n
     sd = math.sqrt(max(s2 / n - mean * mean, 0.0))
+    if out is None:
+        out = np.empty_like(c, dtype=np.float64)
     if sd <= 1e-12 * max(1.0, abs(mean)):
+        out[...] = 0.0
         return out
     np.subtract(c, mean, out=out)
     out /= sd
@@ -107,6 +111,7 @@ def rbf_repulsion(x: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray
     a drift of rate eta moves a model at most eta of its mean distance to the others.
     """
     m = len(x)
+    sq = np.asarray(sq, dtype=np.float64)
     kern = np.exp(-sq / median_bandwidth(sq))
     np.fill_diagonal(kern, 0.0)
     r = kern.sum(axis=1, keepdims=True) * x - kern @ x

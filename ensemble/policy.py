@@ -104,11 +104,10 @@ class ThresholdPolicy(Policy):
                 ok = free & np.array([budget.counts.get((kind, int(m)), 0) < cap for m in v.models])
                 if kind == "merge":
                     passing = (v.compat > p.merge_above) & (v.sq_dist > SAME_TOL)
-                    score = -v.compat
                 else:
                     passing = v.compat < p.drift_below
-                    score = v.compat
-                pairs = greedy_matching(score, passing & ok[:, None] & ok[None, :])
+                passing &= ok[:, None] & ok[None, :]
+                pairs = greedy_matching(v.compat, passing, highest=kind == "merge")
                 sign, bound = (">", "merge_above") if kind == "merge" else ("<", "drift_below")
                 for a, b in pairs:
                     i, j, c = int(v.models[a]), int(v.models[b]), float(v.compat[a, b])
@@ -137,9 +136,12 @@ class ThresholdPolicy(Policy):
         return out
 
 
-def greedy_matching(score: np.ndarray, allowed: np.ndarray) -> list[tuple[int, int]]:
+def greedy_matching(
+    score: np.ndarray, allowed: np.ndarray, highest: bool = False
+) -> list[tuple[int, int]]:
     """The greedy matching over the allowed pairs of a symmetric (k, k) score, lowest score
-    first, ties in (row, column) order; pairs in the order greedy takes them.
+    first (highest first if `highest`), ties in (row, column) order; pairs in the order
+    greedy takes them.
 
     Greedy in a global order equals repeatedly taking every locally dominant pair, one
     that is the best left for both its models (Preis 1999), and that is array work: rank
@@ -151,7 +153,9 @@ def greedy_matching(score: np.ndarray, allowed: np.ndarray) -> list[tuple[int, i
     iu, ju = np.nonzero(np.triu(allowed, 1))  # candidates in (row, column) order
     if not len(iu):
         return []
-    order = np.argsort(score[iu, ju], kind="stable")
+    vals = score[iu, ju]
+    order = np.argsort(-vals if highest else vals, kind="stable")
+    del vals
     iu, ju, n = iu[order], ju[order], len(order)
     rank = np.full((k, k), n, dtype=np.int32 if n < 2**31 - 1 else np.int64)  # n: none
     rank[iu, ju] = rank[ju, iu] = np.arange(n)
