@@ -411,6 +411,8 @@ class Coordinator:
         compat = {layer: (v.models, v.compat) for layer, v in views.items()}
         with self.history.tx():  # the round, its instructions and new generations: one commit
             round_id = self.history.round(models.tolist(), compat, records)
+            del compat
+            views.clear()  # the matrices are recorded: free them (600 MB at M = 4,096)
             for ins, new in out:  # recorded first: nothing is sent that the history lacks
                 self.bank.write(ins.model, {ins.layer: new})
                 step = int(self.step[ins.model])
@@ -554,9 +556,8 @@ class Coordinator:
         rows = []
         for m in models:
             self.generation[m] += 1
-            rows.append(
-                (m, int(self.generation[m]), round_id, int(self.step[m]), self.bank.tethers(m))
-            )
+            tethers = {n: self.bank.row(m, n) for n in self.bank.shapes}  # views: saved now
+            rows.append((m, int(self.generation[m]), round_id, int(self.step[m]), tethers))
         self.history.generations(rows)
 
     # --- observers -----------------------------------------------------------------------
