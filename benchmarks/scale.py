@@ -14,7 +14,6 @@ and how the coordinator's round time grows with M.
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,18 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import PLAIN, case
+from ensemble.procs import peak_rss_mb
 
 SIZES = {
-    "tiny": {"jobs": [(8, 8)], "epochs": 1, "grid": [4, 8], "rounds": 2},
+    "tiny": {"jobs": [(8, 8, "default")], "epochs": 1, "grid": [4, 8], "rounds": 2},
     "default": {
-        "jobs": [(256, 64)],
+        "jobs": [(256, 64, "default")],
         "epochs": 3,
         "grid": [8, 64, 256, 1024, 4096],
         "rounds": 3,
     },
     "full": {
-        "jobs": [(256, 64), (4096, 2048)],
+        "jobs": [(256, 64, "default"), (4096, 2048, "default"), (4096, 2048, "threshold")],
         "epochs": 3,
         "grid": [8, 32, 64, 128, 256, 512, 1024, 2048, 4096],
         "rounds": 5,
@@ -112,7 +112,7 @@ def coordinator_times(m: int, rounds: int, policy: str) -> dict:
         "instructions": float(np.median(instructions)),
         "gram_seconds": min(gram),
         "gram_bound_seconds": m * (m + 1) * p / (2 * n**3 / min(mm)),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -127,21 +127,23 @@ def fresh(m: int, rounds: int, policy: str) -> dict:
         return pool.submit(coordinator_times, m, rounds, policy).result()
 
 
-def job(models: int, k: int, epochs: int, root: Path) -> dict:
-    """A real job through the driver, then a filtered history query on it from the CLI."""
+def job(models: int, k: int, epochs: int, policy: str, root: Path) -> dict:
+    """A real job through the driver, then a filtered history query on it from the CLI.
+    policy "default": the default config (no rounds on full data); "threshold": PLAIN."""
     from ensemble.config import load_config
     from ensemble.driver import run_job
 
     cfg = load_config(
         None,
         [
+            *(PLAIN if policy == "threshold" else []),
             f"models.count={models}",
             f"resources.models_per_worker={k}",
             f"train.epochs={epochs}",
-            f"job=scale-{models}",
+            f"job=scale-{models}-{policy}",
         ],
     )
-    run_dir = root / f"job{models}"
+    run_dir = root / f"job{models}-{policy}"
     t0 = time.perf_counter()
     s = run_job(cfg, run_dir)
     wall = time.perf_counter() - t0
@@ -164,12 +166,13 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
     cfg = SIZES[size]
     cases, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for models, k in cfg["jobs"]:
-            j = job(models, k, cfg["epochs"], Path(tmp))
+        for models, k, policy in cfg["jobs"]:
+            j = job(models, k, cfg["epochs"], policy, Path(tmp))
             s = j["summary"]
+            what = f"the {models}-model job ({policy})"
             cases.append(
                 case(
-                    f"a {models}-model job in stacked workers of {k}, default config",
+                    f"a {models}-model job in stacked workers of {k}, {policy} policy",
                     "completed models / asked",
                     [len(s["members"]) / models],
                     (">=", 1.0),
@@ -178,6 +181,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
                     coordinator_peak_rss_mb=s["coordinator_peak_rss_mb"],
                     rounds=s["rounds"],
                     merges=s["merges"],
+                    drifts=s["drifts"],
                     ensemble=s["ensemble"],
                     run_dir_mb=j["run_dir_mb"],
                     run_dir_files=j["files"],
@@ -185,7 +189,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
             )
             cases.append(
                 case(
-                    f"history.sqlite of the {models}-model job (MB)",
+                    f"history.sqlite of {what} (MB)",
                     "MB",
                     [j["history_mb"]],
                     ("<=", 500.0),
@@ -193,7 +197,15 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
             )
             cases.append(
                 case(
-                    f"`ensemble history --model 7` on the {models}-model job (s, a process)",
+                    f"coordinator peak RSS in {what} (MB)",
+                    "MB",
+                    [s["coordinator_peak_rss_mb"]],
+                    ("<=", 2048.0) if models >= 4096 else None,
+                )
+            )
+            cases.append(
+                case(
+                    f"`ensemble history --model 7` on {what} (s, a process)",
                     "seconds",
                     [j["query_seconds"]],
                     ("<=", 1.0),

@@ -13,7 +13,6 @@ holds once it has applied its mail.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import replace
 
@@ -26,6 +25,7 @@ from ensemble.history import HistoryWriter
 from ensemble.history.records import CoordinatorState
 from ensemble.metrics import ensemble_probs, scores
 from ensemble.policy import LayerView, PolicyParams, make_policy
+from ensemble.procs import peak_rss_mb
 from ensemble.protocol import (
     ENSEMBLE,
     EpochReport,
@@ -569,7 +569,7 @@ class Coordinator:
             "drifts": self.drifts,
             "rejected": self.rejected,
             "publications": self.publications,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "staleness": spread(self.staleness),
             "models": [
                 {
