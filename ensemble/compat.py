@@ -82,18 +82,22 @@ class TetherBank:
         dirty[:] = False
         return g
 
-    def compat(self, layer: str, fn: str, rows: np.ndarray, normalize: str = "none"):
-        """Compatibility and squared distances among `rows` (model ids), each (k, k)."""
+    def compat(
+        self, layer: str, fn: str, rows: np.ndarray, normalize: str = "none", dtype=np.float64
+    ):
+        """Compatibility and squared distances among `rows` (model ids), each (k, k),
+        computed in float64 and returned as `dtype`; at most two float64 (k, k) arrays
+        live at once (at M = 4,096 each is 134 MB)."""
         g = self.gram(layer)  # float32; the maths below upcasts to float64 as it goes
         everyone = len(rows) == self.count and (rows == np.arange(self.count)).all()
         if not everyone:
             g = g[np.ix_(rows, rows)]
         sq = maths.sq_dist_from_gram(g)
+        same = sq <= SAME_TOL
+        sq = sq.astype(dtype, copy=False)
         c = get_compat(fn)(g)
         if c is g or c.dtype != np.float64:  # "dot" is the Gram itself: never write into it
             c = c.astype(np.float64)
         if normalize == "zscore":
-            c = maths.zscore_offdiag(c, same=sq <= SAME_TOL, out=c)
-        # the policy only tests distances against SAME_TOL and repulsion weighs them:
-        # float32 halves the largest array a round keeps per layer (67 MB at M = 4,096)
-        return c, sq.astype(np.float32)
+            c = maths.zscore_offdiag(c, same=same, out=c)
+        return c.astype(dtype, copy=False), sq

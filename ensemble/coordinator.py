@@ -425,16 +425,22 @@ class Coordinator:
         return [ins for ins, _ in out]
 
     def layer_compat(self, layer: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Compatibility and squared tether distances among `rows`, each (k, k)."""
+        """Compatibility and squared tether distances among `rows`, each (k, k).
+
+        Computed in float64, kept as float32: the history stores float32, so decisions are
+        taken on the very values `--explain` shows, and a round's matrices take half the
+        memory (67 MB each per layer at M = 4,096). The policy only tests distances against
+        SAME_TOL, and repulsion upcasts them again."""
         cc = self.cfg.compat
         if self.features is None or cc.fn != "cka":
-            return self.bank.compat(layer, cc.fn, rows, cc.normalize)
-        g = self.bank.gram(layer)[np.ix_(rows, rows)].astype(np.float64)
-        sq = maths.sq_dist_from_gram(g)
-        c = self.features.compat(layer, "cosine", rows)[0]  # linear CKA
-        if cc.normalize == "zscore":
-            c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
-        return c, sq
+            return self.bank.compat(layer, cc.fn, rows, cc.normalize, dtype=np.float32)
+        else:
+            g = self.bank.gram(layer)[np.ix_(rows, rows)].astype(np.float64)
+            sq = maths.sq_dist_from_gram(g)
+            c = self.features.compat(layer, "cosine", rows)[0]  # linear CKA
+            if cc.normalize == "zscore":
+                c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
+        return c.astype(np.float32), sq.astype(np.float32)
 
     def payload(self, ins, pre, views, forces, perms) -> Instruction:
         """What the worker needs to carry out `ins`: the partner's tether (aligned, or the

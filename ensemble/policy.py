@@ -123,7 +123,7 @@ class ThresholdPolicy(Policy):
         compatibility with the others. The coordinator computes the force from the bank."""
         out = []
         k = len(v.models)
-        means = (v.compat.sum(axis=1) - np.diag(v.compat)) / max(k - 1, 1)
+        means = (v.compat.sum(axis=1, dtype=np.float64) - np.diag(v.compat)) / max(k - 1, 1)
         for a in np.flatnonzero(free).tolist():
             i = int(v.models[a])
             if not budget.allows("drift", i, i):
@@ -220,11 +220,9 @@ class PopulationPolicy(Policy):
         out = []
         for layer, v in layers.items():
             k = len(v.models)
-            for a in range(k):
-                c = float((v.compat[a].sum() - v.compat[a, a]) / max(k - 1, 1))
-                out.append(
-                    Instruction("merge", int(v.models[a]), ENSEMBLE, layer, self.rate, c, self.rule)
-                )
+            means = (v.compat.sum(axis=1, dtype=np.float64) - np.diag(v.compat)) / max(k - 1, 1)
+            for m, c in zip(v.models.tolist(), means.tolist(), strict=True):
+                out.append(Instruction("merge", m, ENSEMBLE, layer, self.rate, c, self.rule))
         return out
 
 
