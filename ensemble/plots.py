@@ -59,7 +59,7 @@ def dynamics_3d(h: HistoryReader, path: Path, model: int = 0) -> Path | None:
 
 def compat_heatmaps(h: HistoryReader, path: Path, layer: str, panels: int = 6) -> Path | None:
     """A grid of the layer's compat matrices at evenly spaced rounds."""
-    rounds = [r for r, _ in h.rounds()]
+    rounds = h.compat_rounds(layer)  # those whose matrices were kept
     picks = (
         sorted({rounds[int(i)] for i in np.linspace(0, len(rounds) - 1, panels)}) if rounds else []
     )
@@ -67,16 +67,20 @@ def compat_heatmaps(h: HistoryReader, path: Path, layer: str, panels: int = 6) -
     mats = [m for m in mats if len(m[1]) >= 2]
     if not mats:
         return None
+    stride = max(1, -(-len(mats[0][1]) // 256))  # at most 256 x 256 cells a panel
+    mats = [(r, ids[::stride], mat[::stride, ::stride]) for r, ids, mat in mats]
     vals = np.concatenate([m[np.isfinite(m)] for _, _, m in mats])
     lo, hi = float(vals.min()), float(vals.max())
     fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4), squeeze=False)
     for ax, (r, ids, mat) in zip(axes[0], mats, strict=True):
-        im = ax.imshow(mat, vmin=lo, vmax=hi, cmap="coolwarm")
-        ax.set_xticks(range(len(ids)), ids, fontsize=7)
-        ax.set_yticks(range(len(ids)), ids, fontsize=7)
+        im = ax.imshow(mat, vmin=lo, vmax=hi, cmap="coolwarm", interpolation="nearest")
+        if len(ids) <= 32:  # beyond, labels would be a smear: the axes are model order
+            ax.set_xticks(range(len(ids)), ids, fontsize=7)
+            ax.set_yticks(range(len(ids)), ids, fontsize=7)
         ax.set_title(f"round {r}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="compat")
-    fig.suptitle(f"Compatibility on {layer} over time")
+    every = f" (every {stride}th model)" if stride > 1 else ""
+    fig.suptitle(f"Compatibility on {layer} over time{every}")
     return _save(fig, path)
 
 
@@ -130,7 +134,9 @@ def orbits(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
         ax.scatter([], [], label=kind, **style)
     ax.set_xlabel("PC 1 of all tether generations")
     ax.set_ylabel("PC 2")
-    ax.set_title("Orbits: tethers over time (o start, * end)")
+    total = len(h.models())
+    some = f", {len(models)} of {total} models" if len(models) < total else ""
+    ax.set_title(f"Orbits: tethers over time (o start, * end{some})")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
@@ -177,9 +183,15 @@ def lineage_graph(h: HistoryReader, path: Path, models: list[int]) -> Path | Non
         and (d.model, d.partner, d.layer, d.round) not in undone
         and (d.partner, d.model, d.layer, d.round) not in undone
     ]
+    some = ""
+    if len(models) < len(set(h.models())):  # a sample of a large population: theirs
+        shown = set(models)
+        some = f", those of {len(shown)} sampled models"
+        decisions = [d for d in decisions if d.model in shown or d.partner in shown]
+        models = sorted(shown | {d.model for d in decisions} | {d.partner for d in decisions})
     if not decisions:
         return None
-    fig, ax = plt.subplots(figsize=(11, 0.5 * len(models) + 2.5))
+    fig, ax = plt.subplots(figsize=(11, min(0.5 * len(models) + 2.5, 24)))
     last = max(d.round for d in decisions)
     for m in models:
         ax.hlines(m, 0, last, color="0.85", lw=1, zorder=0)
@@ -200,10 +212,12 @@ def lineage_graph(h: HistoryReader, path: Path, models: list[int]) -> Path | Non
             )
             if merge:
                 ax.scatter([x] * 2, [d.model, d.partner], s=12, color=color)
-    ax.set_yticks(sorted({*models, *(d.partner for d in decisions)}))
+    ticks = sorted({*models, *(d.partner for d in decisions)})
+    if len(ticks) <= 48:
+        ax.set_yticks(ticks)
     ax.set_xlabel("round")
     ax.set_ylabel("model")
-    ax.set_title("Lineage: merges (green) and drifts (red, faint) between models")
+    ax.set_title(f"Lineage: merges (green) and drifts (red, faint) between models{some}")
     return _save(fig, path)
 
 
@@ -214,6 +228,20 @@ def curves(h: HistoryReader, path: Path) -> Path | None:
         return None
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(12, 4.5))
     models = sorted({r.model for r in rows if r.model != ENSEMBLE})
+    if len(models) > MAX_LINES:  # a population: its median and 5-95% band per epoch
+        for split, ls in (("train", ":"), ("val", "-")):
+            by_epoch: dict[int, list] = {}
+            for r in rows:
+                if r.model != ENSEMBLE and r.split == split:
+                    by_epoch.setdefault(r.epoch + 1, []).append((r.loss, r.accuracy))
+            if not by_epoch:
+                continue
+            e = sorted(by_epoch)
+            for ax, col in ((ax_l, 0), (ax_a, 1)):
+                q = np.array([np.percentile([v[col] for v in by_epoch[x]], (5, 50, 95)) for x in e])
+                ax.fill_between(e, q[:, 0], q[:, 2], alpha=0.2)
+                ax.plot(e, q[:, 1], ls, lw=1.5, label=f"{len(models)} members, {split} median")
+        models = []
     for m in models:
         for split, ls in (("train", ":"), ("val", "-")):
             pts = [
@@ -266,17 +294,28 @@ def entropy_sparsity(h: HistoryReader, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+MAX_LINES = 16  # beyond this many models, per-model pictures show an even sample
+
+
+def sample(models: list[int], n: int = MAX_LINES) -> list[int]:
+    """At most n of the models, evenly spaced over their ids."""
+    if len(models) <= n:
+        return models
+    return [models[int(i)] for i in np.linspace(0, len(models) - 1, n)]
+
+
 def plot_all(h: HistoryReader, out: Path, animate: bool = False) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    models = sorted({p.model for p in h.publications()})
+    models = h.models()
+    shown = sample(models)
     made = [
         dynamics_3d(h, out / "dynamics_3d.png", models[0] if models else 0),
         *(compat_heatmaps(h, out / f"compat_{layer}.png", layer) for layer in h.layers()),
-        orbits(h, out / "orbits.png", models),
-        lineage_graph(h, out / "lineage.png", models),
+        orbits(h, out / "orbits.png", shown),
+        lineage_graph(h, out / "lineage.png", shown),
         curves(h, out / "curves.png"),
         entropy_sparsity(h, out / "entropy_sparsity.png"),
     ]
     if animate:
-        made.append(orbit_animation(h, out / "orbits.gif", models))
+        made.append(orbit_animation(h, out / "orbits.gif", shown))
     return [p for p in made if p is not None]

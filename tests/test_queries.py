@@ -219,3 +219,36 @@ def test_cli_query_errors(run_dir, tmp_path):
         proc = cli(*args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert msg in " ".join(proc.stderr.split()), (args, proc.stderr)
+
+
+def test_plots_of_a_large_population_sample_its_models(tmp_path):
+    """300 models: per-model pictures draw an even sample of 16, the compat heatmap every
+    2nd model (at most 256 a side), the curves a band; every picture is still made."""
+    import matplotlib.image as mpimg
+
+    from ensemble.plots import MAX_LINES, plot_all, sample
+
+    assert sample(list(range(10))) == list(range(10))
+    picked = sample(list(range(300)))
+    assert len(picked) == MAX_LINES and picked[0] == 0 and picked[-1] == 299
+
+    m = 300
+    rng = np.random.default_rng(0)
+    w = HistoryWriter(tmp_path / "history.sqlite", "big", "")
+    w.publications([(i, 10, 0, 1.0, 1.0, None, None, None, None) for i in range(m)])
+    t = {i: {"fc1": rng.normal(1, 0.1, (3, 2)).astype(np.float32)} for i in range(m)}
+    w.generations([(i, 0, None, 0, t[i]) for i in range(m)])
+    c = rng.normal(size=(m, m))
+    rows = [both("merge", i, i + 1, "fc1", 1.5, 10) for i in range(0, m, 2)]
+    rid = w.round(list(range(m)), {"fc1": (list(range(m)), (c + c.T) / 2)}, sum(rows, []))
+    w.generations([(i, 1, rid, 10, {"fc1": t[i]["fc1"] + 0.1}) for i in range(m)])
+    for i in range(m):
+        for split in ("train", "val"):
+            w.metrics(i, 0, split, 1.0 + i / m, 0.5)
+            w.metrics(i, 1, split, 0.5 + i / m, 0.8)
+    w.close()
+    made = plot_all(History.open(tmp_path), tmp_path / "plots")
+    names = {p.name for p in made}
+    assert {"compat_fc1.png", "orbits.png", "lineage.png", "curves.png"} <= names
+    for p in made:
+        assert mpimg.imread(p).shape[0] > 100  # a real picture, not an empty file

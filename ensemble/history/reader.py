@@ -320,6 +320,22 @@ class HistoryReader:
             mat[pos[i], pos[j]] = mat[pos[j], pos[i]] = v
         return ids, mat
 
+    def models(self) -> list[int]:
+        """Every model that published at least once."""
+        return [
+            r
+            for (r,) in self.conn.execute("SELECT DISTINCT model FROM publications ORDER BY model")
+        ]
+
+    def compat_rounds(self, layer: str) -> list[int]:
+        """The rounds whose compat matrices on `layer` were kept (history.compat)."""
+        return [
+            r
+            for (r,) in self.conn.execute(
+                "SELECT DISTINCT round FROM compat WHERE layer = ? ORDER BY round", (layer,)
+            )
+        ]
+
     def layers(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT layer FROM compat ORDER BY layer")]
 
