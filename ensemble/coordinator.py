@@ -447,7 +447,8 @@ class Coordinator:
         virtual partner T - r of a repulsive drift, or the population's mean) and, when
         weights are shared, the difference to add to its own (see Instruction)."""
         p = self.cfg.policy
-        ins = replace(ins, share=p.share)
+        if ins.share != p.share:  # a policy's instructions default to sharing tethers
+            ins = replace(ins, share=p.share)
         own = pre[(ins.model, ins.layer)]
         if ins.partner == ENSEMBLE and ins.kind == "drift":
             if ins.layer not in forces:

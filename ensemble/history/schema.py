@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from pathlib import Path
 
@@ -94,8 +95,14 @@ def check_schema(conn: sqlite3.Connection, path: Path, readable: tuple[int, ...]
 def pack_upper(ids, mat) -> tuple[bytes, bytes]:
     """(model ids, (k, k) matrix) -> the two BLOBs of a version-2 compat row."""
     ids = np.asarray(ids, dtype=np.int32)
-    iu = np.triu_indices(len(ids), k=1)
-    return ids.tobytes(), np.asarray(mat, dtype=np.float32)[iu].tobytes()
+    return ids.tobytes(), np.asarray(mat, dtype=np.float32)[_upper(len(ids))].tobytes()
+
+
+@functools.lru_cache(maxsize=4)
+def _upper(k: int) -> np.ndarray:
+    """The (k, k) mask of the strict upper triangle; boolean indexing reads it row by row,
+    the order the BLOB keeps."""
+    return np.triu(np.ones((k, k), dtype=bool), k=1)
 
 
 def unpack_upper(ids_blob: bytes, upper_blob: bytes) -> tuple[list[int], np.ndarray]:
