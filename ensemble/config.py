@@ -20,6 +20,13 @@ from ensemble.history.retention import parse_retention
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the whole name: fullmatch
 
 
+def refuse_renamed(values: Any, key: str, why: str) -> None:
+    """A section's validator: a key an earlier release had, now renamed, is refused with
+    `why` (what replaced it), never silently ignored."""
+    if isinstance(values, dict) and key in values:
+        raise ValueError(why)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -96,11 +103,12 @@ class DataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, values: Any) -> Any:
-        if isinstance(values, dict) and "shard" in values:
-            raise ValueError(
-                "data.shard was replaced by data.partition: use data.partition=shard for "
-                "disjoint slices (shard: true) or leave data.partition=iid (shard: false)"
-            )
+        refuse_renamed(
+            values,
+            "shard",
+            "data.shard was replaced by data.partition: use data.partition=shard for "
+            "disjoint slices (shard: true) or leave data.partition=iid (shard: false)",
+        )
         if isinstance(values, dict) and "name" not in values:  # the kind the keys imply
             path = str(values.get("path") or "")
             if values.get("factory"):
@@ -184,11 +192,12 @@ class PolicyConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, values: Any) -> Any:
-        if isinstance(values, dict) and "merge" in values:
-            raise ValueError(
-                "policy.merge was replaced by policy.share: tethers stays tethers, weights "
-                "is now both (tethers and tethered weights); weights averages W alone"
-            )
+        refuse_renamed(
+            values,
+            "merge",
+            "policy.merge was replaced by policy.share: tethers stays tethers, weights "
+            "is now both (tethers and tethered weights); weights averages W alone",
+        )
         return values
 
     @model_validator(mode="after")

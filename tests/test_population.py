@@ -11,6 +11,9 @@ from ensemble.protocol import ENSEMBLE
 from tests.conftest import TINY
 from tests.helpers import assert_bank_matches, coordinator, publish, tethers_of, trainer
 
+# plain federated averaging from one shared init: every member exactly the mean each round
+FEDAVG = ("policy.name=fedavg", "model.init=shared", "policy.align=false", "policy.share=both")
+
 
 def cfg(tmp_path, *extra):
     return load_config(None, [*TINY, f"job=p-{tmp_path.name}", *extra])
@@ -30,13 +33,7 @@ def one_round(tmp_path, *extra):
 
 
 def test_a_fedavg_round_leaves_every_member_equal(tmp_path):
-    c, t, before, tethers, reply = one_round(
-        tmp_path,
-        "policy.name=fedavg",
-        "model.init=shared",
-        "policy.align=false",
-        "policy.share=both",
-    )
+    c, t, before, tethers, reply = one_round(tmp_path, *FEDAVG)
     assert {(i.kind, i.partner) for i in reply.instructions} == {("merge", ENSEMBLE)}
     assert len(reply.instructions) == 4 * len(t.layers)  # every model, every layer
     for n in t.layers:
@@ -54,10 +51,7 @@ def test_fedavg_momentum_carries_the_target_on_along_its_last_move(tmp_path):
     prep = prepare(
         cfg(
             tmp_path,
-            "policy.name=fedavg",
-            "model.init=shared",
-            "policy.align=false",
-            "policy.share=both",
+            *FEDAVG,
             f"policy.momentum={beta}",
         )
     )
@@ -157,10 +151,7 @@ def test_a_fedavg_job_ends_on_a_round_with_every_member_equal(tmp_path, groups):
     prep = prepare(
         cfg(
             tmp_path,
-            "policy.name=fedavg",
-            "model.init=shared",
-            "policy.align=false",
-            "policy.share=both",
+            *FEDAVG,
             "data.partition=shard",
             "coordinator.round_every=100000",  # no round but the job's last
         )
