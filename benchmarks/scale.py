@@ -87,7 +87,6 @@ def coordinator_times(m: int, rounds: int, policy: str) -> dict:
             times.append(time.perf_counter() - t0)
             sizes.append(path.stat().st_size + _wal(path) - before)
             c.mailbox = {i: [] for i in range(m)}
-        x = c.bank.buffers["fc1"]
         out = np.empty((m, m), dtype=np.float32)
         gram = []
         for _ in range(3):

@@ -135,10 +135,14 @@ class Coordinator:
     def exchange(self, report: StackReport) -> Reply:
         """Asynchronous mode: take in a report, run a round when one is due, hand back mail."""
         self.receive(report)
+        self.close_boundary()
+        return self.take_mail(report.models)
+
+    def close_boundary(self) -> None:
+        """At an exchange boundary: the round due there, if any, then `settle`."""
         if self.round_due():
             self.run_round()
         self.settle()
-        return self.take_mail(report.models)
 
     def receive(self, r: StackReport) -> None:
         """Record a stack's report, in one transaction, and bring the bank up to date."""
@@ -171,6 +175,8 @@ class Coordinator:
 
     def settle(self) -> None:
         """After the boundary's round: the models that finished there stop taking part."""
+        if not self.finishing:
+            return
         with self.history.tx():
             for m, step in sorted(self.finishing.items()):
                 self.finish(m, step)
@@ -295,9 +301,10 @@ class Coordinator:
             self.val_acc[m] = er.val[j][1]
         if self.val_labels is None or not models:
             return
-        got = self.history.val_probs(er.epoch, dict(zip(models, er.val_probs, strict=True)))
+        stored = self.history.val_probs(er.epoch, dict(zip(models, er.val_probs, strict=True)))
         members = [m for m in range(self.count) if m not in self.failed]
-        if set(members) <= set(got):
+        if set(members) <= stored:  # the epoch is complete: read them all once
+            got = self.history.load_val_probs(er.epoch)
             s = scores(ensemble_probs([got[m] for m in members]), self.val_labels)
             self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
             self.history.drop_val_probs(er.epoch)  # scored: no longer needed
@@ -418,7 +425,8 @@ class Coordinator:
                 step = int(self.step[ins.model])
                 self.mailbox[ins.model].append(replace(ins, round=round_id, step=step))
             self.snapshot(sorted({ins.model for ins in decided}), round_id)  # one per change
-        self.rounds += 1  # counted per instruction: once for each model a decision changes
+        self.rounds += 1
+        # counted per instruction: once for each model a decision changes
         self.merges += sum(i.kind == "merge" for i in decided)
         self.drifts += sum(i.kind == "drift" for i in decided)
         self.track()

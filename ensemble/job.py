@@ -218,9 +218,7 @@ def drive(
         reports = [t.report() for t in live]
         for r in reports:
             coord.receive(r)
-        if coord.round_due():
-            coord.run_round()
-        coord.settle()
+        coord.close_boundary()
         for t, r in zip(live, reports, strict=True):
             replies[id(t)] = coord.take_mail(r.models)
             if t.done:

@@ -58,9 +58,11 @@ def zscore_offdiag(
     """
     m = c.shape[0]
     if m < 2:
-        return np.zeros_like(c, dtype=np.float64) if out is None else out * 0.0
+        out = np.zeros_like(c, dtype=np.float64) if out is None else out
+        out[...] = 0.0
+        return out
     diag = np.diag(c).astype(np.float64)
-    n, s1, s2 = m * m - m, float(c.sum(dtype=np.float64) - diag.sum()), 0.0
+    n, s1 = m * m - m, float(c.sum(dtype=np.float64) - diag.sum())
     s2 = float(np.einsum("ij,ij->", c, c, dtype=np.float64) - (diag * diag).sum())
     if same is not None:
         off = same.copy()

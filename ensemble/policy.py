@@ -60,6 +60,12 @@ def _pair(kind: Kind, i: int, j: int, layer: str, rate: float, c: float, rule: s
     ]
 
 
+def mean_offdiag(compat: np.ndarray) -> np.ndarray:
+    """Each model's mean compatibility with the others (float64 sums)."""
+    k = len(compat)
+    return (compat.sum(axis=1, dtype=np.float64) - np.diag(compat)) / max(k - 1, 1)
+
+
 class _Budget:
     """Per-epoch caps: counts (kind, model) already spent, plus what this round adds."""
 
@@ -70,6 +76,11 @@ class _Budget:
     def allows(self, kind: str, i: int, j: int) -> bool:
         cap = self.caps[kind]
         return self.counts.get((kind, i), 0) < cap and self.counts.get((kind, j), 0) < cap
+
+    def open(self, kind: str, models: np.ndarray) -> np.ndarray:
+        """(k,) bool: which of `models` may still take an instruction of `kind`."""
+        cap = self.caps[kind]
+        return np.array([self.counts.get((kind, int(m)), 0) < cap for m in models], dtype=bool)
 
     def spend(self, kind: str, i: int, j: int) -> None:
         for m in (i, j):
@@ -100,8 +111,7 @@ class ThresholdPolicy(Policy):
             free = np.ones(k, dtype=bool)  # not matched on this layer yet
             passes = [("merge", p.alpha)] + ([("drift", p.eta)] if p.drift == "pairwise" else [])
             for kind, rate in passes:
-                cap = budget.caps[kind]
-                ok = free & np.array([budget.counts.get((kind, int(m)), 0) < cap for m in v.models])
+                ok = free & budget.open(kind, v.models)
                 if kind == "merge":
                     passing = (v.compat > p.merge_above) & (v.sq_dist > SAME_TOL)
                 else:
@@ -122,8 +132,7 @@ class ThresholdPolicy(Policy):
         """One repulsive drift per model not merged on this layer; compat is its mean
         compatibility with the others. The coordinator computes the force from the bank."""
         out = []
-        k = len(v.models)
-        means = (v.compat.sum(axis=1, dtype=np.float64) - np.diag(v.compat)) / max(k - 1, 1)
+        means = mean_offdiag(v.compat)
         for a in np.flatnonzero(free).tolist():
             i = int(v.models[a])
             if not budget.allows("drift", i, i):
@@ -213,8 +222,7 @@ class PopulationPolicy(Policy):
     def decide(self, layers, counts):
         out = []
         for layer, v in layers.items():
-            k = len(v.models)
-            means = (v.compat.sum(axis=1, dtype=np.float64) - np.diag(v.compat)) / max(k - 1, 1)
+            means = mean_offdiag(v.compat)
             for m, c in zip(v.models.tolist(), means.tolist(), strict=True):
                 out.append(Instruction("merge", m, ENSEMBLE, layer, self.rate, c, self.rule))
         return out

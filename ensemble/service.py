@@ -52,9 +52,7 @@ class CoordinatorActor:
         frontier = self.c.frontier()
         if frontier <= self.closed:
             return
-        if self.c.round_due():
-            self.c.run_round()
-        self.c.settle()
+        self.c.close_boundary()
         self.closed = frontier
         async with self._condition():
             self.changed.notify_all()

@@ -110,8 +110,6 @@ def unpack_upper(ids_blob: bytes, upper_blob: bytes) -> tuple[list[int], np.ndar
     ids = np.frombuffer(ids_blob, dtype=np.int32)
     k = len(ids)
     mat = np.full((k, k), np.nan)
-    iu = np.triu_indices(k, k=1)
-    vals = np.frombuffer(upper_blob, dtype=np.float32)
-    mat[iu] = vals
-    mat[iu[1], iu[0]] = vals
+    mat[_upper(k)] = np.frombuffer(upper_blob, dtype=np.float32)
+    mat.T[_upper(k)] = mat[_upper(k)]  # the mirror: (j, i) <- (i, j), pair by pair
     return ids.tolist(), mat

@@ -93,13 +93,18 @@ class HistoryWriter:
         if not rows:
             return 0
         now = time.time()
-        keys = [(r[0], r[1]) for r in rows]
+        by_step: dict[int, list[int]] = {}  # a report's rows share one step
+        for r in rows:
+            by_step.setdefault(r[1], []).append(r[0])
         with self.tx():
             known = sum(
                 self.conn.execute(
-                    "SELECT COUNT(*) FROM publications WHERE model = ? AND step = ?", k
+                    f"SELECT COUNT(*) FROM publications WHERE step = ? AND model IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    (step, *chunk),
                 ).fetchone()[0]
-                for k in keys
+                for step, models in by_step.items()
+                for chunk in (models[i : i + 500] for i in range(0, len(models), 500))
             )
             self.conn.executemany(
                 "INSERT INTO publications (model, step, epoch, loss, grad_norm, t,"
@@ -235,15 +240,20 @@ class HistoryWriter:
         for p in gone:
             (self.run_dir / p).unlink(missing_ok=True)
 
-    def val_probs(self, epoch: int, probs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    def val_probs(self, epoch: int, probs: dict[int, np.ndarray]) -> set[int]:
         """Store members' validation probabilities for an epoch (model -> (N, C)), in one
-        transaction; return every member's stored so far for that epoch."""
+        transaction; return which members have theirs stored for that epoch."""
         rows = [
             (m, epoch, json.dumps(p.shape), np.ascontiguousarray(p, dtype=np.float32).tobytes())
             for m, p in probs.items()
         ]
         with self.tx():
             self.conn.executemany("INSERT OR REPLACE INTO val_probs VALUES (?, ?, ?, ?)", rows)
+        q = "SELECT model FROM val_probs WHERE epoch = ?"
+        return {m for (m,) in self.conn.execute(q, (epoch,))}
+
+    def load_val_probs(self, epoch: int) -> dict[int, np.ndarray]:
+        """Every member's stored validation probabilities for an epoch, model -> (N, C)."""
         rows = self.conn.execute(
             "SELECT model, shape, probs FROM val_probs WHERE epoch = ?", (epoch,)
         )
