@@ -65,7 +65,7 @@ def test_the_cluster_workflow_with_auth_on(tmp_path, tiny_overrides):
         assert again.returncode == 2 and "already running" in again.stderr
 
         # run on it, and ask the running job's coordinator while it trains
-        sets = [a for o in [*tiny_overrides, "job=live", "train.epochs=150"] for a in ("--set", o)]
+        sets = [a for o in [*tiny_overrides, "job=live", "train.epochs=400"] for a in ("--set", o)]
         job = subprocess.Popen(
             [
                 sys.executable,
