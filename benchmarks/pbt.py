@@ -87,7 +87,8 @@ def run_pbt(cfg: dict, data, cpus_per_member: float) -> dict:
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    from ensemble.metrics import ensemble_probs, scores
+    from ensemble.evaluation import ensemble_probs
+    from ensemble.evaluation import score as scores
 
     sizes = [data.features, *cfg["hidden"], data.classes]
     t0 = time.perf_counter()

@@ -160,9 +160,10 @@ def train_and_score(overrides: list[str], dataset: str, seed: int, job: str) -> 
     GLOBAL among the overrides, the scores are those of one model, the members' plain
     average at the end (FedAvg's global model), not of their ensemble."""
     from ensemble.config import load_config
+    from ensemble.evaluation import disagreement, ece, ensemble_probs, pairwise_kl
+    from ensemble.evaluation import score as scores
     from ensemble.export import average, folded, module_of, probs_of
     from ensemble.job import drive, make_trainer, open_coordinator, prepare
-    from ensemble.metrics import disagreement, ece, ensemble_probs, pairwise_kl, scores
 
     as_global = GLOBAL in overrides
     overrides = [o for o in overrides if o != GLOBAL]

@@ -84,8 +84,7 @@ class Job:
             cfg = load_config(None, list(overrides), base=config)
         else:
             cfg = load_config(config, list(overrides))
-        check(cfg)
-        self.cfg = resolve_job(cfg)
+        self.cfg = resolve_job(check(cfg))
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.cfg.job
 
     def run(

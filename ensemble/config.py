@@ -79,10 +79,25 @@ class DataConfig(Section):
     test_fraction: float = Field(0.25, gt=0, lt=0.5)  # held out for the final summary
     # which rows each model trains on: iid, all of them (each its own shuffles); shard, a
     # disjoint random slice each; dirichlet, label-skewed slices, each class split across
-    # the models by a Dirichlet(alpha) draw. A model validates on its own slice's share of
-    # the validation split; the test split stays whole
-    partition: Literal["iid", "shard", "dirichlet"] = "iid"
+    # the models by a Dirichlet(alpha) draw; column, by client (data.member_column). A
+    # model validates and is tested (its personal score) on its own slice's share of the
+    # validation and test splits; the whole test split gives the global scores
+    partition: Literal["iid", "shard", "dirichlet", "column"] = "iid"
     alpha: float = Field(0.3, gt=0)  # dirichlet: smaller is more skewed (0.1: a class or two)
+    # csv / parquet: a column naming each row's client (site, sensor, user); each distinct
+    # value is one client, dealt to the members in turn; not a feature. Implies partition
+    # column
+    member_column: str | None = None
+    # groups of members whose data differ: member i is in group i * groups // models.count,
+    # and group g sees every split through `shift` (ensemble.groups); group 0 sees the data
+    # as loaded. Composes with every partition
+    groups: int = Field(1, ge=1)
+    # how group g differs from group 0: none; rotate, images turned by g * 90 degrees;
+    # permute_labels, a seeded permutation of the classes; permute_features, a seeded
+    # order of the feature columns. Seeded by the job's seed
+    shift: Literal["none", "rotate", "permute_labels", "permute_features"] = "none"
+    # one sample's shape as an image, [H, W] or [C, H, W] (rotate); digits' [8, 8] is built in
+    image_shape: list[int] | None = None
     data_file: str = "data_input.txt"  # text dataset: whitespace-separated floats
     labels_file: str = "labels_input.txt"  # text dataset: one integer label per sample
     samples: int = Field(3200, ge=2)  # text/synthetic: declared number of samples
@@ -109,6 +124,13 @@ class DataConfig(Section):
             "data.shard was replaced by data.partition: use data.partition=shard for "
             "disjoint slices (shard: true) or leave data.partition=iid (shard: false)",
         )
+        if isinstance(values, dict) and values.get("member_column") is not None:
+            if values.get("partition", "column") != "column":
+                raise ValueError(
+                    f"data.member_column splits the rows by client; data.partition "
+                    f"{values['partition']!r} cannot also split them (leave it unset)"
+                )
+            values = {**values, "partition": "column"}
         if isinstance(values, dict) and "name" not in values:  # the kind the keys imply
             path = str(values.get("path") or "")
             if values.get("factory"):
@@ -140,6 +162,26 @@ class DataConfig(Section):
             raise ValueError(f"data.name {self.name}: set data.{key}")
         if self.name == "npy" and self.y_path is None:
             raise ValueError("data.name npy: set data.y_path (one label per sample)")
+        if self.partition == "column" and self.member_column is None:
+            raise ValueError("data.partition column: set data.member_column (the client column)")
+        if self.member_column is not None and self.name not in ("csv", "parquet"):
+            raise ValueError(
+                f"data.member_column: only csv and parquet tables have columns; data.name "
+                f"is {self.name!r}"
+            )
+        if self.member_column is not None and self.member_column == self.label_column:
+            raise ValueError(f"data.member_column {self.member_column!r} is the label column")
+        if self.image_shape is not None and (
+            len(self.image_shape) not in (2, 3) or min(self.image_shape) < 1
+        ):
+            raise ValueError(
+                f"data.image_shape {self.image_shape}: expected [H, W] or [C, H, W] of "
+                "positive sizes"
+            )
+        if self.shift != "none" and self.groups < 2:
+            raise ValueError(
+                f"data.shift {self.shift}: shifts how groups differ; set data.groups >= 2"
+            )
         return self
 
 
@@ -164,30 +206,20 @@ class CompatConfig(Section):
     probe_size: int = Field(64, ge=4)  # cka: validation inputs in the fixed probe batch
 
 
-class PolicyConfig(Section):
-    # registry name, see ensemble.policy.POLICIES: threshold (pairs by compatibility),
-    # fedavg (everyone to the population mean), mean (a pull of rate alpha toward it),
-    # seed, none; or auto: the default of the data's regime (see AUTO below)
+class PolicyConfig(BaseModel):
+    """`policy.name` and the chosen policy's own settings, as given.
+
+    Each policy declares its settings, their defaults and checks in its own pydantic model
+    (ensemble.policy); the config stores names only and never imports the registry, so the
+    settings are validated against the policy named by `ensemble.job.check`, before any
+    work starts: a key the policy does not take is an error naming it and the keys it
+    takes. config.yaml holds them complete (`ensemble.policy.resolve`).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    # registry name, see ensemble.policy.POLICIES: fedavg, fedamp, threshold, mean, seed,
+    # none; auto: the default policy (ensemble.policy.DEFAULT)
     name: str = "auto"
-    merge_above: float = 1.0  # merge when compat > merge_above
-    drift_below: float = -1.0  # drift when compat < drift_below
-    alpha: float = Field(0.5, gt=0, le=1)  # merge rate; 0.5 is the seed's plain average
-    eta: float = Field(0.1, gt=0, le=1)  # drift rate, T_i += eta * (T_i - T_j)
-    max_merges_per_epoch: int = Field(5, ge=0)  # per model, the seed's cap
-    max_drifts_per_epoch: int = Field(5, ge=0)  # per model; drift feeds on itself otherwise
-    layers: list[str] | None = None  # layers to coordinate; None means all
-    # pairwise: drift apart from the least compatible partner; repulsive: every model drifts
-    # along the RBF-kernel repulsion from all others (SVGD), median-heuristic bandwidth
-    drift: Literal["pairwise", "repulsive"] = "repulsive"
-    # what a merge averages: tethers, the tethers only; weights, the trained weights W and
-    # biases, each model keeping its own tether (the tether as its personal adaptation);
-    # both, the tethers and the tethered weights W*T, so the merged layers compute alike
-    share: Literal["tethers", "weights", "both"] = "both"
-    align: bool = True  # match partner hidden units (weight matching) before a merge
-    guard: bool = True  # keep a merge only if the model's validation loss is no worse
-    # fedavg: server momentum (FedAvgM): the round's target is the population mean plus
-    # momentum times the target's last move; 0 is plain federated averaging
-    momentum: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -199,19 +231,6 @@ class PolicyConfig(Section):
             "is now both (tethers and tethered weights); weights averages W alone",
         )
         return values
-
-    @model_validator(mode="after")
-    def _ordered(self) -> PolicyConfig:
-        if self.drift_below > self.merge_above:
-            raise ValueError(
-                f"drift_below ({self.drift_below}) must be <= merge_above ({self.merge_above})"
-            )
-        if self.momentum and self.name not in ("fedavg", "auto"):
-            raise ValueError(
-                f"momentum ({self.momentum}) is fedavg's server momentum; policy.name "
-                f"{self.name!r} takes none (set policy.name=fedavg or momentum 0)"
-            )
-        return self
 
 
 class TriggerConfig(Section):
@@ -330,33 +349,6 @@ class HistoryConfig(Section):
         return int(v.partition(":")[2])
 
 
-# policy.name auto (the default): the settings of the regime the data puts the job in,
-# chosen on validation data only by `python -m benchmarks --only partitions --full`
-# (docs/merging.md). Keys a config or --set gives itself win.
-AUTO: dict[str, dict[str, dict[str, Any]]] = {
-    # every member trains on all the data (data.partition iid): nothing measurably pays
-    "same data": {
-        "policy": {"name": "none"},
-    },
-    # members see different data (shard, dirichlet): merging pays
-    "different data": {
-        "policy": {
-            "name": "fedavg",
-            "share": "both",
-            "align": False,
-            "guard": False,
-            "momentum": 0.3,
-        },
-        "model": {"init": "shared"},
-    },
-}
-
-
-def regime(partition: str) -> str:
-    """Which AUTO regime a data.partition is."""
-    return "same data" if partition == "iid" else "different data"
-
-
 class Config(Section):
     job: str | None = None  # run name; None picks "<data>-<timestamp>"
     seed: int = 0  # seeds data splits, inits and shuffles
@@ -386,29 +378,6 @@ class Config(Section):
             )
         return v
 
-    @model_validator(mode="before")
-    @classmethod
-    def _auto(cls, values: Any) -> Any:
-        """policy.name auto: fill in the regime's settings (AUTO), under the keys given."""
-        if not isinstance(values, dict):
-            return values
-        policy = values.get("policy")
-        if policy is None:
-            policy = {}
-        if not isinstance(policy, dict) or policy.get("name", "auto") != "auto":
-            return values
-        data = values.get("data")
-        partition = data.get("partition", "iid") if isinstance(data, dict) else "iid"
-        out = dict(values)
-        for section, keys in AUTO[regime(partition)].items():
-            given = out.get(section)
-            if given is None or isinstance(given, dict):
-                given = {
-                    k: v for k, v in (given or {}).items() if not (k == "name" and v == "auto")
-                }
-                out[section] = {**keys, **given}
-        return out
-
     @model_validator(mode="after")
     def _across(self) -> Config:
         # Names (model.preset, data.name, compat.fn, policy.name) are looked up in their
@@ -420,6 +389,11 @@ class Config(Section):
             )
         if self.tether.min >= self.tether.max:
             raise ValueError(f"tether.min ({self.tether.min}) must be < tether.max")
+        if self.data.groups > self.models.count:
+            raise ValueError(
+                f"data.groups ({self.data.groups}) must be at most models.count "
+                f"({self.models.count}): every group needs a member"
+            )
         return self
 
 
@@ -465,6 +439,12 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             )
         if i == len(parts) - 1:
             node[part] = value
+            return
+        if fields[part].annotation is PolicyConfig and i == len(parts) - 2:
+            node = node.setdefault(part, {})  # a policy's own keys: its model checks them
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+            node[parts[-1]] = value
             return
         annotation = fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

@@ -18,13 +18,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from ensemble import align, maths
+from ensemble import maths
 from ensemble.compat import SAME_TOL, TetherBank
 from ensemble.config import Config
+from ensemble.evaluation import ensemble_probs, score
+from ensemble.groups import true_groups
 from ensemble.history import HistoryWriter
 from ensemble.history.records import CoordinatorState
-from ensemble.metrics import ensemble_probs, scores
-from ensemble.policy import LayerView, PolicyParams, make_policy
+from ensemble.policy import LayerView, Population, Round, make_policy, settings_of
 from ensemble.procs import peak_rss_mb
 from ensemble.protocol import (
     ENSEMBLE,
@@ -36,19 +37,7 @@ from ensemble.protocol import (
     StackReport,
     apply_instruction,
 )
-
-
-def policy_params(cfg: Config) -> PolicyParams:
-    p = cfg.policy
-    return PolicyParams(
-        p.merge_above,
-        p.drift_below,
-        p.alpha,
-        p.eta,
-        p.max_merges_per_epoch,
-        p.max_drifts_per_epoch,
-        p.drift,
-    )
+from ensemble.targets import Pool
 
 
 class Coordinator:
@@ -76,16 +65,23 @@ class Coordinator:
         for k, (layer, tether) in enumerate(peers.values()):
             self.bank.write(m + k, {layer: tether})
             self.peer_rows.setdefault(layer, []).append(m + k)
-        self.layers = list(cfg.policy.layers or shapes)
+        settings = settings_of(cfg.policy)
+        self.layers = list(getattr(settings, "layers", None) or shapes)
         # Function space: compat from each model's probe-batch Grams, not from its tethers;
         # the bank is made on the first publication that carries them.
         self.features: TetherBank | None = None
         self.has_features = np.zeros(m, dtype=bool)
-        self.params: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # latest W*T, b
-        self.aligned: dict[tuple[int, int], list[np.ndarray]] = {}  # pair -> last alignment
-        # fedavg's server momentum, per layer: the last round's target and its velocity
-        self.server: dict[str, tuple[dict, dict, int]] = {}
-        self.policy = make_policy(cfg.policy.name, policy_params(cfg))
+        self.params: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # latest W, b
+        self.pool = Pool(self.bank, self.params, m, list(shapes))
+        population = Population(
+            m,
+            list(shapes),
+            true_groups(m, cfg.data.groups),
+            (cfg.tether.min, cfg.tether.max),
+        )
+        self.policy = make_policy(cfg, population)
+        if state.policy:  # what the policy kept, as the history last saved it
+            self.policy.restore(state.policy)
         self.history = history
         self.val_labels = val_labels
         self.tracker = None  # TensorBoard scalars (tracking.tensorboard), beside the history
@@ -117,6 +113,7 @@ class Coordinator:
         self.publications, self.rejected = state.publications, state.rejected
         self.staleness: list[int] = []
         self.finishing: dict[int, int] = {}  # model -> step: finished at this boundary
+        self.groups: list[list[int]] | None = state.groups  # what the last round saw
 
     # --- worker-facing -------------------------------------------------------------------
     def join(self, req: JoinRequest) -> Reply:
@@ -262,7 +259,14 @@ class Coordinator:
     def sync_mail(self, model: int) -> list[Instruction]:
         return [
             Instruction(
-                "sync", model, model, layer, 1.0, math.nan, "resync", self.bank.row(model, layer)
+                "sync",
+                model,
+                (model,),
+                layer,
+                1.0,
+                math.nan,
+                "resync",
+                partner_tether=self.bank.row(model, layer),
             )
             for layer in self.bank.shapes
         ]
@@ -277,6 +281,7 @@ class Coordinator:
                 rej.model,
                 rej.step,
                 partner=ins.partner,
+                group=list(ins.group),
                 layer=ins.layer,
                 round=ins.round,
                 compat=ins.compat,
@@ -305,7 +310,7 @@ class Coordinator:
         members = [m for m in range(self.count) if m not in self.failed]
         if set(members) <= stored:  # the epoch is complete: read them all once
             got = self.history.load_val_probs(er.epoch)
-            s = scores(ensemble_probs([got[m] for m in members]), self.val_labels)
+            s = score(ensemble_probs([got[m] for m in members]), self.val_labels)
             self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
             self.history.drop_val_probs(er.epoch)  # scored: no longer needed
             if self.tracker is not None:
@@ -362,75 +367,68 @@ class Coordinator:
     def run_round(self) -> list[Instruction]:
         self.since_round = 0
         eligible = self.known & self.active & ~self.quarantined
-        if self.cfg.compat.fn == "cka":  # function space: only models whose outputs we know
-            eligible &= self.has_features
+        if self.cfg.compat.fn == "cka" and self.policy.uses_compat:  # function space:
+            eligible &= self.has_features  # only models whose outputs we know
         models = np.flatnonzero(eligible)
-        views = {}
-        for layer in self.layers:  # fixed peers join the layer their tether belongs to
-            rows = np.concatenate([models, self.peer_rows.get(layer, [])]).astype(np.int64)
-            if len(rows) >= 2:
-                views[layer] = LayerView(rows, *self.layer_compat(layer, rows))
-        if not views:
+        views = self.views(models) if self.policy.uses_compat else {}
+        if len(models) < 2 and not views:
             return []
         counts = {
             (kind, int(m)): self.per_epoch.get((kind, int(m), int(self.epoch[m])), 0)
             for m in models
             for kind in ("merge", "drift")
         }
+        layers = [n for n in self.layers if n in views or not self.policy.uses_compat]
+        decided = self.policy.decide(Round(models, views, counts, self.pool, layers))
         # Peers are fixed: instructions addressed to them are not given.
-        decided = [i for i in self.policy.decide(views, counts) if i.model < self.count]
-        # Snapshot pre-round rows of everyone involved, then apply.
-        pre = {
-            (m, i.layer): self.bank.row(m, i.layer).copy()
-            for i in decided
-            for m in (i.model, i.partner)
-            if m != ENSEMBLE
-        }
+        given = [i for i in decided.instructions if i.model < self.count]
         lo, hi = self.cfg.tether.min, self.cfg.tether.max
-        out, records = [], []
-        forces: dict[str, dict[int, np.ndarray]] = {}  # layer -> model -> repulsion
-        perms: dict[tuple[int, int], list[np.ndarray] | None] = {}
-        p = self.cfg.policy
-        for ins in decided:
-            ins = self.payload(ins, pre, views, forces, perms)
-            new = apply_instruction(pre[(ins.model, ins.layer)], ins, lo, hi)
+        new = [apply_instruction(self.bank.row(i.model, i.layer), i, lo, hi) for i in given]
+        records = []
+        for ins in given:
             m = ins.model
             epoch = int(self.epoch[m])
             key = (ins.kind, m, epoch)
             self.per_epoch[key] = self.per_epoch.get(key, 0) + 1
-            records.append(
-                (
-                    ins.kind,
-                    m,
-                    ins.partner,
-                    ins.layer,
-                    ins.rate,
-                    ins.compat,
-                    ins.rule,
-                    p.merge_above,
-                    p.drift_below,
-                    int(self.step[m]),
-                    epoch,
-                    self.per_epoch.get(("merge", m, epoch), 0),
-                )
-            )
-            out.append((ins, new))
-        compat = {layer: (v.models, v.compat) for layer, v in views.items()}
+            merges = self.per_epoch.get(("merge", m, epoch), 0)
+            records.append((ins, int(self.step[m]), epoch, merges))
+        compat = decided.compat
+        if compat is None:
+            compat = {layer: (v.models, v.compat) for layer, v in views.items()}
+        groups = decided.groups if decided.groups is not None else components(models, given)
         with self.history.tx():  # the round, its instructions and new generations: one commit
-            round_id = self.history.round(models.tolist(), compat, records)
+            round_id = self.history.round(
+                models.tolist(),
+                compat,
+                records,
+                policy=self.cfg.policy.model_dump(mode="json"),
+                groups=groups,
+                state=self.policy.state(),
+            )
             del compat
             views.clear()  # the matrices are recorded: free them (600 MB at M = 4,096)
-            for ins, new in out:  # recorded first: nothing is sent that the history lacks
-                self.bank.write(ins.model, {ins.layer: new})
+            for ins, t in zip(given, new, strict=True):  # recorded first: nothing is sent
+                self.bank.write(ins.model, {ins.layer: t})  # that the history lacks
                 step = int(self.step[ins.model])
                 self.mailbox[ins.model].append(replace(ins, round=round_id, step=step))
-            self.snapshot(sorted({ins.model for ins in decided}), round_id)  # one per change
+            self.snapshot(sorted({ins.model for ins in given}), round_id)  # one per change
         self.rounds += 1
+        self.groups = groups
         # counted per instruction: once for each model a decision changes
-        self.merges += sum(i.kind == "merge" for i in decided)
-        self.drifts += sum(i.kind == "drift" for i in decided)
+        self.merges += sum(i.kind == "merge" for i in given)
+        self.drifts += sum(i.kind == "drift" for i in given)
         self.track()
-        return [ins for ins, _ in out]
+        return given
+
+    def views(self, models: np.ndarray) -> dict[str, LayerView]:
+        """Compatibility (compat.fn) among the round's models on each coordinated layer;
+        fixed peers join the layer their tether belongs to."""
+        views = {}
+        for layer in self.layers:
+            rows = np.concatenate([models, self.peer_rows.get(layer, [])]).astype(np.int64)
+            if len(rows) >= 2:
+                views[layer] = LayerView(rows, *self.layer_compat(layer, rows))
+        return views
 
     def layer_compat(self, layer: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Compatibility and squared tether distances among `rows`, each (k, k).
@@ -450,122 +448,6 @@ class Coordinator:
                 c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
         return c.astype(np.float32), sq.astype(np.float32)
 
-    def payload(self, ins, pre, views, forces, perms) -> Instruction:
-        """What the worker needs to carry out `ins`: the partner's tether (aligned, or the
-        virtual partner T - r of a repulsive drift, or the population's mean) and, when
-        weights are shared, the difference to add to its own (see Instruction)."""
-        p = self.cfg.policy
-        if ins.share != p.share:  # a policy's instructions default to sharing tethers
-            ins = replace(ins, share=p.share)
-        own = pre[(ins.model, ins.layer)]
-        if ins.partner == ENSEMBLE and ins.kind == "drift":
-            if ins.layer not in forces:
-                v = views[ins.layer]
-                r, _ = maths.rbf_repulsion(self.bank.buffers[ins.layer][v.models], v.sq_dist)
-                forces[ins.layer] = dict(zip(v.models.tolist(), r, strict=True))
-            force = forces[ins.layer][ins.model].reshape(own.shape)
-            return replace(ins, partner_tether=own - force)
-        if ins.partner == ENSEMBLE:  # a merge toward the population's mean
-            return self.toward_mean(ins, views[ins.layer], perms)
-        partner = pre[(ins.partner, ins.layer)]
-        if ins.kind != "merge" or not (p.align or p.share != "tethers"):
-            return replace(ins, partner_tether=partner)
-        mine, theirs = self.params.get(ins.model), self.params.get(ins.partner)
-        if mine is None or theirs is None or ins.partner >= self.count:
-            return replace(ins, partner_tether=partner)  # nothing published to align by
-        key = (min(ins.model, ins.partner), max(ins.model, ins.partner))
-        if p.align and key not in perms:  # units of the larger id in the smaller id's order
-            a, b = self.effective(key[0]), self.effective(key[1])
-            perms[key] = align.weight_matching(a, b, init=self.aligned.get(key))
-            self.aligned[key] = perms[key]  # the next merge of this pair starts from here
-        pm = perms.get(key)
-        if pm is not None and ins.model == key[1]:
-            pm = align.inverse(pm)
-        li = list(self.bank.shapes).index(ins.layer)  # forward order: neighbours permute too
-        src = self.effective(ins.partner) if p.share == "both" else theirs
-        w, b = src[ins.layer]
-        if pm is not None:
-            partner, w, b = (align.permute(x, li, pm) for x in (partner, w, b))
-        if p.share == "tethers":
-            return replace(ins, partner_tether=partner)
-        mw, mb = (self.effective(ins.model) if p.share == "both" else mine)[ins.layer]
-        return replace(ins, partner_tether=partner, partner_weights=(w - mw, b - mb))
-
-    def effective(self, model: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """A model's tethered weights W * T (as last reported, times its bank tether) and
-        biases, layer -> (W * T, b), in forward order: what alignment compares."""
-        return {n: (w * self.bank.row(model, n), b) for n, (w, b) in self.params[model].items()}
-
-    def toward_mean(self, ins: Instruction, v: LayerView, perms: dict) -> Instruction:
-        """A merge toward the population's mean on the layer: the mean of every model in
-        the round (aligned to one reference model when policy.align), in this model's order."""
-        p = self.cfg.policy
-        key = ("mean", ins.layer)
-        if key not in perms:
-            members = [int(m) for m in v.models if m < self.count]
-            perms[key] = self.population_mean(members, ins.layer)
-        means, order = perms[key]
-        li = list(self.bank.shapes).index(ins.layer)
-        back = order.get(ins.model)  # this model's units in the reference's order
-        to_own = (
-            (lambda x: x)
-            if back is None
-            # noqa: E731
-            else (lambda x: align.permute(x, li, align.inverse(back)))
-        )
-        tether = to_own(means["tether"])
-        if p.share == "tethers" or ins.model not in self.params:
-            return replace(ins, partner_tether=tether)
-        mw, mb = (self.effective(ins.model) if p.share == "both" else self.params[ins.model])[
-            ins.layer
-        ]
-        w, b = to_own(means["w"]), to_own(means["b"])
-        return replace(ins, partner_tether=tether, partner_weights=(w - mw, b - mb))
-
-    def population_mean(self, members: list[int], layer: str):
-        """The members' mean tether, weights and bias of `layer`, in the reference's (the
-        lowest id's) unit order; and each member's alignment to the reference."""
-        p = self.cfg.policy
-        li = list(self.bank.shapes).index(layer)
-        ref = members[0]
-        known = [m for m in members if m in self.params]
-        order: dict[int, list[np.ndarray]] = {}
-        if p.align and ref in self.params:
-            for m in known[1:]:
-                key = (ref, m)
-                order[m] = align.weight_matching(
-                    self.effective(ref), self.effective(m), init=self.aligned.get(key)
-                )
-                self.aligned[key] = order[m]
-        to_ref = lambda m, x: x if m not in order else align.permute(x, li, order[m])  # noqa: E731
-        means = {"tether": np.mean([to_ref(m, self.bank.row(m, layer)) for m in members], 0)}
-        if known and p.share != "tethers":
-            src = {m: (self.effective(m) if p.share == "both" else self.params[m]) for m in known}
-            means["w"] = np.mean([to_ref(m, src[m][layer][0]) for m in known], 0)
-            means["b"] = np.mean([to_ref(m, src[m][layer][1]) for m in known], 0)
-        return self.with_momentum(layer, ref, means), order
-
-    def with_momentum(self, layer: str, ref: int, means: dict[str, np.ndarray]):
-        """FedAvgM (Hsu et al. 2019): the round's target is g - v, with v <- beta v + (g -
-        mean), g the last round's target: the mean, carried on along the way the targets
-        have been moving. Kept in the reference model's unit order; it starts again when the
-        reference or what is shared changes (and after a restart of the coordinator)."""
-        beta = self.cfg.policy.momentum
-        if not beta:
-            return means
-        last = self.server.get(layer)
-        if last is None or last[0].keys() != means.keys() or last[2] != ref:
-            self.server[layer] = (means, {k: np.zeros_like(x) for k, x in means.items()}, ref)
-            return means
-        g, v, _ = last
-        v = {k: beta * v[k] + (g[k] - means[k]) for k in means}
-        target = {k: (g[k] - v[k]).astype(means[k].dtype) for k in means}
-        if "tether" in target:
-            lo, hi = self.cfg.tether.min, self.cfg.tether.max
-            target["tether"] = np.clip(target["tether"], lo, hi)
-        self.server[layer] = (target, v, ref)
-        return target
-
     def snapshot(self, models: list[int], round_id: int | None) -> None:
         """A new tether generation for each of `models`, in one file."""
         rows = []
@@ -584,6 +466,7 @@ class Coordinator:
             "drifts": self.drifts,
             "rejected": self.rejected,
             "publications": self.publications,
+            "groups": self.groups,
             "peak_rss_mb": peak_rss_mb(),
             "staleness": spread(self.staleness),
             "models": [
@@ -603,6 +486,28 @@ class Coordinator:
 
     def tethers(self, model: int) -> dict[str, np.ndarray]:
         return self.bank.tethers(model)
+
+
+def components(models: np.ndarray, given: list[Instruction]) -> list[list[int]]:
+    """The groups a round's merges join: connected components of its sharing graph (each
+    member linked to the members of its merge targets), among the round's models."""
+    parent = {int(m): int(m) for m in models}
+
+    def root(m: int) -> int:
+        while parent[m] != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    for ins in given:
+        if ins.kind == "merge":
+            for j in ins.group:
+                if j in parent and ins.model in parent:
+                    parent[root(j)] = root(ins.model)
+    out: dict[int, list[int]] = {}
+    for m in parent:
+        out.setdefault(root(m), []).append(m)
+    return sorted(out.values())
 
 
 def spread(xs: list[int]) -> dict | None:

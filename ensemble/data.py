@@ -8,7 +8,7 @@ train/val/test by a seeded, stratified split where the labels allow it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,20 @@ class Dataset:
     mean: np.ndarray | None = None  # standardisation of raw inputs, from the train split
     std: np.ndarray | None = None
     class_names: list[str] | None = None  # a user's labels, when they were names
+    image_shape: tuple[int, ...] | None = None  # one sample as an image (digits: 8x8)
+    # data.member_column: each row's client (0..K-1) per split (train, val, test)
+    clients: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    client_names: list[str] | None = None
+    views: int = 1  # splits stacked once per group view (ensemble.groups.pooled)
 
     @property
     def features(self) -> int:
         return int(self.x_train.shape[1])
+
+    def sizes(self) -> tuple[int, int, int]:
+        """Rows of one view of each split (train, val, test)."""
+        v = self.views
+        return len(self.y_train) // v, len(self.y_val) // v, len(self.y_test) // v
 
 
 def split(
@@ -44,7 +54,10 @@ def split(
     seed: int,
     classes: int,
     standardise: bool,
+    clients: np.ndarray | None = None,
 ) -> Dataset:
+    """Seeded train/val/test split (stratified where the labels allow); clients (N,), a
+    client id per row (data.member_column), are split along with the rows."""
     from sklearn.model_selection import train_test_split
 
     n = len(y)
@@ -54,11 +67,17 @@ def split(
         raise DataError(f"{name}: {n} samples are too few to split into train/val/test")
     # Stratify when every split can hold every class; otherwise a plain seeded shuffle.
     strat = min(n_test, n_val) >= classes and np.bincount(y, minlength=classes).min() >= 3
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=n_test, random_state=seed, stratify=y if strat else None
+    c = np.zeros(n, np.int64) if clients is None else np.asarray(clients, np.int64)
+    x_rest, x_test, y_rest, y_test, c_rest, c_test = train_test_split(
+        x, y, c, test_size=n_test, random_state=seed, stratify=y if strat else None
     )
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=n_val, random_state=seed, stratify=y_rest if strat else None
+    x_train, x_val, y_train, y_val, c_train, c_val = train_test_split(
+        x_rest,
+        y_rest,
+        c_rest,
+        test_size=n_val,
+        random_state=seed,
+        stratify=y_rest if strat else None,
     )
     mu = sd = None
     if standardise:  # statistics of the training split only
@@ -78,6 +97,7 @@ def split(
         classes,
         None if mu is None else f32(mu),
         None if sd is None else f32(sd),
+        clients=None if clients is None else (i64(c_train), i64(c_val), i64(c_test)),
     )
 
 
@@ -99,7 +119,7 @@ def load_bundled(name: str, loader: str, cfg: DataConfig, seed: int) -> Dataset:
 
 def load_digits(cfg: DataConfig, seed: int) -> Dataset:
     """sklearn's bundled 8x8 handwritten digits (1797 samples, 64 features, 10 classes)."""
-    return load_bundled("digits", "load_digits", cfg, seed)
+    return replace(load_bundled("digits", "load_digits", cfg, seed), image_shape=(8, 8))
 
 
 def load_breast_cancer(cfg: DataConfig, seed: int) -> Dataset:
@@ -206,8 +226,10 @@ def load_user(cfg: DataConfig, seed: int) -> Dataset:
         "npy": userdata.load_arrays,
         "factory": userdata.load_from_factory,
     }[cfg.name]
-    x, y, names = read(cfg)
-    d = split(cfg.name, x, y, cfg, seed, len(names), standardise=cfg.standardize)
+    x, y, names, clients = read(cfg)
+    codes, client_names = (None, None) if clients is None else clients
+    d = split(cfg.name, x, y, cfg, seed, len(names), cfg.standardize, codes)
+    d = replace(d, client_names=client_names)
     numbered = names == [str(i) for i in range(len(names))]
     return d if numbered else replace(d, class_names=names)
 
@@ -259,53 +281,87 @@ def load_peer_tethers(
 
 @dataclass(frozen=True)
 class Partition:
-    """Which rows each model sees: train[m] indexes x_train, val[m] indexes x_val."""
+    """Which rows each model sees: train[m] indexes x_train, val[m] x_val and test[m]
+    x_test (its own test rows: what its personal score is taken on). With groups whose
+    data differ, the rows are in the model's own group's block of the pooled splits."""
 
     train: list[np.ndarray]
     val: list[np.ndarray]
+    test: list[np.ndarray] = field(default_factory=list)
+    n_val: int = 0  # rows of the (pooled) validation split
+    clients: list[list[str]] | None = None  # data.member_column: each model's clients
 
     @property
     def whole(self) -> bool:
-        """Every model on every row (data.partition iid)."""
+        """Every model on every validation row (iid, no group views)."""
         return all(len(v) == self.n_val for v in self.val) and self.n_val > 0
-
-    n_val: int = 0
 
 
 def partition(cfg: DataConfig, data: Dataset, count: int, seed: int) -> Partition:
-    """Each model's rows, by data.partition (see DataConfig). Seeded: the same for every
-    run of a seed, whatever the placement."""
-    n_train, n_val = len(data.y_train), len(data.y_val)
-    if cfg.partition == "iid":
-        return Partition([np.arange(n_train)] * count, [np.arange(n_val)] * count, n_val)
+    """Each model's rows, by data.partition (see DataConfig), then moved into its group's
+    block of the pooled splits (ensemble.groups). Seeded: the same for every run of a
+    seed, whatever the placement."""
+    from ensemble.groups import group_of
+
+    n_train, n_val, n_test = data.sizes()
+    y_train, y_val, y_test = data.y_train[:n_train], data.y_val[:n_val], data.y_test[:n_test]
     rng = np.random.default_rng([seed, 7919])
-    if cfg.partition == "shard":
-        train = np.array_split(rng.permutation(n_train), count)
-        val = np.array_split(rng.permutation(n_val), count)
+    clients = None
+    if cfg.partition == "iid":
+        train, val, test = ([np.arange(n)] * count for n in (n_train, n_val, n_test))
+    elif cfg.partition == "shard":
+        train, val, test = (
+            np.array_split(rng.permutation(n), count) for n in (n_train, n_val, n_test)
+        )
+    elif cfg.partition == "column":
+        train, val, test, clients = by_client(data, count, cfg.member_column)
     else:
-        train, val = dirichlet(data, count, cfg.alpha, rng)
+        train, val, test = dirichlet((y_train, y_val, y_test), data.classes, count, cfg.alpha, rng)
     empty = [m for m in range(count) if not len(train[m]) or not len(val[m])]
     if empty:
+        why = {"dirichlet": " or a larger data.alpha", "column": " or more clients"}
         raise DataError(
             f"data.partition {cfg.partition}: {n_train} training and {n_val} validation "
             f"samples cannot give each of {count} models a share (models {empty[:5]} would "
-            "get none); use fewer models"
-            + (" or a larger data.alpha" if cfg.partition == "dirichlet" else "")
+            f"get none); use fewer models{why.get(cfg.partition, '')}"
         )
-    return Partition([np.sort(t) for t in train], [np.sort(v) for v in val], n_val)
+    if data.views > 1:  # each model reads its own group's view
+        off = [group_of(m, cfg.groups, count) for m in range(count)]
+        train, val, test = (
+            [r + off[m] * n for m, r in enumerate(rows)]
+            for rows, n in ((train, n_train), (val, n_val), (test, n_test))
+        )
+    sort = lambda rows: [np.sort(r) for r in rows]  # noqa: E731
+    return Partition(sort(train), sort(val), sort(test), len(data.y_val), clients)
 
 
-def dirichlet(data: Dataset, count: int, alpha: float, rng, min_rows: int = 8, tries: int = 200):
+def by_client(data: Dataset, count: int, column: str):
+    """data.member_column: clients dealt to members in order (client k to member k mod M),
+    so a member may hold several; each member's rows are its clients' rows of each split."""
+    names = data.client_names or []
+    if len(names) < count:
+        raise DataError(
+            f"data.member_column {column!r}: {len(names)} distinct clients, fewer than the "
+            f"{count} members (models.count); use at most {len(names)} models"
+        )
+    owner = np.arange(len(names)) % count  # client -> member
+    rows = [
+        [np.flatnonzero(owner[c] == m) for m in range(count)] for c in data.clients
+    ]  # per split
+    held = [[names[k] for k in range(len(names)) if owner[k] == m] for m in range(count)]
+    return (*rows, held)
+
+
+def dirichlet(ys, classes: int, count: int, alpha: float, rng, min_rows: int = 8, tries=200):
     """Label skew: each class's rows are split across the models in proportions drawn from
-    Dirichlet(alpha); validation rows follow the same proportions. Drawn again until every
-    model has `min_rows` training rows and a validation row (or give up: DataError)."""
-    classes = data.classes
+    Dirichlet(alpha); validation and test rows follow the same proportions (a member's own
+    distribution). Drawn again until every model has `min_rows` training rows and a
+    validation row (or give up: DataError). ys: the labels of (train, val, test)."""
     for _ in range(tries):
         props = rng.dirichlet(np.full(count, alpha), size=classes)  # (C, M)
-        train = _split_by(data.y_train, props, rng)
-        val = _split_by(data.y_val, props, rng)
+        train, val, test = (_split_by(y, props, rng) for y in ys)
         if min(len(t) for t in train) >= min_rows and min(len(v) for v in val) >= 1:
-            return train, val
+            return train, val, test
     raise DataError(
         f"data.alpha {alpha}: no Dirichlet draw in {tries} gave each of {count} models "
         f"{min_rows} training rows and a validation row; use a larger data.alpha or fewer "

@@ -100,6 +100,7 @@ def run_job(
     directory behind.
     """
     prep = prepare(cfg)  # bad config, data or peer files fail before anything is created
+    cfg = prep.cfg  # its policy made explicit: what config.yaml records
     if resume:  # continue from the run directory's checkpoints and history
         run_dir, made = check_resumable(run_dir, cfg.job), []
     else:
@@ -153,7 +154,7 @@ def run_job(
         results = unwrap(lambda: _wait_for(cfg, handles, on_progress, poll_seconds))
         progress = ray.get(coordinator.progress.remote())
         ray.get(coordinator.close.remote())
-        return finish(cfg, prep.data, run_dir, results, progress, time.time() - t0)
+        return finish(prep, run_dir, results, progress, time.time() - t0)
     except BaseException:
         if handles is not None:
             for w in handles.workers:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ensemble import align
 from ensemble.config import Config
 from ensemble.data import Dataset
-from ensemble.metrics import ensemble_probs, scores
+from ensemble.evaluation import ensemble_probs, score
 from ensemble.model import build_member, hidden_sizes, layer_names, tethered_layers
 
 LOADING = """\
@@ -130,7 +130,7 @@ def soup(
     """One model from the members `states` (model -> saved state, tethers unfolded)."""
     members = {m: folded(s) for m, s in states.items()}
     val = {
-        m: scores(probs_of(module_of(cfg, data, w), data.x_val), data.y_val)
+        m: score(probs_of(module_of(cfg, data, w), data.x_val), data.y_val)
         for m, w in members.items()
     }
     order = sorted(members, key=lambda m: (-val[m]["accuracy"], val[m]["nll"]))
@@ -143,7 +143,7 @@ def soup(
     chosen, current = [best], val[best]
     for m in order[1:]:
         trial = average([members[i] for i in [*chosen, m]])
-        s = scores(probs_of(module_of(cfg, data, trial), data.x_val), data.y_val)
+        s = score(probs_of(module_of(cfg, data, trial), data.x_val), data.y_val)
         if not greedy or (s["accuracy"] >= current["accuracy"] and s["nll"] <= current["nll"]):
             chosen, current = [*chosen, m], s
     weights = average([members[i] for i in chosen])
@@ -152,9 +152,9 @@ def soup(
         "soup": {
             "members": chosen,
             "val": current,
-            "test": scores(probs_of(module_of(cfg, data, weights), data.x_test), data.y_test),
+            "test": score(probs_of(module_of(cfg, data, weights), data.x_test), data.y_test),
         },
-        "best_member": {"model": best, "val": val[best], "test": scores(test[best], data.y_test)},
-        "ensemble": {"test": scores(ensemble_probs(list(test.values())), data.y_test)},
+        "best_member": {"model": best, "val": val[best], "test": score(test[best], data.y_test)},
+        "ensemble": {"test": score(ensemble_probs(list(test.values())), data.y_test)},
     }
     return Soup(weights, chosen, report)

@@ -15,9 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from ensemble import metrics
+from ensemble import evaluation
 from ensemble.config import Config, load_config
 from ensemble.errors import DataError, RunDirError
+from ensemble.groups import Shift, group_of, make_shift
 from ensemble.model import attach_tethers, build_member
 
 OLD_KEY = re.compile(r"layers\.(\w+)\.(?:linear\.)?(weight|bias|tether)")
@@ -56,20 +57,33 @@ def load_member(cfg: Config, features: int, classes: int, state: dict[str, np.nd
 
 
 class Ensemble:
+    """A trained ensemble: its members by model id, the input standardisation, and how
+    each member's group sees the data (data.groups, data.shift).
+
+    `predict_proba(x)`: the mean of every member's probabilities on x as given (the global
+    ensemble). `predict_proba(x, member=i)`: x as member i's group sees it (its shift
+    applied after the standardisation, as in training), through the ensemble of i's group
+    as the policy found it (the member alone when it shared with no one, or `alone`);
+    `group=g`: the found group g's ensemble. Labels are each member's own: with
+    `permute_labels`, group g's names for the classes."""
+
     def __init__(
         self,
         run_dir: Path,
         cfg: Config,
-        members: list[torch.nn.Module],
+        members: dict[int, torch.nn.Module],
         features: int,
         classes: int,
         mean: np.ndarray | None,
         std: np.ndarray | None,
     ):
         self.run_dir, self.cfg, self.members = run_dir, cfg, members
+        self.ids = sorted(members)
         self.features, self.classes = features, classes
         self.mean, self.std = mean, std
         self.class_names: list[str] | None = None
+        self.shift = Shift()
+        self.found: list[list[int]] | None = None  # the groups the policy saw last
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Ensemble:
@@ -86,11 +100,23 @@ class Ensemble:
             meta = f.metadata() or {}
         features, classes = int(meta["features"]), int(meta["classes"])
         stats = load_file(str(pre))
-        members = [load_member(cfg, features, classes, load_file(str(f))) for f in files]
+        members = {
+            int(f.stem.split("_")[1]): load_member(cfg, features, classes, load_file(str(f)))
+            for f in files
+        }
         ens = cls(run_dir, cfg, members, features, classes, stats.get("mean"), stats.get("std"))
         if "class_names" in meta:  # the labels were names: class i is class_names[i]
             ens.class_names = json.loads(meta["class_names"])
+        shape = json.loads(meta["image_shape"]) if meta.get("image_shape") else None
+        ens.shift = make_shift(cfg.data, cfg.seed, features, classes, shape)
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            ens.found = (json.loads(summary.read_text()).get("groups") or {}).get("found")
         return ens
+
+    def group_of(self, model: int) -> int:
+        """The data's group of a member (0 when the data define none)."""
+        return group_of(model, self.cfg.data.groups, self.cfg.models.count)
 
     def _prepare(self, x: np.ndarray, source: str = "input") -> torch.Tensor:
         x = np.asarray(x)
@@ -116,42 +142,75 @@ class Ensemble:
             x = (x - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
+    def chosen(self, member: int | None = None, group: int | None = None, alone=False):
+        """The member ids a prediction averages (see the class's docstring)."""
+        if member is not None and group is not None:
+            raise DataError("predict: give a member or a group, not both")
+        if member is not None:
+            if member not in self.members:
+                raise DataError(f"--member {member}: no such member; the members are {self.ids}")
+            if alone or not self.found:
+                return [member]
+            mine = next((g for g in self.found if member in g), [member])
+            return [m for m in mine if m in self.members]
+        if group is not None:
+            if not self.found:
+                raise DataError(
+                    f"--group {group}: the run records no groups (its policy found none); "
+                    "use --member"
+                )
+            if not 0 <= group < len(self.found):
+                raise DataError(
+                    f"--group {group}: the run found {len(self.found)} groups, "
+                    f"0..{len(self.found) - 1}"
+                )
+            return [m for m in self.found[group] if m in self.members]
+        return self.ids
+
     @torch.no_grad()
-    def member_probas(self, x: np.ndarray, source: str = "input") -> np.ndarray:
-        """(M, N, C) class probabilities of every member, from raw inputs."""
+    def member_probas(
+        self, x: np.ndarray, source: str = "input", ids=None, own_view: bool = False
+    ) -> np.ndarray:
+        """(M, N, C) class probabilities of the members `ids` (default all), from raw
+        inputs; own_view: each through its own group's shift."""
         t = self._prepare(x, source)
-        return np.stack([torch.softmax(m(t), 1).numpy() for m in self.members])
+        out = []
+        for m in self.ids if ids is None else ids:
+            xm = t
+            if own_view and self.shift.views > 1:
+                xm = torch.from_numpy(self.shift.x(t.numpy(), self.group_of(m)))
+            out.append(torch.softmax(self.members[m](xm), 1).numpy())
+        return np.stack(out)
 
-    def predict_proba(self, x: np.ndarray, source: str = "input") -> np.ndarray:
-        return self.member_probas(x, source).mean(0)
+    def predict_proba(
+        self,
+        x: np.ndarray,
+        source: str = "input",
+        member: int | None = None,
+        group: int | None = None,
+        alone: bool = False,
+    ) -> np.ndarray:
+        ids = self.chosen(member, group, alone)
+        own = member is not None or group is not None
+        return self.member_probas(x, source, ids, own_view=own).mean(0)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.predict_proba(x).argmax(1)
+    def predict(self, x: np.ndarray, **which) -> np.ndarray:
+        return self.predict_proba(x, **which).argmax(1)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Members and ensemble on the job's test split (rebuilt from its config and seed)."""
-        from ensemble.data import load_dataset
+        """Members and ensemble on the job's test split (rebuilt from its config and seed):
+        global and personal scores (ensemble.evaluation.population), members by id."""
+        from ensemble.data import load_dataset, partition
+        from ensemble.groups import pooled
 
-        data = load_dataset(self.cfg.data, self.cfg.seed)  # already standardised
+        data = pooled(load_dataset(self.cfg.data, self.cfg.seed), self.shift)  # standardised
+        parts = partition(self.cfg.data, data, self.cfg.models.count, self.cfg.seed)
         t = torch.from_numpy(data.x_test)
-        probs = [torch.softmax(m(t), 1).numpy() for m in self.members]
-        y = data.y_test
-
-        def score(p):
-            return {
-                "accuracy": metrics.accuracy(p, y),
-                "nll": metrics.nll(p, y),
-                "ece": metrics.ece(p, y),
-            }
-
-        return {
-            "test_samples": int(len(y)),
-            "members": [{"model": i, **score(p)} for i, p in enumerate(probs)],
-            "ensemble": score(metrics.ensemble_probs(probs)),
-            "disagreement": metrics.disagreement(probs),
-            "pairwise_kl": metrics.pairwise_kl(probs),
-        }
+        probs = {m: torch.softmax(self.members[m](t), 1).numpy() for m in self.ids}
+        own = {m: parts.test[m] for m in self.ids}
+        report = evaluation.population(probs, data.y_test, own, extra=True)
+        return {"test_samples": int(len(data.y_test)), **report}
 
 
 def read_inputs(path: Path) -> np.ndarray:

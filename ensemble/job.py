@@ -30,40 +30,43 @@ from ensemble.config import Config, dump_config, load_config
 from ensemble.coordinator import Coordinator
 from ensemble.data import DATASETS, Dataset, Partition, load_dataset, load_peer_tethers, partition
 from ensemble.errors import ConfigError, EnsembleError
+from ensemble.evaluation import ari, population
+from ensemble.groups import Shift, group_of, make_shift, pooled, true_groups
 from ensemble.history import HistoryReader, HistoryWriter
-from ensemble.metrics import ensemble_probs, scores
 from ensemble.model import PRESETS, build_member, check_module
 from ensemble.placement import groups_of
-from ensemble.policy import POLICIES
+from ensemble.policy import resolve
 from ensemble.protocol import MemberResult
 from ensemble.rundir import check_resumable, claim_run_dir, write_atomic
 from ensemble.trainer import Trainer
 
 
-def check(cfg: Config) -> None:
-    """Every name the config gives is one its registry knows; the error names the key."""
+def check(cfg: Config) -> Config:
+    """Every name the config gives is one its registry knows, and the policy's settings are
+    its own; the error names the key. Returns the config with its policy made explicit
+    (ensemble.policy.resolve): what runs, and what config.yaml records."""
     for path, value, names in [
         ("model.preset", cfg.model.preset if cfg.model.factory is None else None, PRESETS),
         ("data.name", cfg.data.name, DATASETS),
         ("compat.fn", cfg.compat.fn, COMPAT),
-        ("policy.name", cfg.policy.name, POLICIES),
     ]:
         if value is not None and value not in names:
             raise ConfigError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
+    cfg = resolve(cfg)
     if cfg.tracking.tensorboard:
         from ensemble.tracking import check_available
 
         check_available()
+    return cfg
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), saved: bool = False) -> Config:
     """`load_config`, then `check`: a config ready to run, or one error naming the source."""
     cfg = load_config(path, overrides, saved)
     try:
-        check(cfg)
+        return check(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path or 'built-in defaults'}: {e}") from None
-    return cfg
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,12 @@ class Prepared:
     """What every part of a job is built from: checked once, before anything starts."""
 
     cfg: Config
-    data: Dataset
+    data: Dataset  # as the population sees it: one block per group view (ensemble.groups)
     shapes: dict[str, tuple[int, ...]]  # tethered layer -> tether shape
-    parts: Partition  # each model's training and validation rows
+    parts: Partition  # each model's training, validation and test rows
     steps_per_epoch: int  # the same for every model
     peers: dict[str, tuple[str, np.ndarray]]  # fixed external tethers
+    shift: Shift = Shift()  # how the groups' data differ
 
     def coordinator_part(self) -> Prepared:
         """What the coordinator needs, small enough to travel inline (no training data):
@@ -89,21 +93,23 @@ class Prepared:
 
 def prepare(cfg: Config) -> Prepared:
     """Check the config, load the data and peer files: every bad input fails here."""
-    check(cfg)
+    cfg = check(cfg)
     data = load_dataset(cfg.data, cfg.seed)
+    shift = make_shift(cfg.data, cfg.seed, data.features, data.classes, data.image_shape)
     module, tethers = build_member(cfg, data.features, data.classes, 0)
     what = f"model.factory {cfg.model.factory!r}" if cfg.model.factory else "the model"
     check_module(module, torch.from_numpy(data.x_train[:2]), data.classes, what)
     shapes = {n: tuple(t.shape) for n, t in tethers.items()}
-    unknown = set(cfg.policy.layers or []) - set(shapes)
+    unknown = set(getattr(cfg.policy, "layers", None) or []) - set(shapes)
     if unknown:
         raise ConfigError(
             f"policy.layers: unknown layers {sorted(unknown)}; the model has {list(shapes)}"
         )
     peers = load_peer_tethers(cfg.peers, shapes, cfg.seed)
+    steps = steps_per_epoch(len(data.y_train), cfg.train.batch_size)  # one view's rows
+    data = pooled(data, shift)
     parts = partition(cfg.data, data, cfg.models.count, cfg.seed)
-    steps = steps_per_epoch(len(data.y_train), cfg.train.batch_size)
-    return Prepared(cfg, data, shapes, parts, steps, peers)
+    return Prepared(cfg, data, shapes, parts, steps, peers, shift)
 
 
 def make_trainer(
@@ -179,6 +185,7 @@ def run_local(
     is due, and every stack applies its reply before it trains on: the synchronous protocol.
     """
     prep = prepare(cfg)
+    cfg = prep.cfg
     run_dir = Path(run_dir)
     run_dir = check_resumable(run_dir, cfg.job) if resume else claim_run_dir(run_dir, cfg.job)[0]
     if not resume:
@@ -191,7 +198,7 @@ def run_local(
         drive(trainers, coord, {"pid": os.getpid(), "device": device}, on_progress)
         secs = time.time() - t0
         results = [r for t in trainers for r in t.results(0.0, secs)]
-        return finish(cfg, prep.data, run_dir, results, coord.progress(), time.time() - t0)
+        return finish(prep, run_dir, results, coord.progress(), time.time() - t0)
     finally:
         coord.history.close()
 
@@ -228,50 +235,60 @@ def drive(
             on_progress(coord.progress())
 
 
-def finish(
-    cfg: Config,
-    data: Dataset,
-    run_dir: Path,
-    results: list[MemberResult],
-    progress: dict,
-    wall: float,
-) -> dict:
+def finish(prep: Prepared, run_dir: Path, results: list[MemberResult], progress: dict, wall):
     """Score, save the members and write summary.json; the checkpoints go."""
-    summary = summarise(cfg, data, results, progress, wall)
-    save_members(run_dir, [r for r in results if not r.failed], data)
+    summary = summarise(prep, results, progress, wall)
+    save_members(run_dir, [r for r in results if not r.failed], prep.data)
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only resumes need them
     return summary
 
 
-def summarise(
-    cfg: Config, data: Dataset, results: list[MemberResult], progress: dict, wall: float
-) -> dict:
-    """Members that failed (a non-finite loss with on_poison=stop) are listed, not scored."""
+def summarise(prep: Prepared, results: list[MemberResult], progress: dict, wall: float) -> dict:
+    """Global and personal scores of every member and of the ensemble (see
+    ensemble.evaluation), the groups, and the coordination counts. Members that failed (a
+    non-finite loss with on_poison=stop) are listed, not scored."""
+    cfg, data = prep.cfg, prep.data
     failed = sorted(set(range(cfg.models.count)) - {r.model for r in results if not r.failed})
     results = sorted((r for r in results if not r.failed), key=lambda r: r.model)
     if not results:
         raise EnsembleError(f"every model failed (models {failed}); see the history's events")
-    probs = [r.test_probs for r in results]
-    members = [
-        {
-            "model": r.model,
+    own = {r.model: prep.parts.test[r.model] for r in results}
+    scored = population({r.model: r.test_probs for r in results}, data.y_test, own)
+    by_id = {r.model: r for r in results}
+    for m in scored["members"]:
+        r = by_id[m["model"]]
+        if prep.shift.groups > 1:
+            m["group"] = group_of(r.model, cfg.data.groups, cfg.models.count)
+        if prep.parts.clients is not None:
+            m["clients"] = prep.parts.clients[r.model]
+        m |= {
             "steps": r.steps,
-            **scores(p, data.y_test),
             "blocked_fraction": r.blocked_seconds / max(r.train_seconds, 1e-9),
             "train_seconds": round(r.train_seconds, 3),
         }
-        for r, p in zip(results, probs, strict=True)
-    ]
+    truth = true_groups(cfg.models.count, cfg.data.groups)
+    found = progress.get("groups")
     return {
         "job": cfg.job,
         "models": cfg.models.count,
         "failed": failed,
         "data": data.name,
+        "policy": cfg.policy.name,
         "test_samples": int(len(data.y_test)),
-        "ensemble": scores(ensemble_probs(probs), data.y_test),
-        "members": members,
-        "mean_member": {k: float(np.mean([m[k] for m in members])) for k in ("accuracy", "nll")},
+        # global: the global test split (every view, pooled); personal: each member on its
+        # own test rows, through its own group's shift (ensemble.evaluation)
+        "ensemble": scored["ensemble"],
+        "personal": scored["personal"],
+        "members": scored["members"],
+        "mean_member": scored["mean_member"],
+        "differ": differ(prep),
+        "groups": {
+            "true": truth,
+            "found": found,
+            "ari": None if not (truth and found) else round(ari(found, truth), 4),
+            "shift": cfg.data.shift,
+        },
         "rounds": progress["rounds"],
         # per instruction: once for each model a decision changed, per layer
         "merges": progress["merges"] - progress.get("rejected", 0),  # kept
@@ -283,6 +300,12 @@ def summarise(
         "coordinator_peak_rss_mb": round(progress["peak_rss_mb"], 1),
         "wall_seconds": round(wall, 3),
     }
+
+
+def differ(prep: Prepared) -> bool:
+    """Whether members' data differ (own shares or group views): personal scores then
+    differ from global ones, and tables show both."""
+    return prep.shift.views > 1 or prep.cfg.data.partition != "iid"
 
 
 def save_members(run_dir: Path, results: list[MemberResult], data: Dataset) -> None:
@@ -303,6 +326,7 @@ def save_members(run_dir: Path, results: list[MemberResult], data: Dataset) -> N
             "features": str(data.features),
             "classes": str(data.classes),
             **({"class_names": json.dumps(data.class_names)} if data.class_names else {}),
+            **({"image_shape": json.dumps(list(data.image_shape))} if data.image_shape else {}),
         },
     )
     shutil.rmtree(out, ignore_errors=True)

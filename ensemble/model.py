@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 from collections.abc import Callable
@@ -118,15 +119,23 @@ def build_module(cfg, features: int, classes: int) -> nn.Module:
     m = cfg.model
     if m.factory is None:
         return MLP([features, *hidden_sizes(m.preset, m.layers), classes])
+    fn = load_factory(m.factory)
+    args = factory_args(fn, m.options)[:2]
+    given = [features, classes][: len(args)]
+    call = ", ".join(
+        [
+            *(f"{a}={v!r}" for a, v in zip(args, given, strict=True)),
+            *(f"{k}={v!r}" for k, v in m.options.items()),
+        ]
+    )
     try:
-        module = load_factory(m.factory)(features, classes, **m.options)
+        module = fn(*given, **m.options)
     except ConfigError:
         raise
     except Exception as e:
-        opts = "".join(f", {k}={v!r}" for k, v in m.options.items())
         raise ConfigError(
-            f"model.factory {m.factory!r}: calling it with features={features}, "
-            f"classes={classes}{opts} failed: {type(e).__name__}: {e}"
+            f"model.factory {m.factory!r}: calling it as {getattr(fn, '__name__', 'factory')}"
+            f"({call}) failed: {type(e).__name__}: {e}"
         ) from None
     if not isinstance(module, nn.Module):
         raise ConfigError(
@@ -134,6 +143,24 @@ def build_module(cfg, features: int, classes: int) -> nn.Module:
             "torch.nn.Module"
         )
     return module
+
+
+def factory_args(fn: Callable, options: dict) -> list[str]:
+    """Which of (features, classes) a factory takes, by its signature: the positional
+    parameters that model.options does not fill, in order (`def make():` takes neither,
+    `def make(features, classes, width=64)` both). Named for the error message."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): the documented call
+        return ["features", "classes"]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return ["features", "classes"]
+    positional = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in options
+    ]
+    return positional[:2] if len(positional) >= 2 else positional
 
 
 def check_module(module: nn.Module, x: torch.Tensor, classes: int, what: str) -> None:

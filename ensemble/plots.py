@@ -14,8 +14,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ensemble.coordinator import ENSEMBLE  # noqa: E402
 from ensemble.history import HistoryReader  # noqa: E402
+from ensemble.protocol import ENSEMBLE  # noqa: E402
 
 KIND_STYLE = {
     "merge": dict(color="tab:green", marker="o"),
@@ -38,7 +38,7 @@ def dynamics_3d(h: HistoryReader, path: Path, model: int = 0) -> Path | None:
     merged = {
         d.step
         for d in h.decisions(kind="merge", model=model, pairs=False)
-        if (d.model, d.partner, d.layer, d.round) not in undone
+        if (d.model, d.layer, d.round) not in undone
     }
     x, y, z = (np.array([getattr(p, a) for p in pubs]) for a in ("probe1", "loss", "probe2"))
     epoch = np.array([p.epoch + 1 for p in pubs])
@@ -110,7 +110,7 @@ def orbits(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
     undone = h.undone()  # a merge the guard undid moved nothing: not drawn as a merge
     kinds: dict[tuple[int, int], str] = {}
     for d in h.decisions(pairs=False):
-        if (d.model, d.partner, d.layer, d.round) not in undone:
+        if (d.model, d.layer, d.round) not in undone:
             kinds[(d.model, d.round)] = (
                 "merge" if d.kind == "merge" else kinds.get((d.model, d.round), d.kind)
             )
@@ -172,52 +172,56 @@ def orbit_animation(h: HistoryReader, path: Path, models: list[int]) -> Path | N
 
 
 def lineage_graph(h: HistoryReader, path: Path, models: list[int]) -> Path | None:
-    """Models as lifelines over rounds; merges (and drifts, faint) join pairs. Repulsive
-    drifts (partner ENSEMBLE: away from all the others) join no pair and are left out, and so
-    are merges the guard undid on either side (they changed nothing)."""
+    """Models as lifelines over rounds; merges (and drifts, faint) join pairs, and a merge
+    toward a group's mean is drawn once a round per group, as a bar across its members with
+    a dot on each. Drifts away from a group (repulsive) join no pair and are left out, and
+    so are merges the guard undid on either side (they changed nothing)."""
     undone = h.undone()
-    decisions = [
-        d
-        for d in h.decisions()
-        if d.partner != ENSEMBLE
-        and (d.model, d.partner, d.layer, d.round) not in undone
-        and (d.partner, d.model, d.layer, d.round) not in undone
-    ]
+    marks: dict[tuple, tuple[str, tuple[int, ...]]] = {}  # (round, kind, members) -> drawn once
+    for d in h.decisions():
+        if d.partner is None and d.kind == "drift":
+            continue
+        members = tuple(sorted({d.model, *d.group}))
+        if any((m, d.layer, d.round) in undone for m in (d.model, d.partner) if m is not None):
+            continue
+        marks[(d.round, d.kind, members)] = (d.kind, members)
     some = ""
     if len(models) < len(set(h.models())):  # a sample of a large population: theirs
         shown = set(models)
         some = f", those of {len(shown)} sampled models"
-        decisions = [d for d in decisions if d.model in shown or d.partner in shown]
-        models = sorted(shown | {d.model for d in decisions} | {d.partner for d in decisions})
-    if not decisions:
+        marks = {k: v for k, v in marks.items() if shown & set(v[1])}
+        models = sorted(shown | {m for _, ms in marks.values() for m in ms if len(ms) == 2})
+    if not marks:
         return None
     fig, ax = plt.subplots(figsize=(11, min(0.5 * len(models) + 2.5, 24)))
-    last = max(d.round for d in decisions)
+    last = max(r for r, _, _ in marks)
     for m in models:
         ax.hlines(m, 0, last, color="0.85", lw=1, zorder=0)
     per_round: dict[int, list] = {}
-    for d in decisions:
-        per_round.setdefault(d.round, []).append(d)
-    for r, ds in per_round.items():
-        for k, d in enumerate(ds):  # spread a round's decisions so pairs stay readable
-            x = r + 0.8 * ((k + 1) / (len(ds) + 1) - 0.5)
-            merge = d.kind == "merge"
-            color = KIND_STYLE[d.kind]["color"]
+    for (r, _, _), v in marks.items():
+        per_round.setdefault(r, []).append(v)
+    for r, vs in per_round.items():
+        for k, (kind, members) in enumerate(vs):  # spread a round's marks so they stay readable
+            x = r + 0.8 * ((k + 1) / (len(vs) + 1) - 0.5)
+            merge = kind == "merge"
+            color = KIND_STYLE[kind]["color"]
             ax.plot(
                 [x, x],
-                [d.model, d.partner],
+                [min(members), max(members)],
                 color=color,
                 alpha=0.8 if merge else 0.25,
                 lw=1.5 if merge else 0.8,
             )
             if merge:
-                ax.scatter([x] * 2, [d.model, d.partner], s=12, color=color)
-    ticks = sorted({*models, *(d.partner for d in decisions)})
+                ax.scatter([x] * len(members), members, s=12, color=color)
+    ticks = sorted({*models})
     if len(ticks) <= 48:
         ax.set_yticks(ticks)
     ax.set_xlabel("round")
     ax.set_ylabel("model")
-    ax.set_title(f"Lineage: merges (green) and drifts (red, faint) between models{some}")
+    ax.set_title(
+        f"Lineage: merges (green: pairs, or a group's members) and drifts (red, faint){some}"
+    )
     return _save(fig, path)
 
 

@@ -1,19 +1,38 @@
-"""Merge/drift policies: pure functions of compatibility matrices and per-model state.
+"""Merge/drift policies: each owns its settings, computes its own targets, keeps its state.
 
-A policy sees, per layer, the compatibility among the eligible models and returns
-instructions. It does no I/O; the coordinator records and dispatches what it returns.
+A policy is a small class with no I/O (Flower's strategies, mergekit's merge methods):
+- `Settings`: its own frozen pydantic model, every key with its default and a reason. The
+  config stores `policy: {name: ..., <settings>}` as given; `resolve` validates them
+  against the policy named, so a key the policy does not take is an error naming the
+  policy and the keys it does take. `suggests`: what the policy means for other sections
+  unless the user says otherwise (FedAvg is a shared init, for instance).
+- `decide(round)`: per-layer compatibility among the round's members (and what they
+  published) in, instructions out, each carrying its target (ensemble.targets).
+- `state()` / `restore()`: what it keeps between rounds (FedAvgM's momentum, the groups
+  it sees), saved in the history with every round, so a restarted coordinator or a
+  resumed job carries on where it was.
+
+The coordinator records and dispatches what a policy returns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ensemble import targets
 from ensemble.compat import SAME_TOL
-from ensemble.protocol import ENSEMBLE, Instruction, Kind
+from ensemble.errors import ConfigError
+from ensemble.protocol import Instruction, Kind
+from ensemble.targets import Pool
+
+DEFAULT = "fedavg"  # what policy.name auto means
 
 
+# ---------------------------------------------------------------- what a policy sees
 @dataclass(frozen=True)
 class LayerView:
     """What a policy sees of one layer: compat and squared distance among `models`."""
@@ -24,39 +43,100 @@ class LayerView:
 
 
 @dataclass(frozen=True)
-class PolicyParams:
-    merge_above: float
-    drift_below: float
-    alpha: float
-    eta: float
-    max_merges_per_epoch: int
-    max_drifts_per_epoch: int
-    drift: str = "pairwise"  # or "repulsive"
+class Population:
+    """What a policy knows of the job from the start."""
+
+    count: int  # trained models; ids from `count` on are fixed peers
+    layers: list[str]  # every tethered layer, in forward order
+    true_groups: list[list[int]] | None = None  # the data's groups, when it defines them
+    tether_range: tuple[float, float] = (0.0, 2.0)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round's input: the members taking part, compatibility per coordinated layer
+    (`views`, empty for a policy that computes its own), how many instructions of each kind
+    each member has had this epoch, and what the coordinator holds of each member."""
+
+    models: np.ndarray  # (k,) trained models taking part
+    views: dict[str, LayerView]
+    counts: dict[tuple[str, int], int]
+    pool: Pool
+    layers: list[str]  # the coordinated layers
+
+
+@dataclass
+class Decided:
+    """A round's output: instructions with their targets; the compatibility it decided on
+    to record (None: the round's views); the groups it sees (None: the connected
+    components of its merges)."""
+
+    instructions: list[Instruction]
+    compat: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    groups: list[list[int]] | None = None
+
+
+# ---------------------------------------------------------------- settings
+class Settings(BaseModel):
+    """Keys every coordinating policy takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    layers: list[str] | None = None  # layers to coordinate; None: every tethered layer
+
+
+class Sharing(Settings):
+    """A policy whose merges move weights as well as tethers."""
+
+    # what a merge averages: tethers, the tethers only; weights, the trained weights W and
+    # biases, each model keeping its own tether (its personal adaptation); both, the
+    # tethers and the tethered weights W*T, so the merged layers compute alike
+    share: Literal["tethers", "weights", "both"] = "both"
+    align: bool = False  # match hidden units (weight matching) before averaging
+    guard: bool = False  # keep a merge only if the member's own validation loss is no worse
+
+
+class NoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Policy:
-    """Base: `decide` maps per-layer views and per-epoch counts to instructions."""
+    """Base: `decide` maps a round to instructions with their targets."""
 
-    name = "base"
-    coordinates = True  # False: the coordinator skips compatibility entirely
+    name: ClassVar[str] = "base"
+    Settings: ClassVar[type[BaseModel]] = Settings
+    suggests: ClassVar[dict[str, dict[str, Any]]] = {}  # other sections' defaults
+    coordinates: ClassVar[bool] = True  # False: no rounds at all
+    uses_compat: ClassVar[bool] = True  # the round's views, from compat.fn
 
-    def __init__(self, params: PolicyParams):
-        self.p = params
+    def __init__(self, settings: BaseModel, population: Population):
+        self.s = settings
+        self.population = population
 
-    def decide(
-        self, layers: dict[str, LayerView], counts: dict[tuple[str, int], int]
-    ) -> list[Instruction]:
-        """counts: (kind, model) -> instructions of that kind already this epoch.
-
-        Must not mutate its inputs."""
+    def decide(self, r: Round) -> Decided:
         raise NotImplementedError
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What the policy keeps between rounds, as named arrays (saved in the history)."""
+        return {}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Carry on from `state()` as a history saved it."""
+
+    @classmethod
+    def traits(cls, s: BaseModel) -> dict[str, bool]:
+        """What the trainer must do for it: guard merges; publish its trained weights."""
+        share = getattr(s, "share", "tethers")
+        return {
+            "guard": bool(getattr(s, "guard", False)),
+            "weights": bool(getattr(s, "align", False)) or share != "tethers",
+        }
 
 
 def _pair(kind: Kind, i: int, j: int, layer: str, rate: float, c: float, rule: str):
     """Both partners receive the instruction, each naming the other."""
     return [
-        Instruction(kind, i, j, layer, rate, c, rule),
-        Instruction(kind, j, i, layer, rate, c, rule),
+        Instruction(kind, i, (j,), layer, rate, c, rule),
+        Instruction(kind, j, (i,), layer, rate, c, rule),
     ]
 
 
@@ -83,8 +163,31 @@ class _Budget:
         return np.array([self.counts.get((kind, int(m)), 0) < cap for m in models], dtype=bool)
 
     def spend(self, kind: str, i: int, j: int) -> None:
-        for m in (i, j):
+        for m in {i, j}:
             self.counts[(kind, m)] = self.counts.get((kind, m), 0) + 1
+
+
+# ---------------------------------------------------------------- pairs
+class ThresholdSettings(Sharing):
+    merge_above: float = 1.0  # merge when compat > merge_above
+    drift_below: float = -1.0  # drift when compat < drift_below
+    alpha: float = Field(0.5, gt=0, le=1)  # merge rate; 0.5 is the seed's plain average
+    eta: float = Field(0.1, gt=0, le=1)  # drift rate, T_i += eta * (T_i - T_j)
+    max_merges_per_epoch: int = Field(5, ge=0)  # per model, the seed's cap
+    max_drifts_per_epoch: int = Field(5, ge=0)  # per model; drift feeds on itself otherwise
+    # pairwise: drift apart from the least compatible partner; repulsive: every model drifts
+    # along the RBF-kernel repulsion from all others (SVGD), median-heuristic bandwidth
+    drift: Literal["pairwise", "repulsive"] = "repulsive"
+    align: bool = True  # pairs from independent inits: match their units first
+    guard: bool = True  # keep a merge only if the member's validation loss is no worse
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThresholdSettings:
+        if self.drift_below > self.merge_above:
+            raise ValueError(
+                f"drift_below ({self.drift_below}) must be <= merge_above ({self.merge_above})"
+            )
+        return self
 
 
 class ThresholdPolicy(Policy):
@@ -94,16 +197,25 @@ class ThresholdPolicy(Policy):
     first for merges, then least compatible first for drifts. Both respect per-epoch caps.
     Pairs whose tethers are already identical are not merged again.
     With drift "repulsive", the drift pass is replaced: every model not merged on the layer
-    drifts along the RBF-kernel repulsion from all the others (partner ENSEMBLE).
+    drifts along the RBF-kernel repulsion from all the others (its group: all of them).
 
     The matching is array work (`greedy_matching`), never a Python loop over the M^2/2
     pairs; only the instructions it gives are built one by one.
     """
 
     name = "threshold"
+    Settings = ThresholdSettings
 
-    def decide(self, layers, counts):
-        p = self.p
+    def __init__(self, settings, population):
+        super().__init__(settings, population)
+        self.aligned: dict[tuple[int, int], list[np.ndarray]] = {}  # warm starts per pair
+
+    def decide(self, r: Round) -> Decided:
+        return Decided(targets.pairs(self.choose(r.views, r.counts), r, self.s, self.aligned))
+
+    def choose(self, layers: dict[str, LayerView], counts) -> list[Instruction]:
+        """The instructions, without their targets."""
+        p = self.s
         budget = _Budget(counts, {"merge": p.max_merges_per_epoch, "drift": p.max_drifts_per_epoch})
         out: list[Instruction] = []
         for layer, v in layers.items():
@@ -129,18 +241,21 @@ class ThresholdPolicy(Policy):
         return out
 
     def repulse(self, layer: str, v: LayerView, free: np.ndarray, budget: _Budget):
-        """One repulsive drift per model not merged on this layer; compat is its mean
-        compatibility with the others. The coordinator computes the force from the bank."""
+        """One repulsive drift per model not merged on this layer, away from every other
+        model of the view; compat is its mean compatibility with them."""
         out = []
         means = mean_offdiag(v.compat)
+        everyone = v.models.tolist()
         for a in np.flatnonzero(free).tolist():
             i = int(v.models[a])
             if not budget.allows("drift", i, i):
                 continue
-            budget.counts[("drift", i)] = budget.counts.get(("drift", i), 0) + 1
-            c = float(means[a])
+            budget.spend("drift", i, i)
+            others = tuple(m for m in everyone if m != i)
             out.append(
-                Instruction("drift", i, ENSEMBLE, layer, self.p.eta, c, "repulsive: rbf kernel")
+                Instruction(
+                    "drift", i, others, layer, self.s.eta, float(means[a]), "repulsive: rbf kernel"
+                )
             )
         return out
 
@@ -182,86 +297,247 @@ def greedy_matching(
     return list(zip(a[o].tolist(), b[o].tolist(), strict=True))
 
 
-class SeedPolicy(Policy):
-    """The DTNN seed's rule: average (alpha 0.5) when compat > threshold, capped per epoch.
+class SeedSettings(Settings):
+    merge_above: float = 1.0  # the seed's COMPATIBILITY_THRESHOLD, on compat.fn's scale
+    max_merges_per_epoch: int = Field(5, ge=0)  # the seed's MAX_TETHER_MERGES_PER_EPOCH
 
-    No drift and no check that the tethers differ, exactly as the seed; partners are taken in
-    index order, one per model per layer.
-    """
+
+class SeedPolicy(Policy):
+    """The DTNN seed's rule: average the tethers (rate 0.5) when compat > threshold, capped
+    per epoch. No drift and no check that the tethers differ, exactly as the seed; partners
+    are taken in index order, one per model per layer."""
 
     name = "seed"
+    Settings = SeedSettings
 
-    def decide(self, layers, counts):
-        budget = _Budget(counts, {"merge": self.p.max_merges_per_epoch})
+    def decide(self, r: Round) -> Decided:
+        budget = _Budget(r.counts, {"merge": self.s.max_merges_per_epoch})
         out: list[Instruction] = []
-        for layer, v in layers.items():
+        for layer, v in r.views.items():
             matched: set[int] = set()
             k = len(v.models)
             for a in range(k):
                 for b in range(a + 1, k):
                     i, j, c = int(v.models[a]), int(v.models[b]), float(v.compat[a, b])
-                    if i in matched or j in matched or c <= self.p.merge_above:
+                    if i in matched or j in matched or c <= self.s.merge_above:
                         continue
                     if not budget.allows("merge", i, j):
                         continue
                     matched |= {i, j}
                     budget.spend("merge", i, j)
                     out += _pair("merge", i, j, layer, 0.5, c, f"seed: compat {c:.4g} > threshold")
-        return out
+        return Decided(targets.pairs(out, r, Sharing(share="tethers"), {}))
 
 
-class PopulationPolicy(Policy):
-    """Every round, every model merges toward the population's mean on every coordinated
-    layer, at `rate` (with alignment, each model's units matched to one reference first).
-    Federated averaging is the case rate = 1. No pairs, so no per-epoch caps, and no drift;
-    `compat` records the model's mean compatibility with the others."""
-
-    rate = 1.0
-    rule = "population mean"
-
-    def decide(self, layers, counts):
-        out = []
-        for layer, v in layers.items():
-            means = mean_offdiag(v.compat)
-            for m, c in zip(v.models.tolist(), means.tolist(), strict=True):
-                out.append(Instruction("merge", m, ENSEMBLE, layer, self.rate, c, self.rule))
-        return out
+# ---------------------------------------------------------------- toward groups
+class FedAvgSettings(Sharing):
+    # server momentum (FedAvgM, Hsu et al. 2019): the round's target is the mean plus
+    # momentum times the target's last move; 0 is plain federated averaging
+    momentum: float = Field(0.0, ge=0, lt=1)
+    # population: everyone to the population's mean; groups: each member to the mean of its
+    # group of the data (data.groups): the oracle, which knows who belongs together
+    within: Literal["population", "groups"] = "population"
 
 
-class FedAvgPolicy(PopulationPolicy):
-    """Federated averaging: every round, each layer of every model <- the population mean."""
+class FedAvgPolicy(Policy):
+    """Federated averaging (McMahan et al. 2017): every round, each coordinated layer of
+    every member <- the mean of its group (the whole population, or with `within: groups`
+    the data's own groups), with server momentum when `momentum` > 0. From a shared init,
+    with no guard and no alignment, unless the settings say otherwise."""
 
     name = "fedavg"
-    rule = "fedavg: the population mean"
+    Settings = FedAvgSettings
+    suggests = {"model": {"init": "shared"}}
+    uses_compat = False
+    rate = 1.0
+
+    def __init__(self, settings, population):
+        super().__init__(settings, population)
+        self.server = targets.Momentum(settings.momentum, population.tether_range)
+
+    def groups(self, models: np.ndarray) -> list[list[int]]:
+        here = models.tolist()
+        if self.s.within == "groups" and self.population.true_groups:
+            found = [[m for m in g if m in set(here)] for g in self.population.true_groups]
+            return [g for g in found if g]
+        return [here]
+
+    def decide(self, r: Round) -> Decided:
+        groups = self.groups(r.models)
+        out = []
+        for k, group in enumerate(groups):
+            for layer in r.layers:
+                means, order = targets.group_mean(r.pool, group, layer, self.s)
+                if len(groups) == 1:  # momentum: the population's target moves on
+                    means = self.server.step(layer, group[0], means)
+                else:
+                    means = self.server.step(f"{layer}@{k}", group[0], means)
+                rule = self.rule(len(group))
+                for m in group:
+                    ins = Instruction(
+                        "merge", m, tuple(group), layer, self.rate, float("nan"), rule
+                    )
+                    out.append(targets.toward(ins, means, order, r.pool, self.s))
+        return Decided(out, compat={}, groups=groups)
+
+    def rule(self, n: int) -> str:
+        what = "its group's" if self.s.within == "groups" else "the population"
+        beta = f", momentum {self.s.momentum:g}" if self.s.momentum else ""
+        return f"fedavg: the mean of {what} {n} members{beta}"
+
+    def state(self):
+        return self.server.state()
+
+    def restore(self, state):
+        self.server.restore(state)
 
 
-class MeanPolicy(PopulationPolicy):
-    """A soft pull: each model moves `policy.alpha` of the way to the population mean."""
+class MeanSettings(Sharing):
+    alpha: float = Field(0.5, gt=0, le=1)  # how far toward the population's mean a round moves
+
+
+class MeanPolicy(FedAvgPolicy):
+    """A soft pull: each member moves `alpha` of the way to the population's mean."""
 
     name = "mean"
+    Settings = MeanSettings
 
-    def __init__(self, params: PolicyParams):
-        super().__init__(params)
-        self.rate = params.alpha
-        self.rule = f"mean: rate {params.alpha:g} toward the population mean"
+    def __init__(self, settings, population):
+        Policy.__init__(self, settings, population)
+        self.server = targets.Momentum(0.0, population.tether_range)
+        self.rate = settings.alpha
+
+    def groups(self, models):
+        return [models.tolist()]
+
+    def rule(self, n: int) -> str:
+        return f"mean: rate {self.s.alpha:g} toward the mean of {n} members"
+
+
+class FedAMPSettings(Sharing):
+    # attention: xi_ij ∝ exp(sigma * cos(w_i, w_j)) over the others j (Huang et al. 2021)
+    sigma: float = Field(5.0, gt=0)
+    # the member's own share of its personal target u_i = self_weight w_i + (1 -
+    # self_weight) sum_j xi_ij w_j (FedAMP's alpha_k); 0.5 keeps half of itself
+    self_weight: float = Field(0.5, ge=0, lt=1)
+
+
+class FedAMPPolicy(Policy):
+    """FedAMP (Huang et al., AAAI 2021): each member's target is its own personalised
+    cloud model, a similarity-weighted mean of the others' weights, with weights ∝
+    exp(sigma * cos) of their (flattened, tethered) weights; the member then moves to it.
+    One target per member: a (k, k) attention matrix times the members' weights."""
+
+    name = "fedamp"
+    Settings = FedAMPSettings
+    suggests = {"model": {"init": "shared"}}
+    uses_compat = False
+
+    def decide(self, r: Round) -> Decided:
+        group = [m for m in r.models.tolist() if m in r.pool.params]
+        if len(group) < 2:
+            return Decided([], compat={})
+        cos = targets.weight_cosine(r.pool, group, r.layers, self.s.share)  # (k, k)
+        logits = self.s.sigma * cos
+        np.fill_diagonal(logits, -np.inf)
+        xi = np.exp(logits - logits.max(1, keepdims=True))
+        xi /= xi.sum(1, keepdims=True)
+        mix = (1 - self.s.self_weight) * xi + self.s.self_weight * np.eye(len(group))
+        out = []
+        for layer in r.layers:
+            for ins in targets.mixed(r.pool, group, layer, mix, self.s, "fedamp", cos):
+                out.append(ins)
+        ids = np.asarray(group)
+        compat = {layer: (ids, cos.astype(np.float32)) for layer in r.layers}
+        return Decided(out, compat=compat, groups=[group])
 
 
 class NoPolicy(Policy):
     """Coordination off: models train independently (the baseline for every comparison)."""
 
     name = "none"
+    Settings = NoSettings
     coordinates = False
 
-    def decide(self, layers, counts):
-        return []
+    def decide(self, r):
+        return Decided([])
 
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (ThresholdPolicy, FedAvgPolicy, MeanPolicy, SeedPolicy, NoPolicy)
+    cls.name: cls
+    for cls in (ThresholdPolicy, FedAvgPolicy, MeanPolicy, FedAMPPolicy, SeedPolicy, NoPolicy)
 }
 
 
-def make_policy(name: str, params: PolicyParams) -> Policy:
+# ---------------------------------------------------------------- config resolution
+def policy_class(name: str) -> type[Policy]:
+    name = DEFAULT if name == "auto" else name
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
-    return POLICIES[name](params)
+        raise ConfigError(
+            f"policy.name: unknown name {name!r}; choose one of {sorted([*POLICIES, 'auto'])}"
+        )
+    return POLICIES[name]
+
+
+def settings_of(policy_cfg) -> BaseModel:
+    """The settings of the policy a config's `policy` section names, validated by that
+    policy's own model: an unknown key names the policy and the keys it takes."""
+    cls = policy_class(policy_cfg.name)
+    given = dict(policy_cfg.model_extra or {})
+    try:
+        return cls.Settings.model_validate(given)
+    except ValidationError as e:
+        takes = sorted(cls.Settings.model_fields)
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                parts.append(
+                    f"policy.{loc}: policy {cls.name!r} takes no key {loc!r}; it takes "
+                    f"{takes or 'no keys'}"
+                )
+            else:
+                where = f"policy.{loc}: " if loc else f"policy ({cls.name}): "
+                value = f" (got {err['input']!r})" if loc else ""
+                parts.append(f"{where}{err['msg'].removeprefix('Value error, ')}{value}")
+        raise ConfigError("; ".join(parts)) from None
+
+
+def resolve(cfg):
+    """The config with its policy made explicit: `auto` named, every setting of the policy
+    filled in with its default, and what the policy suggests for other sections applied
+    where the user gave nothing (so config.yaml says exactly what ran)."""
+    cls = policy_class(cfg.policy.name)
+    s = settings_of(cfg.policy)
+    tree = cfg.model_dump(mode="json")
+    tree["policy"] = {"name": cls.name, **s.model_dump(mode="json")}
+    for section, keys in cls.suggests.items():
+        given = getattr(cfg, section).model_fields_set
+        tree[section] |= {k: v for k, v in keys.items() if k not in given}
+    return type(cfg).model_validate(tree)
+
+
+def make_policy(cfg, population: Population) -> Policy:
+    cls = policy_class(cfg.policy.name)
+    return cls(settings_of(cfg.policy), population)
+
+
+def traits(cfg) -> dict[str, bool]:
+    """What the trainer must do for the job's policy: coordinates, guard, weights."""
+    cls = policy_class(cfg.policy.name)
+    return {"coordinates": cls.coordinates, **cls.traits(settings_of(cfg.policy))}
+
+
+__all__ = [
+    "DEFAULT",
+    "POLICIES",
+    "Decided",
+    "LayerView",
+    "Policy",
+    "Population",
+    "Round",
+    "make_policy",
+    "resolve",
+    "settings_of",
+    "traits",
+]

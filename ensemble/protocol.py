@@ -19,34 +19,38 @@ import numpy as np
 from ensemble import maths
 
 Kind = Literal["merge", "drift", "sync"]
-ENSEMBLE = -1  # partner of a repulsive drift (all other models), and the id of ensemble metrics
+ENSEMBLE = -1  # the model id of the ensemble's own metrics (never a partner)
 
 
 @dataclass(frozen=True)
 class Instruction:
-    """Coordinator -> worker: change `model`'s tether of `layer` relative to `partner`'s.
+    """Coordinator -> worker: change `model`'s tether of `layer` relative to a target.
 
-    merge: T <- (1 - rate) T + rate T_partner (unless `share` is weights: T stays).
-    drift: T <- clip(T + rate (T - T_partner)).
+    `group`: the members the target comes from. A merge moves toward their (weighted:
+    `weights`, in group order; None: equal) mean; a pair's group is its one partner; a
+    FedAvg group is the whole population (the member itself included). A drift moves away
+    from its group (one partner, or every other member: the repulsive drift).
+    merge: T <- (1 - rate) T + rate T_target (unless `share` is weights: T stays).
+    drift: T <- clip(T + rate (T - T_target)).
     sync: T <- partner_tether, the coordinator's record of this model's own tether (sent after
-    a restart or rollback, so worker and coordinator agree again; partner == model).
-    `partner_tether` is the partner's tether at decision time, so the worker needs nothing else;
-    with alignment it is already permuted into this model's unit order. A repulsive drift has
-    partner ENSEMBLE and partner_tether T - r, r the repulsion from all others; a merge with
-    partner ENSEMBLE merges toward the population's mean.
+    a restart or rollback, so worker and coordinator agree again; group == (model,)).
+    `partner_tether` is the target tether at decision time, so the worker needs nothing else;
+    with alignment it is already permuted into this model's unit order; a repulsive drift's
+    is T - r, r the repulsion from all others.
     `partner_weights` (share weights or both): what to add, times `rate`, to this model's
-    weights and bias: (partner's - its own as reported), of W (weights) or of W * T (both).
+    weights and bias: (target's - its own as reported), of W (weights) or of W * T (both).
     A difference, not a target, so the steps a model trained since it reported are kept.
     `step`: the model's step when the coordinator decided it (staleness = applied - step).
     """
 
     kind: Kind
     model: int
-    partner: int
+    group: tuple[int, ...]
     layer: str
     rate: float
     compat: float
     rule: str
+    weights: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
     partner_tether: np.ndarray | None = field(default=None, compare=False, repr=False)
     partner_weights: tuple[np.ndarray, np.ndarray] | None = field(
         default=None, compare=False, repr=False
@@ -54,6 +58,11 @@ class Instruction:
     round: int | None = field(default=None, compare=False)  # the decision round, once recorded
     step: int | None = field(default=None, compare=False)
     share: str = "tethers"  # a merge: what it averages, tethers | weights | both
+
+    @property
+    def partner(self) -> int | None:
+        """The one other member of a pair (None for a group of several)."""
+        return self.group[0] if len(self.group) == 1 and self.group[0] != self.model else None
 
 
 def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float) -> np.ndarray:

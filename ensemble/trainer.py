@@ -18,15 +18,15 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ensemble import checkpoint, maths
 from ensemble.batches import Batches
 from ensemble.config import Config
 from ensemble.data import Dataset
 from ensemble.dynamics import SurgeCollapse, activation_entropy
+from ensemble.evaluation import score
 from ensemble.model import build_member, member_seed
-from ensemble.policy import POLICIES
+from ensemble.policy import traits
 from ensemble.protocol import (
     EpochReport,
     Event,
@@ -40,11 +40,6 @@ from ensemble.protocol import (
 )
 from ensemble.stack import Stack, cross_entropy
 from ensemble.triggers import Triggers
-
-
-def needs_weights(cfg: Config) -> bool:
-    """Whether publications carry the tethered weights (alignment or weight merge)."""
-    return cfg.policy.align or cfg.policy.share != "tethers"
 
 
 class Trainer:
@@ -101,7 +96,8 @@ class Trainer:
         self.window = torch.zeros((cfg.trigger.poll_steps, self.k), device=dev)  # losses
         self.extra = torch.zeros((2, self.k), device=dev)  # the window's last step: norm, acc
         self.running = np.zeros((4, self.k))  # this epoch's: loss, accuracy, windows, steps
-        self.coordinated = POLICIES[cfg.policy.name].coordinates  # else: no features, weights
+        self.traits = traits(cfg)  # what the policy needs: coordinates, weights, guard
+        self.coordinated = self.traits["coordinates"]  # else: no features, weights
         self.filled = 0  # steps of the window trained since the last boundary
         self.last = np.full((2, self.k), np.nan)  # latest loss and gradient norm
         self.failed = np.zeros(self.k, dtype=bool)  # stopped after a non-finite loss
@@ -229,7 +225,7 @@ class Trainer:
             self.introduced[self.row[m]] = False
         mail = [ins for ins in reply.instructions if not self.failed[self.row[ins.model]]]
         merges = [ins for ins in mail if ins.kind == "merge"]
-        if not (self.cfg.policy.guard and merges):
+        if not (self.traits["guard"] and merges):
             self.apply(mail)
             return
         rows = sorted({self.row[ins.model] for ins in merges})
@@ -295,7 +291,7 @@ class Trainer:
         features = weights = None
         if len(idx) and self.coordinated and self.cfg.compat.fn == "cka":
             features = self.features(sel)
-        if len(idx) and self.coordinated and needs_weights(self.cfg):
+        if len(idx) and self.coordinated and self.traits["weights"]:
             with torch.no_grad():  # the trained weights W (not W * T) and biases
                 p = self.stack.params
                 weights = {
@@ -371,30 +367,25 @@ class Trainer:
     # --- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, probs: bool = False):
-        """(k, 2) loss and accuracy of every model on the shared x (N, ...), y (N,); with
-        probs=True also their class probabilities (k, N, C)."""
-        logits = self.stack.forward(x, shared=True)  # (k, N, C)
-        loss = cross_entropy(logits, y)
-        acc = (logits.argmax(2) == y).float().mean(1)
-        scores = torch.stack([loss, acc], 1).double().cpu().numpy()
-        if not probs:
-            return scores
-        return scores, torch.softmax(logits, 2).float().cpu().numpy()
+        """(k, 2) loss and accuracy (ensemble.evaluation.score) of every model on the shared
+        x (N, ...), y (N,); with probs=True also their class probabilities (k, N, C)."""
+        p = torch.softmax(self.stack.forward(x, shared=True), 2).float().cpu().numpy()
+        s = score(p, y.cpu().numpy())
+        scores = np.stack([s["nll"], s["accuracy"]], 1)
+        return (scores, p) if probs else scores
 
     @torch.no_grad()
     def evaluate_own_val(self) -> np.ndarray:
-        """(k, 2) loss and accuracy of each model on its own validation rows (its shard's
-        held-out part), in one pass of the stack; all of x_val when shards are not used."""
+        """(k, 2) loss and accuracy of each model on its own validation rows (its share of
+        the validation split, in its group's view), in one pass of the stack; all of x_val
+        when every model validates on all of it."""
         if self.own_val is None:
             return self.evaluate(self.x_val, self.y_val)
         index, mask = self.own_val
         logits = self.stack.forward(self.x_val[index])  # (k, V, C): each model its own rows
-        y = self.y_val[index]
-        ce = F.cross_entropy(logits.mT, y, reduction="none")  # (k, V)
-        n = mask.sum(1)
-        loss = (ce * mask).sum(1) / n
-        acc = ((logits.argmax(2) == y) & mask).sum(1) / n
-        return torch.stack([loss, acc], 1).double().cpu().numpy()
+        p = torch.softmax(logits, 2).float().cpu().numpy()
+        s = score(p, self.y_val[index].cpu().numpy(), mask.cpu().numpy())
+        return np.stack([s["nll"], s["accuracy"]], 1)
 
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

@@ -24,8 +24,9 @@ from ensemble.config import DataConfig
 from ensemble.errors import DataError
 
 
-def load_table(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """x (N, F) float64, y (N,) int64 and the class names, from a CSV or Parquet file."""
+def load_table(cfg: DataConfig):
+    """x (N, F) float64, y (N,) int64, the class names, and (data.member_column) each
+    row's client id with the clients' names (else None), from a CSV or Parquet file."""
     path = _existing(cfg.path, "data.path", f"a .{cfg.name} file")
     table = _read_csv(path) if cfg.name == "csv" else _read_parquet(path)
     names = table.column_names
@@ -36,24 +37,44 @@ def load_table(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
         )
     if table.num_rows == 0:
         raise DataError(f"{path}: no rows")
-    features = [n for n in names if n != cfg.label_column]
+    client = cfg.member_column
+    if client is not None and client not in names:
+        raise DataError(
+            f"{path}: no member column {client!r} (data.member_column); the columns are "
+            f"{names[:20]}"
+        )
+    features = [n for n in names if n not in (cfg.label_column, client)]
     if not features:
         raise DataError(f"{path}: only the label column {cfg.label_column!r}; no features")
     x = np.stack([_numeric(path, table.column(n), n) for n in features], axis=1)
     y, classes = _labels(path, table.column(cfg.label_column).to_pylist(), cfg.label_column)
-    return x, y, classes
+    clients = None if client is None else _clients(path, table.column(client).to_pylist(), client)
+    return x, y, classes, clients
 
 
-def load_arrays(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """x and y from two .npy files."""
+def _clients(path: Path, values: list, column: str) -> tuple[np.ndarray, list[str]]:
+    """Each row's client id (0..K-1) and the clients' names, in sorted order (numbers
+    numerically)."""
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            raise DataError(f"{path}: row {i + 1}, {column} is empty; expected a client name")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    distinct = sorted(set(values), key=(lambda v: float(v)) if numeric else str)
+    index = {v: k for k, v in enumerate(distinct)}
+    return np.asarray([index[v] for v in values], np.int64), [str(v) for v in distinct]
+
+
+def load_arrays(cfg: DataConfig):
+    """x and y from two .npy files, the class names, and no clients."""
     xp = _existing(cfg.x_path, "data.x_path", "a .npy file of samples")
     yp = _existing(cfg.y_path, "data.y_path", "a .npy file of labels")
     x, y = _npy(xp), _npy(yp)
-    return _checked_arrays(x, y, str(xp), str(yp))
+    return (*_checked_arrays(x, y, str(xp), str(yp)), None)
 
 
-def load_from_factory(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """x and y from the user's function (arrays or a torch Dataset)."""
+def load_from_factory(cfg: DataConfig):
+    """x and y from the user's function (arrays or a torch Dataset), the class names, and
+    no clients."""
     from ensemble.model import load_factory
 
     what = f"data.factory {cfg.factory!r}"
@@ -76,7 +97,7 @@ def load_from_factory(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str
                 f"{what}: returned {type(got).__name__}; expected (x, y) arrays or a "
                 f"Dataset of (x, y) pairs ({type(e).__name__}: {e})"
             ) from None
-    return _checked_arrays(np.asarray(x), np.asarray(y), what, what)
+    return (*_checked_arrays(np.asarray(x), np.asarray(y), what, what), None)
 
 
 # ---------------------------------------------------------------- the checks

@@ -17,6 +17,7 @@ from rich.tree import Tree
 
 from ensemble.cli.common import app, console, fail, model_in_run, output_path
 from ensemble.errors import EnsembleError
+from ensemble.history.records import members_text
 
 Source = Annotated[
     str, typer.Argument(help="A run directory (runs/<job>), or a job name together with --address")
@@ -66,8 +67,12 @@ def history(
     explain: Annotated[
         int | None, typer.Option(help="Show every input of the decision with this id")
     ] = None,
+    groups: Annotated[
+        bool, typer.Option("--groups", help="The groups the policy saw, round by round")
+    ] = False,
 ) -> None:
-    """What merged and drifted, and why: one line per pair and layer."""
+    """What merged and drifted, and why: one line per pair and layer, or per member and
+    layer for a merge toward a group (named by its members)."""
     if kind not in (None, "merge", "drift", "rejected"):
         fail(f"--kind: expected 'merge', 'drift' or 'rejected', got {kind!r}")
     fmt = "json" if as_json else fmt
@@ -75,6 +80,8 @@ def history(
         h = open_history(source, address)
         if explain is not None:
             return show_explanation(h.explain(explain), fmt)
+        if groups:
+            return show_groups(h, fmt)
         if kind == "rejected":
             return show_rejected(h, model, layer, since_step, limit, fmt)
         decisions = h.decisions(
@@ -89,14 +96,12 @@ def history(
         """A merge is kept, or rejected (undone by the guard) on one side or both."""
         if d.kind != "merge":
             return ""
-        sides = [
-            m
-            for m, p in ((d.model, d.partner), (d.partner, d.model))
-            if (m, p, d.layer, d.round) in undone
-        ]
+        sides = [m for m in (d.model, d.partner) if (m, d.layer, d.round) in undone]
         if not sides:
             return "kept"
-        return "rejected" if len(sides) == 2 or d.partner < 0 else f"rejected by {sides[0]}"
+        if d.partner is None or len(sides) == 2:
+            return "rejected"
+        return f"rejected by {sides[0]}"
 
     if fmt != "table":
         return emit([{**d.as_dict(), "outcome": outcome(d)} for d in decisions], fmt)
@@ -109,7 +114,7 @@ def history(
             str(d.id),
             str(d.round),
             d.kind,
-            f"{d.model} & {d.partner if d.partner >= 0 else 'all'}",
+            f"{d.model} & {d.partner}" if d.partner is not None else f"{d.model} → {d.target()}",
             d.layer,
             f"{d.compat:.4f}",
             str(d.step),
@@ -117,6 +122,24 @@ def history(
             outcome(d),
             d.rule,
         )
+    console.print(t)
+
+
+def show_groups(h, fmt: str) -> None:
+    """The groups the policy saw, round by round (`history --groups`)."""
+    rows = [{"round": r, "groups": g} for r, g in h.round_groups()]
+    if fmt != "table":
+        return emit(rows, fmt)
+    t = Table(title=f"groups in {len(rows)} rounds", title_justify="left")
+    for col in ("round", "groups", "members"):
+        t.add_column(col)
+    last = None
+    for r in rows:
+        g = r["groups"]
+        text = "-" if g is None else "  ".join("{" + members_text(x) + "}" for x in g)
+        changed = "" if g == last else "  (changed)" if last is not None else ""
+        t.add_row(str(r["round"]), "-" if g is None else str(len(g)), text + changed)
+        last = g
     console.print(t)
 
 
@@ -153,17 +176,38 @@ def show_explanation(x, fmt: str) -> None:
         sys.stdout.write(json.dumps(x.as_dict(), indent=1) + "\n")
         return
     d = x.decision
-    repulsive = d.partner < 0  # a drift away from every other model, partner ENSEMBLE
-    whom = "away from all the others (repulsive)" if repulsive else f"with {d.partner}"
+    if d.partner is not None:
+        whom = f"with {d.partner}"
+    elif d.kind == "drift":
+        whom = f"away from {d.target()}"
+    else:
+        whom = f"toward the {'weighted ' if d.weights else ''}mean of {d.target()}"
     console.print(
         f"[bold]instruction {d.id}[/]: {d.kind} model {d.model} {whom} "
         f"on {d.layer}, round {d.round}, step {d.step}, epoch {d.epoch + 1}"
     )
     console.print(f"rule fired: {x.rule}")
-    if repulsive:
+    if x.policy:
+        settings = ", ".join(f"{k} {v}" for k, v in x.policy.items() if k != "name")
+        console.print(f"policy {x.policy.get('name')}: {settings or 'no settings'}")
+    if d.weights:
+        pairs = ", ".join(f"{m}: {w:.3f}" for m, w in zip(d.group, d.weights, strict=True))
+        console.print(f"weights of the group's members: {pairs}")
+    if x.round_groups:
+        mine = next((g for g in x.round_groups if d.model in g), None)
+        console.print(
+            f"groups in round {d.round}: {len(x.round_groups)}"
+            + (f"; model {d.model}'s: {members_text(mine)}" if mine else "")
+        )
+    if d.partner is None and d.kind == "drift":
         console.print(
             f"rate (eta) {d.rate}; compat {d.compat:.4f} is the model's mean compatibility "
             "with the others: every model not merged on the layer drifts, whatever its compat"
+        )
+    elif d.partner is None:
+        console.print(
+            f"rate {d.rate}; compat {d.compat:.4f} is the model's mean compatibility with "
+            "the group's other members"
         )
     else:
         bound = (
@@ -180,8 +224,8 @@ def show_explanation(x, fmt: str) -> None:
         )
     if not x.compat_row:
         console.print(
-            f"round {d.round}'s compatibility matrices were not kept (history.compat); "
-            f"the decision's own compat is {d.compat:.4f}"
+            f"round {d.round}'s compatibility matrices were not kept (history.compat), or its "
+            f"policy computes none; the decision's own compat is {d.compat:.4f}"
         )
         return
     t = Table(
@@ -189,8 +233,11 @@ def show_explanation(x, fmt: str) -> None:
     )
     t.add_column("with model", justify="right")
     t.add_column("compat", justify="right")
+    group = set(d.group)
     for other, v in x.compat_row.items():
-        mark = "  <- partner" if other == d.partner else ""
+        mark = (
+            "  <- partner" if other == d.partner else "  <- in its group" if other in group else ""
+        )
         t.add_row(str(other), f"{v:.4f}{mark}")
     console.print(t)
 
@@ -392,22 +439,42 @@ def evaluate(
     if as_json:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
         return
-    t = Table(title=f"{run_dir}: {report['test_samples']} test samples", title_justify="left")
-    for col in ("member", "accuracy", "NLL", "ECE"):
+    t = Table(
+        title=f"{run_dir}: {report['test_samples']} global test samples", title_justify="left"
+    )
+    personal = any(
+        m["personal_nll"] != m["nll"] or m["personal_accuracy"] != m["accuracy"]
+        for m in report["members"]
+    )
+    cols = ["member", "accuracy", "NLL", "ECE"]
+    if personal:
+        cols += ["personal accuracy", "personal NLL"]
+    for col in cols:
         t.add_column(col, justify="right")
     for m in report["members"]:
-        t.add_row(str(m["model"]), f"{m['accuracy']:.4f}", f"{m['nll']:.4f}", f"{m['ece']:.4f}")
+        own = [f"{m['personal_accuracy']:.4f}", f"{m['personal_nll']:.4f}"] if personal else []
+        t.add_row(
+            str(m["model"]), f"{m['accuracy']:.4f}", f"{m['nll']:.4f}", f"{m['ece']:.4f}", *own
+        )
     e = report["ensemble"]
     t.add_section()
+    p = report["personal"]
     t.add_row(
         "[bold]ensemble",
         f"[bold]{e['accuracy']:.4f}",
         f"[bold]{e['nll']:.4f}",
         f"[bold]{e['ece']:.4f}",
+        *([f"[bold]{p['accuracy']:.4f}", f"[bold]{p['nll']:.4f}"] if personal else []),
     )
     t.caption = (
         f"diversity: mean pairwise disagreement {report['disagreement']:.4f}, "
         f"mean pairwise KL {report['pairwise_kl']:.4f}"
+        + (
+            "\nglobal: on the whole test split (every group's view); personal: each member on "
+            "its own test rows, seen through its group's shift (the ensemble's: their mean)"
+            if personal
+            else ""
+        )
     )
     console.print(t)
 
@@ -417,15 +484,30 @@ def predict(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
     input: Annotated[Path, typer.Option("--input", help="x.npy, x.csv or x.txt, a row each")],
     output: Annotated[Path, typer.Option("--output", help="CSV: p0..pC-1 and label")],
+    member: Annotated[
+        int | None,
+        typer.Option(
+            help="As this member's group sees the inputs (its data.shift applied), through "
+            "the ensemble of the group the policy found it in"
+        ),
+    ] = None,
+    group: Annotated[
+        int | None, typer.Option(help="Through the ensemble of this found group (summary.json)")
+    ] = None,
+    alone: Annotated[
+        bool, typer.Option(help="With --member: that member by itself, not its group")
+    ] = False,
 ) -> None:
-    """Class probabilities and labels for new inputs (raw features, as in the dataset)."""
+    """Class probabilities and labels for new inputs (raw features, as in the dataset). With
+    no --member or --group: the whole ensemble, on the inputs as given."""
     from ensemble.inference import Ensemble, read_inputs
     from ensemble.rundir import open_run_dir, write_atomic
 
     output_path(output, "predictions")
     try:
         ens = Ensemble.load(open_run_dir(run_dir))
-        probs = ens.predict_proba(read_inputs(input), source=str(input))
+        x = read_inputs(input)
+        probs = ens.predict_proba(x, str(input), member=member, group=group, alone=alone)
     except EnsembleError as e:
         fail(str(e))
     text = io.StringIO()
@@ -436,7 +518,14 @@ def predict(
         c = int(row.argmax())
         w.writerow([*(f"{v:.6g}" for v in row), c, *([names[c]] if names else [])])
     write_atomic(output, text.getvalue())  # all of it or nothing
-    console.print(f"wrote {len(probs)} predictions to {output}")
+    which = (
+        f" of member {member}" + ("" if alone else "'s group")
+        if member is not None
+        else f" of group {group}"
+        if group is not None
+        else ""
+    )
+    console.print(f"wrote {len(probs)} predictions{which} to {output}")
 
 
 @app.command()

@@ -57,38 +57,72 @@ def progress_table(p: dict, epochs: int) -> Table:
 
 
 def summary_table(s: dict) -> Table:
+    differ = s.get("differ", False)  # members' data differ: personal scores beside global
     t = Table(
-        title=f"job {s['job']}: {s['models']} models on {s['data']} "
-        f"({s['test_samples']} test samples)",
+        title=f"job {s['job']}: {s['models']} models on {s['data']}, policy {s.get('policy')} "
+        f"({s['test_samples']} global test samples)",
         title_justify="left",
     )
-    for col in ("member", "test accuracy", "test NLL", "steps"):
+    cols = ["member", *(["group"] if any("group" in m for m in s["members"]) else [])]
+    cols += ["test accuracy", "test NLL"]
+    cols += ["personal accuracy", "personal NLL"] if differ else []
+    for col in [*cols, "steps"]:
         t.add_column(col, justify="right")
     members = s["members"]
     if len(members) > MAX_ROWS:  # the best and the worst; every member is in summary.json
-        ranked = sorted(members, key=lambda m: (-m["accuracy"], m["nll"]))
+        key = "personal_nll" if differ else "nll"
+        ranked = sorted(members, key=lambda m: m[key])
         half = MAX_ROWS // 2
         members = [*ranked[:half], None, *ranked[-half:]]
+    blank = [""] * (len(cols) - 1)
     for m in members:
         if m is None:
-            t.add_row(f"… {len(s['members']) - 2 * half} more", "", "", "")
+            t.add_row(f"… {len(s['members']) - 2 * half} more", *blank, "")
             continue
-        t.add_row(str(m["model"]), f"{m['accuracy']:.4f}", f"{m['nll']:.4f}", str(m["steps"]))
+        row = [str(m["model"]), *([str(m.get("group", ""))] if "group" in cols else [])]
+        row += [f"{m['accuracy']:.4f}", f"{m['nll']:.4f}"]
+        row += [f"{m['personal_accuracy']:.4f}", f"{m['personal_nll']:.4f}"] if differ else []
+        t.add_row(*row, str(m["steps"]))
+    for m in s.get("failed", []):
+        t.add_row(str(m), *blank[: len(blank) - 1], "[red]failed", "")
     t.add_section()
+    pad = [""] * ("group" in cols)
+    mean, ens, own = s["mean_member"], s["ensemble"], s.get("personal") or {}
     t.add_row(
-        "mean member", f"{s['mean_member']['accuracy']:.4f}", f"{s['mean_member']['nll']:.4f}", ""
+        "mean member",
+        *pad,
+        f"{mean['accuracy']:.4f}",
+        f"{mean['nll']:.4f}",
+        *([f"{own['accuracy']:.4f}", f"{own['nll']:.4f}"] if differ else []),
+        "",
     )
     t.add_row(
         "[bold]ensemble",
-        f"[bold]{s['ensemble']['accuracy']:.4f}",
-        f"[bold]{s['ensemble']['nll']:.4f}",
+        *pad,
+        f"[bold]{ens['accuracy']:.4f}",
+        f"[bold]{ens['nll']:.4f}",
+        *(["", ""] if differ else []),
         "",
     )
+    groups = s.get("groups") or {}
+    found = groups.get("found")
     t.caption = (
         f"merges kept {s['merges']} of {s['merges_attempted']}"
         + (f" ({s['rejected']} rejected)" if s.get("rejected") else "")
         + f"   drifts {s['drifts']}   rounds {s['rounds']}   "
         f"wall {s['wall_seconds']:.1f}s"
+        + (f"\ngroups found: {len(found)}" if found else "")
+        + (
+            f" (ARI {groups['ari']:.2f} against the data's)"
+            if groups.get("ari") is not None
+            else ""
+        )
+        + (
+            "\ntest: global, the whole test split as every group has it; personal, each "
+            "member on its own test rows (mean member: the mean of those)"
+            if differ
+            else ""
+        )
     )
     return t
 

@@ -12,22 +12,40 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Decision(Record):
-    """One instruction as recorded: `model` received it, naming `partner`."""
+    """One instruction as recorded: `model` received it. Its target is `group`: a pair's
+    one `partner`, or several members (partner None) whose mean (weighted by `weights`,
+    when recorded) it moved toward, or away from for a drift. The thresholds are the
+    round's policy settings (None for a policy without them)."""
 
     id: int
     round: int
     kind: str
     model: int
-    partner: int
+    partner: int | None
     layer: str
     rate: float
     compat: float
     rule: str
-    merge_above: float
-    drift_below: float
+    merge_above: float | None
+    drift_below: float | None
     step: int
     epoch: int
     merges_in_epoch: int
+    group: tuple[int, ...] = ()
+    weights: tuple[float, ...] | None = None
+
+    def target(self) -> str:
+        """Who the instruction names, in words: '5', or 'group of 4: 0, 1, 2, 3'."""
+        if self.partner is not None:
+            return str(self.partner)
+        return f"group of {len(self.group)}: {members_text(self.group)}"
+
+
+def members_text(ids, shown: int = 8) -> str:
+    """'0, 1, 2' or '0, 1, 2, ... (16)': member ids for a line of text."""
+    ids = list(ids)
+    head = ", ".join(str(m) for m in ids[:shown])
+    return head if len(ids) <= shown else f"{head}, … ({len(ids)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +104,8 @@ class Explanation(Record):
     rule: str
     # a merge the merge guard undid: {"step", "val_loss_before", "val_loss_after"}
     rejected: dict | None = None
+    policy: dict = field(default_factory=dict)  # the round's policy settings (schema 3)
+    round_groups: list[list[int]] | None = None  # the groups the round saw (schema 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,4 +160,6 @@ class CoordinatorState:
     drifts: int = 0
     publications: int = 0
     rejected: int = 0
+    policy: dict = field(default_factory=dict)  # the policy's state as last saved: name -> array
+    groups: list[list[int]] | None = None  # the groups the last round saw
     restored: bool = False  # rebuilt from an existing history

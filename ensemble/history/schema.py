@@ -10,14 +10,19 @@ import numpy as np
 
 from ensemble.errors import RunDirError
 
-SCHEMA_VERSION = 2
-READABLE = (1, 2)  # version 1 kept one row per pair; readers still read it
+SCHEMA_VERSION = 3
+READABLE = (1, 2, 3)  # version 1 kept one row per pair; readers still read 1 and 2
 
 # Version 2 keeps a round's compatibility on a layer as one row: the model ids (int32) and
 # the upper triangle of the (k, k) matrix, row by row (float32), as two BLOBs. Version 1
 # kept one row per pair: M^2/2 rows per layer and round, which stopped rounds at M = 1,024.
 # Version 2's generations share one file per round, each under a key prefix (`key`);
 # identical tethers in one round (a merged pair, a FedAvg population) are stored once.
+# Version 3 names each instruction's target group (the members whose mean it moves
+# toward: a pair's partner, or a set of members stored once a round in `member_sets`, with
+# the weights of a weighted mean), stores each round's policy settings (JSON) and the
+# groups it saw, and the policy's own state (`policy_state`, the latest only). Versions 1
+# and 2 gave a group target as partner -1; readers turn that into the round's members.
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,17 +32,22 @@ CREATE TABLE publications (
     probe1 REAL, probe2 REAL, entropy REAL, sparsity REAL,
     UNIQUE (model, step));
 CREATE TABLE rounds (
-    id INTEGER PRIMARY KEY, t REAL NOT NULL, models TEXT NOT NULL, instructions INTEGER NOT NULL);
+    id INTEGER PRIMARY KEY, t REAL NOT NULL, models TEXT NOT NULL, instructions INTEGER NOT NULL,
+    policy TEXT NOT NULL, groups TEXT);
 CREATE TABLE compat (
     round INTEGER NOT NULL, layer TEXT NOT NULL, models BLOB NOT NULL, upper BLOB NOT NULL,
     PRIMARY KEY (round, layer));
+CREATE TABLE member_sets (
+    round INTEGER NOT NULL, id INTEGER NOT NULL, members BLOB NOT NULL,
+    PRIMARY KEY (round, id));
 CREATE TABLE instructions (
     id INTEGER PRIMARY KEY, round INTEGER NOT NULL, kind TEXT NOT NULL,
-    model INTEGER NOT NULL, partner INTEGER NOT NULL, layer TEXT NOT NULL,
-    rate REAL NOT NULL, compat REAL NOT NULL, rule TEXT NOT NULL,
-    merge_above REAL NOT NULL, drift_below REAL NOT NULL,
+    model INTEGER NOT NULL, partner INTEGER, member_set INTEGER, weights BLOB,
+    layer TEXT NOT NULL, rate REAL NOT NULL, compat REAL, rule TEXT NOT NULL,
     step INTEGER NOT NULL, epoch INTEGER NOT NULL, merges_in_epoch INTEGER NOT NULL,
     t REAL NOT NULL);
+CREATE TABLE policy_state (
+    key TEXT PRIMARY KEY, round INTEGER NOT NULL, state BLOB NOT NULL);
 CREATE INDEX instructions_kind ON instructions (kind, round);
 CREATE INDEX instructions_model ON instructions (model, round);
 CREATE INDEX instructions_partner ON instructions (partner, round);

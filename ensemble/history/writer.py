@@ -11,11 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save as save_bytes
 from safetensors.numpy import save_file
 
 from ensemble.errors import EnsembleError
 from ensemble.history.retention import dropped_by_retention, parse_retention
 from ensemble.history.schema import SCHEMA, SCHEMA_VERSION, check_schema, connect, pack_upper
+
+WEIGHTS_KEPT = 512  # a weighted target's weights are stored up to this many members
 
 
 class HistoryFullError(EnsembleError):
@@ -125,19 +128,32 @@ class HistoryWriter:
         self,
         models: list[int],
         compat: dict[str, tuple[list[int], np.ndarray]],
-        rows: list[tuple],
+        records: list[tuple],
+        policy: dict | None = None,
+        groups: list[list[int]] | None = None,
+        state: dict[str, np.ndarray] | None = None,
     ) -> int:
-        """One decision round: the compat matrices it saw (one row per layer: the ids and
-        the matrix's upper triangle) and the instructions it gave, in one transaction.
+        """One decision round in one transaction: the compat matrices it saw (one row per
+        layer: the ids and the matrix's upper triangle), the instructions it gave, the
+        policy's settings (JSON), the groups it saw and the policy's state.
 
-        rows: (kind, model, partner, layer, rate, compat, rule, merge_above, drift_below,
-        step, epoch, merges_in_epoch) per instruction.
+        records: (instruction, step, epoch, merges_in_epoch) per instruction (an
+        ensemble.protocol.Instruction). A target group of several members is stored once a
+        round (`member_sets`); a weighted mean's weights beside the instruction, up to
+        WEIGHTS_KEPT members (beyond, they follow from the round's compat and the rule).
         """
         now = time.time()
         with self.tx():
             cur = self.conn.execute(
-                "INSERT INTO rounds (t, models, instructions) VALUES (?, ?, ?)",
-                (now, json.dumps(models), len(rows)),
+                "INSERT INTO rounds (t, models, instructions, policy, groups)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    now,
+                    json.dumps(models),
+                    len(records),
+                    json.dumps(policy or {}, sort_keys=True),
+                    None if groups is None else json.dumps(groups),
+                ),
             )
             rid = cur.lastrowid
             every = self.compat_every
@@ -146,12 +162,34 @@ class HistoryWriter:
                     "INSERT INTO compat VALUES (?, ?, ?, ?)",
                     [(rid, layer, *pack_upper(ids, mat)) for layer, (ids, mat) in compat.items()],
                 )
+            sets: dict[tuple[int, ...], int] = {}
+            rows = []
+            for ins, step, epoch, merges in records:
+                partner, member_set = ins.partner, None
+                if partner is None:
+                    member_set = sets.setdefault(ins.group, len(sets))
+                weights = None
+                if ins.weights is not None and len(ins.weights) <= WEIGHTS_KEPT:
+                    weights = np.asarray(ins.weights, dtype=np.float32).tobytes()
+                rows.append(
+                    (rid, ins.kind, ins.model, partner, member_set, weights, ins.layer, ins.rate)
+                    + (ins.compat, ins.rule, step, epoch, merges, now)
+                )
             self.conn.executemany(
-                "INSERT INTO instructions (round, kind, model, partner, layer, rate, compat,"
-                " rule, merge_above, drift_below, step, epoch, merges_in_epoch, t)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(rid, *r, now) for r in rows],
+                "INSERT INTO member_sets VALUES (?, ?, ?)",
+                [(rid, k, np.asarray(g, np.int32).tobytes()) for g, k in sets.items()],
             )
+            self.conn.executemany(
+                "INSERT INTO instructions (round, kind, model, partner, member_set, weights,"
+                " layer, rate, compat, rule, step, epoch, merges_in_epoch, t)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            if state:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO policy_state VALUES ('latest', ?, ?)",
+                    (rid, save_bytes({k: np.ascontiguousarray(v) for k, v in state.items()})),
+                )
         return rid
 
     def generation(
