@@ -37,6 +37,17 @@ PLAIN = [
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def layered(*lists: list[str]) -> list[str]:
+    """--set overrides, list after list; a list that names another policy (policy.name=...)
+    drops the earlier lists' policy settings: a policy takes only its own keys."""
+    out: list[str] = []
+    for overrides in lists:
+        if any(o.startswith("policy.name=") for o in overrides):
+            out = [o for o in out if not o.startswith("policy.")]
+        out += list(overrides)
+    return out
+
+
 class Skipped(Exception):
     """Raised by a benchmark that cannot run here (e.g. an optional extra is missing)."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import case, ratios, side_by_side
+from ensemble.protocol import Instruction
 from ensemble.history import HistoryReader, HistoryWriter
 
 SIZES = {
@@ -21,6 +22,7 @@ SIZES = {
     "full": {"instructions": 100_000, "repeats": 21, "min_seconds": 0.2},
 }
 MODELS, LAYERS = 64, ("fc1", "fc2", "out")
+POLICY = {"name": "threshold", "merge_above": 1.0, "drift_below": -1.0}
 
 
 def build(path: Path, n: int) -> None:
@@ -37,10 +39,9 @@ def build(path: Path, n: int) -> None:
             c = float(rng.normal())
             step = r * 10
             for a, b in ((i, j), (j, i)):
-                rows.append(
-                    (kind, int(a), int(b), layer, 0.5, c, "r", 1.0, -1.0, step, step // 100, 1)
-                )
-        w.round(list(range(MODELS)), {}, rows)
+                ins = Instruction(kind, int(a), (int(b),), layer, 0.5, c, "r")
+                rows.append((ins, step, step // 100, 1))
+        w.round(list(range(MODELS)), {}, rows, POLICY)
     w.close()
 
 

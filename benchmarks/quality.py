@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import PLAIN, case
+from benchmarks.common import PLAIN, case, layered
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "default.yaml"
@@ -279,7 +279,7 @@ def plan(size: str, study: Study) -> dict:
         "datasets": datasets,
         "variants": variants,
         "seeds": list(range(seeds)),
-        "overrides": {v: [*study.base, *s["set"], *study.variants[v]] for v in variants},
+        "overrides": {v: layered(study.base, s["set"], study.variants[v]) for v in variants},
         "processes": max(1, int(os.environ.get("QUALITY_PROCS") or 2)),
     }
 

@@ -311,9 +311,14 @@ class SeedPolicy(Policy):
     Settings = SeedSettings
 
     def decide(self, r: Round) -> Decided:
-        budget = _Budget(r.counts, {"merge": self.s.max_merges_per_epoch})
+        chosen = self.choose(r.views, r.counts)
+        return Decided(targets.pairs(chosen, r, Sharing(share="tethers"), {}))
+
+    def choose(self, layers: dict[str, LayerView], counts) -> list[Instruction]:
+        """The instructions, without their targets."""
+        budget = _Budget(counts, {"merge": self.s.max_merges_per_epoch})
         out: list[Instruction] = []
-        for layer, v in r.views.items():
+        for layer, v in layers.items():
             matched: set[int] = set()
             k = len(v.models)
             for a in range(k):
@@ -326,7 +331,7 @@ class SeedPolicy(Policy):
                     matched |= {i, j}
                     budget.spend("merge", i, j)
                     out += _pair("merge", i, j, layer, 0.5, c, f"seed: compat {c:.4g} > threshold")
-        return Decided(targets.pairs(out, r, Sharing(share="tethers"), {}))
+        return out
 
 
 # ---------------------------------------------------------------- toward groups

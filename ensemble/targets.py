@@ -39,6 +39,7 @@ class Pool:
         self.outputs: dict[int, np.ndarray] = outputs if outputs is not None else {}
 
     def tether(self, m: int, layer: str) -> np.ndarray:
+        """A view of member m's bank row: copy what must outlive the round."""
         return self.bank.row(m, layer)
 
     def effective(self, m: int) -> Params:
@@ -84,7 +85,7 @@ def _repulsed(ins: Instruction, r, forces: dict) -> Instruction:
 def _paired(ins: Instruction, pool: Pool, s, perms: dict, aligned: dict) -> Instruction:
     """A pair's target: the partner's tether and, when weights are shared, the difference
     of its weights to the member's own; with alignment, in the member's unit order."""
-    partner = pool.tether(ins.partner, ins.layer)
+    partner = pool.tether(ins.partner, ins.layer).copy()  # the bank row changes after
     if ins.kind != "merge" or not (s.align or s.share != "tethers"):
         return replace(ins, partner_tether=partner)
     if ins.model not in pool.params or ins.partner not in pool.params:

@@ -37,6 +37,14 @@ TINY = [
 ]
 
 
+def tiny(*extra: str) -> list[str]:
+    """TINY with `extra` on top; a `policy.name=` among them replaces TINY's policy and
+    its settings (a policy takes only its own keys)."""
+    if any(e.startswith("policy.name=") for e in extra):
+        return [o for o in TINY if not o.startswith("policy.")] + list(extra)
+    return [*TINY, *extra]
+
+
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)

@@ -9,14 +9,26 @@ import numpy as np
 from ensemble.coordinator import Coordinator
 from ensemble.history import HistoryReader, HistoryWriter
 from ensemble.job import Prepared, make_trainer, prepare
-from ensemble.protocol import StackReport
+from ensemble.protocol import Instruction, StackReport
 from ensemble.trainer import Trainer
 
 
 def with_(cfg, **sections):
     """cfg with section fields replaced: with_(cfg, train={"epochs": 1})."""
-    update = {k: getattr(cfg, k).model_copy(update=v) for k, v in sections.items()}
-    return cfg.model_copy(update=update)
+    tree = cfg.model_dump(mode="json")
+    for k, v in sections.items():  # a new policy name: a new policy, its own settings
+        tree[k] = dict(v) if k == "policy" and "name" in v else {**tree[k], **v}
+    return type(cfg).model_validate(tree)
+
+
+THRESHOLDS = {"name": "threshold", "merge_above": 0.8, "drift_below": 0.2}  # a round's policy
+
+
+def record(kind, model, partner, layer, c, step, epoch=0, merges=0, rate=None, rule=None):
+    """One instruction of a hand-built round, as HistoryWriter.round takes it."""
+    rate = rate if rate is not None else 0.5 if kind == "merge" else 0.1
+    ins = Instruction(kind, model, (partner,), layer, rate, c, rule or f"rule {kind}")
+    return (ins, step, epoch, merges)
 
 
 def trainer(prep: Prepared, ids, **kw) -> Trainer:

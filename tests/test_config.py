@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from ensemble.config import AUTO, load_config
+from ensemble.config import load_config
 from ensemble.errors import ConfigError
 from ensemble.job import load
 
@@ -17,29 +17,40 @@ def test_default_yaml_is_the_builtin_default():
     assert load_config("configs/default.yaml") == load_config()
 
 
-@pytest.mark.parametrize(
-    "partition, regime",
-    [("iid", "same data"), ("shard", "different data"), ("dirichlet", "different data")],
-)
-def test_policy_auto_takes_the_regimes_settings(partition, regime):
-    cfg = load_config(None, [f"data.partition={partition}"])
-    for section, keys in AUTO[regime].items():
-        for key, value in keys.items():
-            assert getattr(getattr(cfg, section), key) == value, (section, key)
+def test_policy_auto_is_the_default_policy_with_its_own_settings():
+    from ensemble.policy import DEFAULT, POLICIES
+
+    cfg = load(None)
+    assert cfg.policy.name == DEFAULT
+    want = POLICIES[DEFAULT].Settings().model_dump(mode="json")
+    assert {k: getattr(cfg.policy, k) for k in want} == want  # every setting, explicit
 
 
-def test_policy_auto_keeps_the_keys_the_user_gives():
-    cfg = load_config(
-        None, ["data.partition=dirichlet", "policy.share=weights", "model.init=independent"]
-    )
-    assert cfg.policy.name == AUTO["different data"]["policy"]["name"]
-    assert (cfg.policy.share, cfg.model.init) == ("weights", "independent")
-    assert load_config(None, ["data.partition=dirichlet", "policy.name=none"]).policy.name == "none"
+def test_a_policys_name_gives_that_policy_and_the_users_keys_win():
+    cfg = load(None, ["policy.name=fedavg"])  # FedAvg: shared init, no guard, no alignment
+    assert (cfg.model.init, cfg.policy.guard, cfg.policy.align) == ("shared", False, False)
+    cfg = load(None, ["policy.name=fedavg", "model.init=independent", "policy.align=true"])
+    assert (cfg.model.init, cfg.policy.align) == ("independent", True)
+    assert load(None, ["policy.name=none"]).model.init == "independent"
+
+
+def test_a_key_of_another_policy_is_refused_naming_the_policy_and_its_keys():
+    with pytest.raises(ConfigError, match=r"policy 'fedavg' takes no key 'merge_above'.*momentum"):
+        load(None, ["policy.name=fedavg", "policy.merge_above=0.9"])
+    with pytest.raises(ConfigError, match=r"policy 'none' takes no key 'share'; it takes no keys"):
+        load(None, ["policy.name=none", "policy.share=both"])
 
 
 def test_set_overrides_are_typed(tmp_path):
     cfg = load_config(
-        None, ["models.count=6", "train.epochs=10", "model.layers=[8, 4]", "policy.merge_above=0.9"]
+        None,
+        [
+            "models.count=6",
+            "train.epochs=10",
+            "model.layers=[8, 4]",
+            "policy.name=threshold",
+            "policy.merge_above=0.9",
+        ],
     )
     assert cfg.models.count == 6 and cfg.train.epochs == 10
     assert cfg.model.layers == [8, 4] and cfg.policy.merge_above == 0.9
@@ -58,9 +69,9 @@ def test_config_is_frozen():
         ("bogus: 1\n", r"bogus: unknown key"),
         ("models:\n  count: many\n", r"models\.count: .*integer.*'many'"),
         ("train:\n  lr: -1\n", r"train\.lr: .*greater than 0.*-1"),
-        ("policy:\n  alpha: 1.5\n", r"policy\.alpha: .*1\.5"),
+        ("policy:\n  name: mean\n  alpha: 1.5\n", r"policy\.alpha: .*1\.5"),
         (
-            "policy:\n  merge_above: 0.1\n  drift_below: 0.5\n",
+            "policy:\n  name: threshold\n  merge_above: 0.1\n  drift_below: 0.5\n",
             r"drift_below \(0\.5\) must be <= merge_above \(0\.1\)",
         ),
         ("policy:\n  name: greedy\n", r"policy\.name: unknown name 'greedy'.*'none', 'seed'"),

@@ -16,7 +16,7 @@ from ensemble.data import load_dataset
 from ensemble.export import soup
 from ensemble.inference import Ensemble
 from ensemble.job import run_local
-from tests.conftest import TINY
+from tests.conftest import tiny
 
 runner = CliRunner()
 
@@ -49,7 +49,7 @@ np.save("probs.npy", np.mean(probs, 0))
 def finished(tmp_path_factory):
     """Independent members (different inits): the soup has to align them."""
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    cfg = load_config(None, [*TINY, "job=exp", "policy.name=none", "model.layers=[24]"])
+    cfg = load_config(None, tiny("job=exp", "policy.name=none", "model.layers=[24]"))
     run_local(cfg, run_dir)
     return run_dir
 

@@ -52,10 +52,10 @@ def test_nan_model_is_quarantined_and_no_one_receives_a_non_finite_tether(
     seen_while_quarantined = []
     decide = coord.policy.decide
 
-    def watched(views, counts):
+    def watched(r):
         if coord.quarantined[1]:
-            seen_while_quarantined.extend(set(v.models.tolist()) for v in views.values())
-        return decide(views, counts)
+            seen_while_quarantined.extend(set(v.models.tolist()) for v in r.views.values())
+        return decide(r)
 
     coord.policy.decide = watched
     drive(trainers, coord)

@@ -13,14 +13,14 @@ from ensemble import align, maths
 from ensemble.config import load_config
 from ensemble.errors import ConfigError
 from ensemble.history import HistoryReader
-from ensemble.job import prepare
-from ensemble.protocol import ENSEMBLE, Instruction, Rejection, Reply
-from tests.conftest import TINY, cli
+from ensemble.job import load, prepare
+from ensemble.protocol import Instruction, Rejection, Reply
+from tests.conftest import cli, tiny
 from tests.helpers import assert_bank_matches, coordinator, publish, tethers_of, trainer
 
 
 def cfg_with(tmp_path, *extra):
-    return load_config(None, TINY + [f"job=m-{tmp_path.name}", *extra])
+    return load_config(None, tiny(f"job=m-{tmp_path.name}", *extra))
 
 
 def random_params(rng, sizes):
@@ -178,7 +178,7 @@ def test_merge_guard_rolls_back_a_merge_that_raises_validation_loss(tmp_path):
     c.receive(publish(t))
     state = t.stack.member_state(0)
     zeros = np.zeros_like(tethers_of(t, 0)["out"])
-    bad = Instruction("merge", 0, 1, "out", 1.0, 0.7, "test", partner_tether=zeros)
+    bad = Instruction("merge", 0, (1,), "out", 1.0, 0.7, "test", partner_tether=zeros)
     drift = Instruction(
         "drift", 0, 1, "fc1", 0.1, -2.0, "test", partner_tether=np.zeros((16, 64), np.float32)
     )
@@ -213,7 +213,7 @@ def test_merge_guard_keeps_a_merge_that_does_not_hurt(tmp_path):
     prep = prepare(cfg_with(tmp_path, "policy.guard=true"))
     t = trained(prep)
     own = tethers_of(t, 0)["fc2"]
-    t.receive(Reply((Instruction("merge", 0, 1, "fc2", 0.5, 0.7, "t", partner_tether=own),)))
+    t.receive(Reply((Instruction("merge", 0, (1,), "fc2", 0.5, 0.7, "t", partner_tether=own),)))
     assert t.rejected.tolist() == [0] and not t.report().rejections
 
 
@@ -223,8 +223,8 @@ def test_the_merge_guard_undoes_only_the_harmed_model_of_a_stack(tmp_path):
     before = [tethers_of(t, i) for i in range(2)]
     zeros = np.zeros_like(before[0]["out"])
     mail = (
-        Instruction("merge", 0, 2, "out", 1.0, 0.7, "t", partner_tether=zeros),
-        Instruction("merge", 1, 3, "fc2", 0.5, 0.7, "t", partner_tether=before[1]["fc2"]),
+        Instruction("merge", 0, (2,), "out", 1.0, 0.7, "t", partner_tether=zeros),
+        Instruction("merge", 1, (3,), "fc2", 0.5, 0.7, "t", partner_tether=before[1]["fc2"]),
     )
     t.receive(Reply(mail))
     np.testing.assert_array_equal(tethers_of(t, 0)["out"], before[0]["out"])
@@ -267,13 +267,15 @@ def test_repulsive_drift_moves_every_model_away_from_the_others(tmp_path):
 
     start = {n: spread(n) for n in c.layers}
     mail = c.exchange(publish(t)).instructions  # everyone published: a round
-    assert {(i.kind, i.partner) for i in mail} == {("drift", ENSEMBLE)}
+    assert {(i.kind, i.partner) for i in mail} == {("drift", None)}  # away from a group:
+    assert all(set(i.group) == set(range(4)) - {i.model} for i in mail)  # all the others
     assert len(mail) == 4 * len(c.layers)
     t.receive(Reply(mail))
     assert c.drifts == 4 * len(c.layers) and c.merges == 0
-    c.history.close()  # the history lists each repulsive drift once, partner ENSEMBLE
+    c.history.close()  # the history lists each repulsive drift once, naming its group
     drifts = HistoryReader(tmp_path / "history.sqlite").decisions(kind="drift")
-    assert len(drifts) == 4 * len(c.layers) and {d.partner for d in drifts} == {ENSEMBLE}
+    assert len(drifts) == 4 * len(c.layers) and {d.partner for d in drifts} == {None}
+    assert all(set(d.group) == set(range(4)) - {d.model} for d in drifts)
     for n in c.layers:
         assert spread(n) > start[n]
     assert_bank_matches(c, [t])
@@ -300,7 +302,7 @@ def test_cka_with_fixed_peers_is_a_clear_config_error(tmp_path):
 )
 def test_unknown_option_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
-        load_config(None, [f"{key}={value}"])
+        load(None, ["policy.name=threshold", f"{key}={value}"])
 
 
 def test_a_weight_merge_averages_the_tethered_weights(tmp_path):

@@ -13,11 +13,11 @@ from ensemble.api import History
 from ensemble.errors import RunDirError
 from ensemble.history import HistoryWriter, dropped_by_retention, parse_retention
 from tests.conftest import cli
+from tests.helpers import THRESHOLDS, record
 
 
 def row(kind, i, j, layer, c, step, epoch=0, merges=0):
-    rate = 0.5 if kind == "merge" else 0.1
-    return (kind, i, j, layer, rate, c, f"rule {kind}", 0.8, 0.2, step, epoch, merges)
+    return record(kind, i, j, layer, c, step, epoch, merges)
 
 
 def both(kind, i, j, layer, c, step, merges=1):
@@ -42,9 +42,10 @@ def run_dir(tmp_path):
         ids,
         {"fc1": (ids, mat)},
         both("merge", 0, 1, "fc1", 0.9, 10) + both("drift", 2, 3, "fc2", 0.1, 10),
+        THRESHOLDS,
     )
-    w.round(ids, {"fc1": (ids, mat)}, both("merge", 1, 2, "fc1", 0.85, 20, merges=2))
-    w.round(ids, {"out": (ids, mat)}, both("merge", 2, 3, "out", 0.95, 30, merges=3))
+    w.round(ids, {"fc1": (ids, mat)}, both("merge", 1, 2, "fc1", 0.85, 20, merges=2), THRESHOLDS)
+    w.round(ids, {"out": (ids, mat)}, both("merge", 2, 3, "out", 0.95, 30, merges=3), THRESHOLDS)
     for g in (1, 2, 3):
         w.generation(3, g, g, g * 10, {"fc1": np.full((3, 2), g, dtype=np.float32)})
     w.publication(0, 10, 0, 1.0, 0.5)

@@ -23,7 +23,7 @@ from ensemble.protocol import (
 )
 from ensemble.stack import Stack
 from ensemble.trainer import run_stack
-from tests.conftest import TINY
+from tests.conftest import tiny
 from tests.helpers import assert_bank_matches, coordinator, trainer, with_
 
 
@@ -55,7 +55,7 @@ def reference(sizes, seed, model, rows, x, y, batch, steps, lr=1e-3, std=0.1):
 
 
 def cfg_for(tmp_path, *extra):
-    return load_config(None, [*TINY, f"job=t-{tmp_path.name}", "policy.name=none", *extra])
+    return load_config(None, tiny(f"job=t-{tmp_path.name}", "policy.name=none", *extra))
 
 
 @pytest.mark.parametrize("ids", [[0], [3, 0, 2, 1]])
@@ -289,7 +289,19 @@ def test_protocol_messages_survive_the_wire():
     the same fields and arrays."""
     rng = np.random.default_rng(0)
     t = rng.normal(size=(2, 3)).astype(np.float32)
-    ins = Instruction("merge", 1, 2, "fc1", 0.5, 1.2, "rule", t, (t, t[0]), round=3, step=40)
+    ins = Instruction(
+        "merge",
+        1,
+        (2,),
+        "fc1",
+        0.5,
+        1.2,
+        "rule",
+        partner_tether=t,
+        partner_weights=(t, t[0]),
+        round=3,
+        step=40,
+    )
     messages = [
         ins,
         Reply((ins,)),

@@ -15,7 +15,7 @@ from ensemble.cli import app
 from ensemble.config import load_config
 from ensemble.data import load_dataset
 from ensemble.errors import ConfigError, DataError
-from tests.conftest import TINY
+from tests.conftest import tiny
 
 NAMES = ["barolo", "grignolino", "barbera"]
 runner = CliRunner()
@@ -84,14 +84,13 @@ def test_a_job_trains_on_a_csv_and_predicts_class_names(tmp_path, wine):
     run = tmp_path / "run"
     cfg = load_config(
         None,
-        [
-            *TINY,
+        tiny(
             "job=csv",
             f"data.path={path}",
             "policy.name=none",
             "train.epochs=15",
             "train.batch_size=16",
-        ],
+        ),
     )
     result = Job(cfg, run_dir=run).run(local=True)
     assert result.summary["ensemble"]["accuracy"] > 0.8

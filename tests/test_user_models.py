@@ -110,7 +110,7 @@ def test_a_users_cnn_trains_with_merges_and_drifts_and_exports_to_plain_torch(us
     ens = result.ensemble  # the package's own members, tethers as parametrizations
     with torch.no_grad():
         x = torch.from_numpy(data.x_test)
-        theirs = np.mean([torch.softmax(m(x), 1).numpy() for m in ens.members], 0)
+        theirs = np.mean([torch.softmax(m(x), 1).numpy() for m in ens.members.values()], 0)
     np.testing.assert_allclose(probs, theirs, atol=1e-5)
     acc = (probs.argmax(1) == data.y_test).mean()
     reported = ens.evaluate()["ensemble"]["accuracy"]  # what `ensemble eval` says

@@ -175,21 +175,31 @@ class HistoryReader:
         row = self.conn.execute("SELECT state FROM policy_state WHERE key = 'latest'").fetchone()
         return {} if row is None else load_bytes(row[0])
 
+    def merges(self, **filters) -> list[Decision]:
+        return self.decisions(kind="merge", **filters)
+
+    def drifts(self, **filters) -> list[Decision]:
+        return self.decisions(kind="drift", **filters)
+
     def decisions_array(self, **filters) -> np.ndarray:
-        """The same records as a numpy structured array, for analysis."""
+        """The same records as a numpy structured array, for analysis: `partner` is -1 for
+        a target group of several members (`group_size` says how many; `decisions` names
+        them)."""
         dtype = [
             ("id", "i8"),
             ("round", "i8"),
             ("kind", "U5"),
             ("model", "i8"),
             ("partner", "i8"),
+            ("group_size", "i8"),
             ("layer", "U16"),
             ("compat", "f8"),
             ("step", "i8"),
             ("epoch", "i8"),
         ]
         rows = [
-            (d.id, d.round, d.kind, d.model, d.partner, d.layer, d.compat, d.step, d.epoch)
+            (d.id, d.round, d.kind, d.model, -1 if d.partner is None else d.partner)
+            + (len(d.group), d.layer, d.compat, d.step, d.epoch)
             for d in self.decisions(**filters)
         ]
         return np.array(rows, dtype=dtype)
