@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import case, ratios, side_by_side
-from ensemble.protocol import Instruction
 from ensemble.history import HistoryReader, HistoryWriter
+from ensemble.protocol import Instruction
 
 SIZES = {
     "tiny": {"instructions": 2_000, "repeats": 3, "min_seconds": 0.01},

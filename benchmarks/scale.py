@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import PLAIN, case
+from benchmarks.common import PLAIN, case, layered
 from ensemble.procs import peak_rss_mb
 
 SIZES = {
@@ -62,8 +62,7 @@ def coordinator_times(m: int, rounds: int, policy: str) -> dict:
     cfg = load_config(
         None,
         [
-            *PLAIN,
-            *POLICIES[policy],
+            *layered(PLAIN, POLICIES[policy]),
             f"models.count={m}",
             f"job=scale-{m}",
             f"coordinator.round_every={10**9}",

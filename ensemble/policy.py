@@ -30,6 +30,7 @@ from ensemble.protocol import Instruction, Kind
 from ensemble.targets import Pool
 
 DEFAULT = "fedavg"  # what policy.name auto means
+REPULSIVE = "repulsive: rbf kernel"
 
 
 # ---------------------------------------------------------------- what a policy sees
@@ -252,11 +253,8 @@ class ThresholdPolicy(Policy):
                 continue
             budget.spend("drift", i, i)
             others = tuple(m for m in everyone if m != i)
-            out.append(
-                Instruction(
-                    "drift", i, others, layer, self.s.eta, float(means[a]), "repulsive: rbf kernel"
-                )
-            )
+            c = float(means[a])
+            out.append(Instruction("drift", i, others, layer, self.s.eta, c, REPULSIVE, whole=True))
         return out
 
 
@@ -380,7 +378,7 @@ class FedAvgPolicy(Policy):
                 rule = self.rule(len(group))
                 for m in group:
                     ins = Instruction(
-                        "merge", m, tuple(group), layer, self.rate, float("nan"), rule
+                        "merge", m, tuple(group), layer, self.rate, float("nan"), rule, whole=True
                     )
                     out.append(targets.toward(ins, means, order, r.pool, self.s))
         return Decided(out, compat={}, groups=groups)

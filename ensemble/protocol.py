@@ -58,11 +58,14 @@ class Instruction:
     round: int | None = field(default=None, compare=False)  # the decision round, once recorded
     step: int | None = field(default=None, compare=False)
     share: str = "tethers"  # a merge: what it averages, tethers | weights | both
+    whole: bool = False  # the target is its group as a whole (its mean), even a group of one
 
     @property
     def partner(self) -> int | None:
-        """The one other member of a pair (None for a group of several)."""
-        return self.group[0] if len(self.group) == 1 and self.group[0] != self.model else None
+        """The one other member of a pair (None for a target group)."""
+        if self.whole or len(self.group) != 1 or self.group[0] == self.model:
+            return None
+        return self.group[0]
 
 
 def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float) -> np.ndarray:

@@ -191,6 +191,7 @@ def mixed(pool: Pool, members: list[int], layer: str, mix: np.ndarray, s, rule: 
             rule,
             weights=tuple(float(x) for x in mix[i][keep]),
             share=s.share,
+            whole=True,
             partner_tether=tethers[i],
         )
         if w is not None:

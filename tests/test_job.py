@@ -107,7 +107,9 @@ def test_ray_job_with_every_merging_option(tmp_path, tiny_overrides, per_worker)
     assert summary["merges_attempted"] == attempted > 0, why
     assert summary["merges"] == attempted - summary["rejected"] >= 0, why
     drifts = [d for d in decisions if d.kind == "drift"]
-    assert summary["drifts"] == len(drifts) > 0 and {d.partner for d in drifts} == {-1}
+    assert summary["drifts"] == len(drifts) > 0 and {d.partner for d in drifts} == {None}
+    rounds = dict(h.rounds())  # a repulsive drift: away from every other model of its round
+    assert all(set(d.group) == set(rounds[d.round]) - {d.model} for d in drifts), drifts
     assert summary["rejected"] == len(h.events("rejected"))
     assert len(h.events("finished")) == 4
     assert summary["ensemble"]["accuracy"] > 0.5

@@ -181,9 +181,8 @@ def reference_threshold(p: dict, layers, counts):
                 counts[("drift", i)] = counts.get(("drift", i), 0) + 1
                 c = float((v.compat[a].sum() - v.compat[a, a]) / max(k - 1, 1))
                 others = tuple(int(m) for m in v.models if m != i)  # away from all of them
-                out.append(
-                    Instruction("drift", i, others, layer, p.eta, c, "repulsive: rbf kernel")
-                )
+                rule = "repulsive: rbf kernel"
+                out.append(Instruction("drift", i, others, layer, p.eta, c, rule, whole=True))
     return out
 
 

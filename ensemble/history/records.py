@@ -7,7 +7,16 @@ from dataclasses import asdict, dataclass, field
 
 class Record:
     def as_dict(self) -> dict:
-        return asdict(self)  # type: ignore[arg-type]
+        """A plain dict, as JSON gives it back (tuples as lists)."""
+        return _listed(asdict(self))  # type: ignore[arg-type]
+
+
+def _listed(x):
+    if isinstance(x, dict):
+        return {k: _listed(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_listed(v) for v in x]
+    return x
 
 
 @dataclass(frozen=True, slots=True)
