@@ -315,6 +315,12 @@ class Coordinator:
             self.history.drop_val_probs(er.epoch)  # scored: no longer needed
             if self.tracker is not None:
                 self.tracker.ensemble(er.epoch, s["nll"], s["accuracy"])
+                own = self.history.conn.execute(  # personal: each member on its own rows
+                    "SELECT AVG(loss), AVG(accuracy) FROM metrics WHERE epoch = ? AND"
+                    " split = 'val' AND model >= 0",
+                    (er.epoch,),
+                ).fetchone()
+                self.tracker.personal(er.epoch, *own)
 
     def finish(self, model: int, step: int, failed: bool = False, **detail) -> None:
         """The model stops training: no further decisions involve it. Its `finished` (or

@@ -3,8 +3,9 @@
 
     tensorboard --logdir runs/<job>/tensorboard
 
-Per member and epoch: training and validation loss and accuracy (member_<i>/...); the
-ensemble's validation NLL and accuracy each epoch; per round: merges given, merges kept,
+Per member and epoch: training and validation loss and accuracy (member_<i>/...), each
+member on its own validation rows; the ensemble's (global) validation NLL and accuracy and
+the members' mean own (personal) ones each epoch; per round: merges given, merges kept,
 drifts and merges rejected so far (coordination/...). Counts are the summary's.
 """
 
@@ -39,6 +40,12 @@ class TensorBoard:
         self.writer.add_scalar("ensemble/val_nll", nll, epoch)
         self.writer.add_scalar("ensemble/val_accuracy", acc, epoch)
         self.writer.flush()
+
+    def personal(self, epoch: int, nll: float, acc: float) -> None:
+        """The members' mean validation score, each on its own validation rows (its share,
+        through its group's shift): beside the ensemble's global one when members differ."""
+        self.writer.add_scalar("personal/val_nll", nll, epoch)
+        self.writer.add_scalar("personal/val_accuracy", acc, epoch)
 
     def round(self, rounds: int, merges: int, kept: int, drifts: int, rejected: int) -> None:
         for name, value in (

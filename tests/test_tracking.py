@@ -36,3 +36,19 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
     cfg = load_config(None, [*TINY, "job=tb", "tracking.tensorboard=true"])
     with pytest.raises(ConfigError, match=r"pip install 'tether-ensemble\[tracking\]'"):
         prepare(cfg)
+
+
+def test_tensorboard_shows_personal_scores_beside_the_global_ones(tmp_path):
+    over = ["data.groups=2", "data.shift=permute_labels", "data.partition=shard"]
+    cfg = load_config(
+        None, [*TINY, "job=tbp", "tracking.tensorboard=true", "train.epochs=2", *over]
+    )
+    result = Job(cfg, run_dir=tmp_path / "run").run(local=True)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    personal = acc.Scalars("personal/val_nll")
+    assert [e.step for e in personal] == [0, 1]
+    members = [r for r in result.history.metrics() if r.split == "val" and r.epoch == 1]
+    want = sum(r.loss for r in members if r.model >= 0) / 4  # each on its own rows
+    assert personal[-1].value == pytest.approx(want, rel=1e-5)
+    assert acc.Scalars("ensemble/val_nll")[-1].value != pytest.approx(want)  # the global one

@@ -159,3 +159,60 @@ def test_bad_arrays_and_factories(tmp_path):
     )
     with pytest.raises(DataError, match="every sample is class '0'"):
         load(f"data.factory={tmp_path / 'fac2.py'}:f")
+
+
+def test_a_member_column_deals_each_client_to_one_member(tmp_path, wine):
+    """data.member_column: each distinct value is a client, clients are dealt to members in
+    turn, each member trains, validates and is tested on its own clients' rows only, and
+    the column is not a feature."""
+    x, y = wine
+    sites = np.array([f"site-{i % 6}" for i in range(len(y))])
+    path = tmp_path / "sites.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*(f"f{i}" for i in range(13)), "site", "label"])
+        for row, s, c in zip(x, sites, y, strict=True):
+            w.writerow([*row, s, c])
+    over = ["job=sites", f"data.path={path}", "data.member_column=site", "models.count=3"]
+    over += ["policy.name=none", "train.epochs=10", "train.batch_size=16"]
+    cfg = load_config(None, tiny(*over))
+    assert cfg.data.partition == "column"
+    from ensemble.job import prepare
+
+    prep = prepare(cfg)
+    assert prep.data.features == 13  # the site is not a feature
+    assert prep.parts.clients == [["site-0", "site-3"], ["site-1", "site-4"], ["site-2", "site-5"]]
+    names = prep.data.client_names
+    for m, mine in enumerate(prep.parts.clients):
+        for split, rows in enumerate((prep.parts.train[m], prep.parts.val[m], prep.parts.test[m])):
+            held = {names[c] for c in prep.data.clients[split][rows]}
+            assert held <= set(mine) and len(rows) > 0
+    total = sum(len(r) for r in prep.parts.train)
+    assert total == len(prep.data.y_train)  # every training row belongs to one member
+    result = Job(cfg, run_dir=tmp_path / "run").run(local=True)
+    s = result.summary
+    assert [m["clients"] for m in s["members"]] == prep.parts.clients
+    assert s["personal"]["accuracy"] > 0.8 and s["differ"] is True
+
+
+def test_a_member_column_with_too_few_clients_is_a_clear_error(tmp_path, wine):
+    x, y = wine
+    path = tmp_path / "two.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*(f"f{i}" for i in range(13)), "site", "label"])
+        for i, (row, c) in enumerate(zip(x, y, strict=True)):
+            w.writerow([*row, i % 2, c])
+    from ensemble.job import prepare
+
+    cfg = load_config(None, tiny("job=few", f"data.path={path}", "data.member_column=site"))
+    with pytest.raises(
+        DataError,
+        match=r"data.member_column 'site': 2 distinct clients, fewer "
+        r"than the 4 members \(models.count\)",
+    ):
+        prepare(cfg)
+    with pytest.raises(DataError, match=r"no member column 'place' \(data.member_column\)"):
+        prepare(load_config(None, tiny("job=few", f"data.path={path}", "data.member_column=place")))
+    with pytest.raises(ConfigError, match="data.member_column splits the rows by client"):
+        load_config(None, [f"data.path={path}", "data.member_column=site", "data.partition=shard"])

@@ -64,8 +64,8 @@ def summary_table(s: dict) -> Table:
         title_justify="left",
     )
     cols = ["member", *(["group"] if any("group" in m for m in s["members"]) else [])]
-    cols += ["test accuracy", "test NLL"]
-    cols += ["personal accuracy", "personal NLL"] if differ else []
+    cols += ["global acc", "global NLL", "personal acc", "personal NLL"] if differ else []
+    cols += [] if differ else ["test accuracy", "test NLL"]
     for col in [*cols, "steps"]:
         t.add_column(col, justify="right")
     members = s["members"]
