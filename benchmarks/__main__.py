@@ -59,6 +59,12 @@ REGISTRY = [
         "merging on sharded and label-skewed data: policies vs local-only and FedAvg",
     ),
     Bench("soup", False, False, "the greedy soup vs the best member and the ensemble"),
+    Bench(
+        "regimes",
+        False,
+        False,
+        "policies where members differ: gravity vs FedAvg(M), the oracle, IFCA, FedAMP",
+    ),
 ]
 BY_NAME = {b.name: b for b in REGISTRY}
 

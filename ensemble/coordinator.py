@@ -213,6 +213,8 @@ class Coordinator:
                 self.has_features[m] = True
             if r.weights is not None:
                 self.params[m] = {n: (w[j], b[j]) for n, (w, b) in r.weights.items()}
+            if r.outputs is not None:
+                self.pool.outputs[m] = r.outputs[j]
         self.since_round += len(ids)
 
     def pending_applied(self, model: int, tethers: dict[str, np.ndarray]) -> dict:

@@ -108,6 +108,7 @@ class Policy:
     suggests: ClassVar[dict[str, dict[str, Any]]] = {}  # other sections' defaults
     coordinates: ClassVar[bool] = True  # False: no rounds at all
     uses_compat: ClassVar[bool] = True  # the round's views, from compat.fn
+    uses_outputs: ClassVar[bool] = False  # members' probabilities on the probe batch
 
     def __init__(self, settings: BaseModel, population: Population):
         self.s = settings
@@ -125,11 +126,14 @@ class Policy:
 
     @classmethod
     def traits(cls, s: BaseModel) -> dict[str, bool]:
-        """What the trainer must do for it: guard merges; publish its trained weights."""
+        """What the trainer must do for it: guard merges; publish the trained weights, the
+        probe-batch Grams compat.fn cka needs, or the probe-batch probabilities."""
         share = getattr(s, "share", "tethers")
         return {
             "guard": bool(getattr(s, "guard", False)),
             "weights": bool(getattr(s, "align", False)) or share != "tethers",
+            "compat": cls.uses_compat,
+            "outputs": cls.uses_outputs,
         }
 
 

@@ -131,6 +131,8 @@ class StackReport:
     tethers: dict[str, np.ndarray]  # layer -> (n_introduced, *shape)
     # compat.fn cka: layer -> (n_pub, n, n) centred Gram of its outputs on the probe batch
     features: dict[str, np.ndarray] | None = None
+    # function space: (n_pub, n, C) class probabilities on the probe batch
+    outputs: np.ndarray | None = None
     # alignment or weights shared: layer -> ((n_pub, *W) trained weights, (n_pub, *b) biases)
     weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     probes: dict[str, np.ndarray] | None = None  # name -> (k,): probe1, probe2, sparsity, entropy

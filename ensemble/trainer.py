@@ -288,9 +288,13 @@ class Trainer:
         sel = torch.as_tensor(idx, device=self.device)
         at = torch.as_tensor(np.flatnonzero(new), device=self.device)
         tethers = {n: t[at].cpu().numpy() for n, t in self.stack.tethers.items()}
-        features = weights = None
-        if len(idx) and self.coordinated and self.cfg.compat.fn == "cka":
+        features = weights = outputs = None
+        if len(idx) and self.coordinated and self.traits["compat"] and self.cfg.compat.fn == "cka":
             features = self.features(sel)
+        if len(idx) and self.coordinated and self.traits["outputs"]:
+            with torch.no_grad():
+                logits = self.stack.forward(self.probe, shared=True)[sel]  # (n_pub, n, C)
+                outputs = torch.softmax(logits.float(), 2).cpu().numpy()
         if len(idx) and self.coordinated and self.traits["weights"]:
             with torch.no_grad():  # the trained weights W (not W * T) and biases
                 p = self.stack.params
@@ -309,6 +313,7 @@ class Trainer:
             introduced=new,
             tethers=tethers,
             features=features,
+            outputs=outputs,
             weights=weights,
             probes=self.probes(),
             events=tuple(out.events),
