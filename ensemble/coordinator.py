@@ -392,8 +392,9 @@ class Coordinator:
         given = [i for i in decided.instructions if i.model < self.count]
         lo, hi = self.cfg.tether.min, self.cfg.tether.max
         new = [apply_instruction(self.bank.row(i.model, i.layer), i, lo, hi) for i in given]
+        kept = [i for i in decided.records if i.model < self.count]  # recorded, not sent
         records = []
-        for ins in given:
+        for ins in [*given, *kept]:
             m = ins.model
             epoch = int(self.epoch[m])
             key = (ins.kind, m, epoch)
@@ -424,7 +425,7 @@ class Coordinator:
         self.groups = groups
         # counted per instruction: once for each model a decision changes
         self.merges += sum(i.kind == "merge" for i in given)
-        self.drifts += sum(i.kind == "drift" for i in given)
+        self.drifts += sum(i.kind == "drift" for i in [*given, *kept])
         self.track()
         return given
 

@@ -17,19 +17,19 @@ The coordinator records and dispatches what a policy returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ensemble import targets
+from ensemble import galaxies, targets
 from ensemble.compat import SAME_TOL
 from ensemble.errors import ConfigError
 from ensemble.protocol import Instruction, Kind
 from ensemble.targets import Pool
 
-DEFAULT = "fedavg"  # what policy.name auto means
+DEFAULT = "gravity"  # what policy.name auto means
 REPULSIVE = "repulsive: rbf kernel"
 
 
@@ -75,6 +75,7 @@ class Decided:
     instructions: list[Instruction]
     compat: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     groups: list[list[int]] | None = None
+    records: list[Instruction] = field(default_factory=list)  # recorded, never sent (cuts)
 
 
 # ---------------------------------------------------------------- settings
@@ -459,6 +460,185 @@ class FedAMPPolicy(Policy):
         return Decided(out, compat=compat, groups=[group])
 
 
+class GravitySettings(Sharing):
+    # galaxies (who may share): function-space clusters of the members, re-found every
+    # round until `settle` rounds have passed, then fixed (0: never fixed); a population
+    # parts only when its clusters' silhouette clears `split`, else it stays one galaxy
+    split: float = Field(0.65, gt=-1, lt=1)
+    settle: int = Field(3, ge=0)
+    # within a galaxy (how much): softmax(sigma * mean update cosine) over its members, a
+    # member counted at its best mate's compatibility; sigma_last on the last layer
+    sigma: float = Field(3.0, ge=0)
+    sigma_last: float = Field(10.0, ge=0)
+    # how far a round moves a member to its target; rate_last on the last layer
+    rate: float = Field(1.0, gt=0, le=1)
+    rate_last: float = Field(0.75, gt=0, le=1)
+    # a push of the tethers away from the other galaxies' mean each round; 0: none (cut
+    # pairs only stop sharing: pushes hurt in the prototype)
+    eta: float = Field(0.0, ge=0, le=1)
+
+
+class GravityPolicy(Policy):
+    """Gravity: compatibility decides who merges and who drifts.
+
+    Each round, the members' class probabilities on the shared probe batch give function-
+    space distances, and their clusters the **galaxies** (ensemble.galaxies): members whose
+    functions differ clearly (other label maps, inputs seen otherwise) part, a population
+    whose functions do not split clearly stays one galaxy. After `settle` rounds the
+    galaxies are fixed. Within its galaxy each member merges, per layer, toward the
+    attention-weighted mean of its galaxy-mates, the weights from the cosine of their weight
+    updates since the last round, averaged over rounds: one instruction naming the galaxy
+    and the weights. A pair that shared and now lies in different galaxies has its edge
+    cut: a **drift**, recorded on the function-space "layer" with their compatibility;
+    from then on they share nothing, and diverge by themselves (with `eta` > 0 the tethers
+    are also pushed apart). Shared init: members start as one."""
+
+    name = "gravity"
+    Settings = GravitySettings
+    suggests = {
+        "model": {"init": "shared"},
+        "trigger": {"name": "every_k_steps", "k": 40, "cooldown_steps": 0},
+    }
+    uses_compat = False
+    uses_outputs = True
+    SPACE = "function space"  # the compat row of the galaxies (no module name has a space)
+
+    def __init__(self, settings, population):
+        super().__init__(settings, population)
+        m = population.count
+        self.ref: dict[int, dict[str, np.ndarray]] = {}  # each member's weights as last sent
+        self.csum = {n: np.zeros((m, m), np.float64) for n in population.layers}
+        self.pairs = {n: np.zeros((m, m), np.int32) for n in population.layers}
+        self.galaxy = np.zeros(m, np.int64)  # the galaxies of the last round: all one at first
+        self.settled = False
+        self.seen = 0  # rounds that found galaxies
+
+    def decide(self, r: Round) -> Decided:
+        group = [m for m in r.models.tolist() if m in r.pool.params and m in r.pool.outputs]
+        if len(group) < 2:
+            return Decided([], compat={})
+        ids = np.asarray(group)
+        x = {n: targets.flat_weights(r.pool, group, [n], self.s.share) for n in r.layers}
+        cbar = {n: self.learn(n, group, x[n]) for n in r.layers}
+        dist = galaxies.function_distance(np.stack([r.pool.outputs[m] for m in group]))
+        labels, sil = self.find(ids, dist)
+        out, records = [], self.cuts(ids, labels, dist, sil)
+        found = [ids[labels == g].tolist() for g in np.unique(labels)]
+        last = r.layers[-1]
+        for members in found:
+            at = np.searchsorted(ids, members)
+            for n in r.layers:
+                sigma, a = (
+                    (self.s.sigma_last, self.s.rate_last)
+                    if n == last
+                    else (self.s.sigma, self.s.rate)
+                )
+                c = cbar[n][np.ix_(at, at)]
+                mix = (1 - a) * np.eye(len(at)) + a * galaxies.attention(c, sigma)
+                rule = f"gravity: galaxy of {len(at)}, attention sigma {sigma:g}, rate {a:g}"
+                if len(at) > 1:
+                    out += targets.mixed(r.pool, members, n, mix, self.s, rule, c)
+                self.remember(members, n, mix @ x[n][at])
+            if self.s.eta and len(found) > 1:
+                out += self.push(r, members, group)
+        compat = {n: (ids, cbar[n].astype(np.float32)) for n in r.layers}
+        compat[self.SPACE] = (ids, (1.0 - dist).astype(np.float32))
+        return Decided(out, compat=compat, groups=found, records=records)
+
+    def learn(self, layer: str, group: list[int], x: np.ndarray) -> np.ndarray:
+        """Add this round's update cosines to the running sums; -> (k, k) their means."""
+        ids = np.asarray(group)
+        have = [i for i, m in enumerate(group) if layer in self.ref.get(m, {})]
+        if len(have) >= 2:
+            before = np.stack([self.ref[group[i]][layer] for i in have])
+            at = np.ix_(ids[have], ids[have])
+            self.csum[layer][at] += galaxies.update_cosine(x[have], before)
+            self.pairs[layer][at] += 1
+        at = np.ix_(ids, ids)
+        return self.csum[layer][at] / np.maximum(self.pairs[layer][at], 1)
+
+    def find(self, ids: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, float]:
+        """This round's galaxies: found again until settled, then the settled ones."""
+        if self.settled:
+            return _relabelled(self.galaxy[ids]), float("nan")
+        labels, sil = galaxies.galaxies(dist, self.s.split)
+        self.seen += 1
+        if self.s.settle and self.seen >= self.s.settle:
+            self.settled = True
+        return labels, sil
+
+    def cuts(self, ids, labels, dist, sil) -> list[Instruction]:
+        """Pairs that shared (the last round's galaxies) and no longer do: a drift each
+        side, recorded (not sent: a cut edge moves nothing), on the function-space row."""
+        before = self.galaxy[ids]
+        together = before[:, None] == before[None, :]
+        apart = labels[:, None] != labels[None, :]
+        self.galaxy[ids] = labels
+        out = []
+        why = f"cut: galaxies part (silhouette {sil:.3g} > split {self.s.split:g})"
+        for a, b in zip(*np.nonzero(np.triu(together & apart, 1)), strict=True):
+            c = float(1.0 - dist[a, b])
+            i, j = int(ids[a]), int(ids[b])
+            rate = self.s.eta
+            out += [
+                Instruction("drift", i, (j,), self.SPACE, rate, c, why),
+                Instruction("drift", j, (i,), self.SPACE, rate, c, why),
+            ]
+        return out
+
+    def remember(self, members: list[int], layer: str, targets_: np.ndarray) -> None:
+        """Each member's weights once it applies this round's mail: where its next update
+        is measured from."""
+        for m, t in zip(members, targets_, strict=True):
+            self.ref.setdefault(m, {})[layer] = t
+
+    def push(self, r: Round, members: list[int], group: list[int]) -> list[Instruction]:
+        """eta > 0: each member's tethers pushed away from the other galaxies' mean."""
+        others = [m for m in group if m not in set(members)]
+        out = []
+        for n in r.layers:
+            away = np.mean([r.pool.tether(m, n) for m in others], 0)
+            for m in members:
+                out.append(
+                    Instruction(
+                        "drift",
+                        m,
+                        tuple(others),
+                        n,
+                        self.s.eta,
+                        float("nan"),
+                        "gravity: away from the other galaxies",
+                        whole=True,
+                        partner_tether=away,
+                    )
+                )
+        return out
+
+    def state(self):
+        out = {"galaxy": self.galaxy.copy(), "settled": np.array([self.settled, self.seen])}
+        for n in self.csum:
+            out[f"csum/{n}"] = self.csum[n].astype(np.float32)
+            out[f"pairs/{n}"] = self.pairs[n]
+        return out
+
+    def restore(self, state):
+        if "galaxy" not in state:
+            return
+        self.galaxy = state["galaxy"].astype(np.int64)
+        self.settled, self.seen = bool(state["settled"][0]), int(state["settled"][1])
+        for n in self.csum:
+            if f"csum/{n}" in state:
+                self.csum[n] = state[f"csum/{n}"].astype(np.float64)
+                self.pairs[n] = state[f"pairs/{n}"].astype(np.int32)
+
+
+def _relabelled(labels: np.ndarray) -> np.ndarray:
+    """Labels 0..G-1 in order of first member."""
+    _, first = np.unique(labels, return_index=True)
+    order = {labels[i]: g for g, i in enumerate(sorted(first))}
+    return np.array([order[x] for x in labels], dtype=np.int64)
+
+
 class NoPolicy(Policy):
     """Coordination off: models train independently (the baseline for every comparison)."""
 
@@ -472,7 +652,15 @@ class NoPolicy(Policy):
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (ThresholdPolicy, FedAvgPolicy, MeanPolicy, FedAMPPolicy, SeedPolicy, NoPolicy)
+    for cls in (
+        GravityPolicy,
+        ThresholdPolicy,
+        FedAvgPolicy,
+        MeanPolicy,
+        FedAMPPolicy,
+        SeedPolicy,
+        NoPolicy,
+    )
 }
 
 
