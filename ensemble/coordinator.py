@@ -387,7 +387,8 @@ class Coordinator:
             for kind in ("merge", "drift")
         }
         layers = [n for n in self.layers if n in views or not self.policy.uses_compat]
-        decided = self.policy.decide(Round(models, views, counts, self.pool, layers))
+        step = int(self.step[models].min()) if len(models) else 0
+        decided = self.policy.decide(Round(models, views, counts, self.pool, layers, step))
         # Peers are fixed: instructions addressed to them are not given.
         given = [i for i in decided.instructions if i.model < self.count]
         lo, hi = self.cfg.tether.min, self.cfg.tether.max

@@ -64,6 +64,7 @@ class Round:
     counts: dict[tuple[str, int], int]
     pool: Pool
     layers: list[str]  # the coordinated layers
+    step: int = 0  # the round's step (the least of its members')
 
 
 @dataclass
@@ -461,11 +462,14 @@ class FedAMPPolicy(Policy):
 
 
 class GravitySettings(Sharing):
-    # galaxies (who may share): function-space clusters of the members, re-found every
-    # round until `settle` rounds have passed, then fixed (0: never fixed); a population
-    # parts only when its clusters' silhouette clears `split`, else it stays one galaxy
+    # galaxies (who may share): function-space clusters of the members. A population parts
+    # only when its clusters' silhouette clears `split` (else it stays one galaxy), and
+    # only into a partition `confirm` rounds in a row find; rounds up to step `settle`
+    # look again, later ones keep what was found (0: look every round): once attention
+    # has personalised the members, their functions differ for that reason alone
     split: float = Field(0.65, gt=-1, lt=1)
-    settle: int = Field(3, ge=0)
+    confirm: int = Field(2, ge=1)
+    settle: int = Field(120, ge=0)
     # within a galaxy (how much): softmax(sigma * mean update cosine) over its members, a
     # member counted at its best mate's compatibility; sigma_last on the last layer
     sigma: float = Field(3.0, ge=0)
@@ -510,8 +514,9 @@ class GravityPolicy(Policy):
         self.csum = {n: np.zeros((m, m), np.float64) for n in population.layers}
         self.pairs = {n: np.zeros((m, m), np.int32) for n in population.layers}
         self.galaxy = np.zeros(m, np.int64)  # the galaxies of the last round: all one at first
-        self.settled = False
-        self.seen = 0  # rounds that found galaxies
+        self.settled = False  # past step `settle`: the galaxies are fixed
+        self.pending = np.zeros(0, np.int64)  # the last round's partition, to be confirmed
+        self.streak = 0  # rounds in a row that found it
 
     def decide(self, r: Round) -> Decided:
         group = [m for m in r.models.tolist() if m in r.pool.params and m in r.pool.outputs]
@@ -521,7 +526,7 @@ class GravityPolicy(Policy):
         x = {n: targets.flat_weights(r.pool, group, [n], self.s.share) for n in r.layers}
         cbar = {n: self.learn(n, group, x[n]) for n in r.layers}
         dist = galaxies.function_distance(np.stack([r.pool.outputs[m] for m in group]))
-        labels, sil = self.find(ids, dist)
+        labels, sil = self.find(ids, dist, r.step)
         out, records = [], self.cuts(ids, labels, dist, sil)
         found = [ids[labels == g].tolist() for g in np.unique(labels)]
         last = r.layers[-1]
@@ -557,15 +562,19 @@ class GravityPolicy(Policy):
         at = np.ix_(ids, ids)
         return self.csum[layer][at] / np.maximum(self.pairs[layer][at], 1)
 
-    def find(self, ids: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, float]:
-        """This round's galaxies: found again until settled, then the settled ones."""
+    def find(self, ids: np.ndarray, dist: np.ndarray, step: int) -> tuple[np.ndarray, float]:
+        """This round's galaxies: the last ones, unless a partition found `confirm` rounds in
+        a row replaces them; after step `settle`, the last ones for good."""
+        kept = _relabelled(self.galaxy[ids])
         if self.settled:
-            return _relabelled(self.galaxy[ids]), float("nan")
+            return kept, float("nan")
         labels, sil = galaxies.galaxies(dist, self.s.split)
-        self.seen += 1
-        if self.s.settle and self.seen >= self.s.settle:
+        same = len(self.pending) == len(ids) and (self.pending == labels).all()
+        self.streak = self.streak + 1 if same else 1
+        self.pending = labels
+        if self.s.settle and step >= self.s.settle:
             self.settled = True
-        return labels, sil
+        return (labels if self.streak >= self.s.confirm else kept), sil
 
     def cuts(self, ids, labels, dist, sil) -> list[Instruction]:
         """Pairs that shared (the last round's galaxies) and no longer do: a drift each
@@ -615,7 +624,11 @@ class GravityPolicy(Policy):
         return out
 
     def state(self):
-        out = {"galaxy": self.galaxy.copy(), "settled": np.array([self.settled, self.seen])}
+        out = {
+            "galaxy": self.galaxy.copy(),
+            "pending": self.pending.copy(),
+            "settled": np.array([self.settled, self.streak]),
+        }
         for n in self.csum:
             out[f"csum/{n}"] = self.csum[n].astype(np.float32)
             out[f"pairs/{n}"] = self.pairs[n]
@@ -625,7 +638,8 @@ class GravityPolicy(Policy):
         if "galaxy" not in state:
             return
         self.galaxy = state["galaxy"].astype(np.int64)
-        self.settled, self.seen = bool(state["settled"][0]), int(state["settled"][1])
+        self.settled, self.streak = bool(state["settled"][0]), int(state["settled"][1])
+        self.pending = state["pending"].astype(np.int64)
         for n in self.csum:
             if f"csum/{n}" in state:
                 self.csum[n] = state[f"csum/{n}"].astype(np.float64)
