@@ -4,7 +4,7 @@ Both: digits from ensemble.data.load_dataset (same split), population / ensemble
 20 epochs, 64-64 hidden, Adam lr 1e-3, batch 32, each on a fresh local Ray instance
 (loopback, auth off), with the same CPU share per member so all 8 run at once.
 
-- Ours: run_job with configs/default.yaml, the default job as a user runs it (tethered
+- Ours: run_job with configs/all-data.yaml, the default job as a user runs it (tethered
   MLPs, coordination on, workers placed by resources.models_per_worker auto).
 - PBT: a Tune function trainable trains a plain MLP, reports validation accuracy and a
   checkpoint each epoch; PBT (perturbation every few epochs) exploits the best quartile
@@ -159,7 +159,7 @@ def run_ours(cfg: dict, job: str, root: Path) -> dict:
     overrides = [f"models.count={cfg['population']}", f"train.epochs={cfg['epochs']}"]
     overrides += [f"model.layers=[{hidden}]", f"train.lr={LR}", f"train.batch_size={BATCH}"]
     t0 = time.perf_counter()
-    default = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    default = Path(__file__).resolve().parents[1] / "configs" / "all-data.yaml"
     summary = run_job(load_config(default, [*overrides, f"job={job}"]), root / job)
     return {
         "wall": time.perf_counter() - t0,

@@ -3,7 +3,7 @@ better ensemble than the same members trained independently?
 
 Each (dataset, variant, seed) is one whole job run in one process without Ray: every
 member in one stack, driven by `ensemble.job.drive` (the synchronous protocol, which a Ray
-job in `coordinator.mode: sync` reproduces exactly). The job is `configs/default.yaml` with
+job in `coordinator.mode: sync` reproduces exactly). The job is `configs/all-data.yaml` with
 BASE overrides, the size's overrides, then the variant's (VARIANTS, below), then seed,
 dataset and job name. After training, every member that did not fail is scored on the
 validation and test splits: ensemble (mean of member probabilities) accuracy, NLL and ECE,
@@ -41,13 +41,13 @@ import numpy as np
 from benchmarks.common import PLAIN, case, layered
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_CONFIG = ROOT / "configs" / "default.yaml"
+BASE_CONFIG = ROOT / "configs" / "all-data.yaml"
 BASE = [
     "models.count=8",
     "train.epochs=20",
     "model.layers=[64, 64, 64]",
     # Every option spelled out at its plain value, so the rows below stay what they say
-    # whatever configs/default.yaml recommends.
+    # whatever configs/all-data.yaml recommends.
     *PLAIN,
 ]
 

@@ -128,7 +128,7 @@ def run(size: str):
             f"{mean('members'):.0f} members in the soup (mean over {len(mine)} seeds)."
         )
     notes.append(
-        f"{len(runs)} jobs on 2 processes in {wall:.0f} s; configs/default.yaml with "
+        f"{len(runs)} jobs on 2 processes in {wall:.0f} s; configs/all-data.yaml with "
         f"{s['set']} and each configuration's keys."
     )
     return cases, notes, {"configs": CONFIGS, "runs": runs, "wall_seconds": round(wall, 2)}

@@ -31,7 +31,7 @@ SIZES = {
     "default": {"repeats": 2, "epochs": 10, "ks": [8, 64], "step_ks": [8, 64], "min_seconds": 0.3},
     "full": {"repeats": 3, "epochs": 20, "ks": [8, 64], "step_ks": [1, 8, 64], "min_seconds": 0.5},
 }
-JOBS = {  # name -> overrides on configs/default.yaml
+JOBS = {  # name -> overrides on configs/all-data.yaml
     "none": ["policy.name=none"],
     "default, sync": ["coordinator.mode=sync"],
     "default, async": ["coordinator.mode=async"],
@@ -91,7 +91,7 @@ def bare_rate(k: int, epochs: int) -> float:
     from ensemble.job import make_trainer, prepare
     from ensemble.stack import cross_entropy
 
-    prep = prepare(load_config(ROOT / "configs" / "default.yaml", [f"models.count={k}"]))
+    prep = prepare(load_config(ROOT / "configs" / "all-data.yaml", [f"models.count={k}"]))
     t = make_trainer(prep, list(range(k)))  # its stack, optimiser and batches; not its loop
     b = prep.cfg.train.batch_size
     t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def job_rate(k: int, epochs: int, extra: list[str], root: Path, tag: str) -> dic
     from ensemble.driver import run_job
 
     cfg = load_config(
-        ROOT / "configs" / "default.yaml",
+        ROOT / "configs" / "all-data.yaml",
         [
             *extra,
             f"models.count={k}",

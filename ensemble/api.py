@@ -61,7 +61,8 @@ class Job:
         result = Job("configs/default.yaml", ["models.count=4"]).run()
         result.summary["ensemble"]; result.history.merges(); result.ensemble.predict(x)
 
-    config: a YAML path, a Config, a dict of config keys, or None (the built-in defaults);
+    config: a YAML path, a Config, a dict of config keys (over the built-in defaults), or
+    None (the default job, as `ensemble run` runs it);
     overrides: `--set`-style "dotted.key=value" strings. run() trains on a local Ray
     instance (the default), on the cluster at `address`, or with local=True in this process
     (no Ray: one stack per group of models, the synchronous protocol; the same ensemble as a
@@ -78,6 +79,10 @@ class Job:
         from ensemble.job import check
         from ensemble.rundir import resolve_job
 
+        if config is None:  # the default job, as `ensemble run` runs it
+            from ensemble.jobs import DEFAULT
+
+            config = DEFAULT
         if isinstance(config, Config):
             cfg = load_config(None, list(overrides), base=config.model_dump(mode="json"))
         elif isinstance(config, dict):

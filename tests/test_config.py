@@ -1,5 +1,7 @@
 """Config loading: defaults, overrides, and errors that name the field and the value."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -13,8 +15,13 @@ def test_builtin_defaults_are_the_default_job():
     assert (cfg.models.count, cfg.train.epochs, cfg.data.name) == (8, 20, "digits")
 
 
-def test_default_yaml_is_the_builtin_default():
-    assert load_config("configs/default.yaml") == load_config()
+def test_the_default_job_is_a_population_whose_members_differ():
+    from ensemble.cli.run import default_config
+
+    cfg = load(default_config())
+    assert load_config("configs/default.yaml") == load_config(default_config())  # one file
+    assert (cfg.data.groups, cfg.data.shift, cfg.data.partition) == (4, "rotate", "shard")
+    assert cfg.policy.name == "gravity" and cfg.models.count == 8
 
 
 def test_policy_auto_is_the_default_policy_with_its_own_settings():
@@ -117,6 +124,10 @@ def test_bad_set_override(override, message):
         load_config(None, [override])
 
 
-def test_default_yaml_equals_builtin_defaults():
+def test_the_default_job_ships_with_the_package():
     """`ensemble run` outside a checkout (no configs/) runs the same default job."""
-    assert load_config("configs/default.yaml") == load_config()
+    import ensemble
+    from ensemble.cli.run import default_config
+
+    assert default_config().is_relative_to(Path(ensemble.__file__).parent)
+    assert default_config().is_file()

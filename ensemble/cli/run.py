@@ -254,7 +254,9 @@ def ray_log(run_dir: Path):
         log.unlink(missing_ok=True)
 
 
-def default_config() -> Path | None:
-    """configs/default.yaml when run from a checkout, else the built-in defaults."""
-    p = Path("configs/default.yaml")
-    return p if p.is_file() else None
+def default_config() -> Path:
+    """The default job (ensemble/jobs/default.yaml, which configs/default.yaml links to),
+    shipped with the package so `ensemble run` runs it anywhere."""
+    from ensemble.jobs import DEFAULT
+
+    return DEFAULT
