@@ -47,12 +47,16 @@ def population(
     y: np.ndarray,
     own: dict[int, np.ndarray] | None = None,
     extra: bool = False,
+    groups: list[list[int]] | None = None,
 ) -> dict:
     """The scores of a population on the global test split.
 
     probs: model id -> (N, C) on the global test rows; y: (N,) their labels; own: model id
     -> the indices of its own test rows among them (None: every member's are all rows).
     extra: also calibration (ECE) and the members' disagreement, for `ensemble eval`.
+    groups: the groups a policy found; "personal" then also holds "group_ensemble": the
+    mean over members of their group's ensemble (the mean of its members' probabilities)
+    scored on the member's own test rows.
     Returns {"ensemble", "members": [{model, accuracy, nll, personal_accuracy,
     personal_nll}], "mean_member", "personal"} (members in id order)."""
     ids = sorted(probs)
@@ -73,6 +77,16 @@ def population(
         "mean_member": {"accuracy": mean("accuracy"), "nll": mean("nll")},
         "personal": {"accuracy": mean("personal_accuracy"), "nll": mean("personal_nll")},
     }
+    if groups:
+        mine = {m: [j for j in g if j in probs] for g in groups for m in g if m in probs}
+        each = []
+        for m in ids:
+            rows = slice(None) if own is None else own[m]
+            p = ensemble_probs(probs[j][rows] for j in mine.get(m, [m]))
+            each.append(score(p, y[rows]))
+        out["personal"]["group_ensemble"] = {
+            k: float(np.mean([e[k] for e in each])) for k in ("accuracy", "nll")
+        }
     if extra:
         listed = [probs[m] for m in ids]
         out |= {"disagreement": disagreement(listed), "pairwise_kl": pairwise_kl(listed)}

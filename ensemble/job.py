@@ -254,7 +254,8 @@ def summarise(prep: Prepared, results: list[MemberResult], progress: dict, wall:
     if not results:
         raise EnsembleError(f"every model failed (models {failed}); see the history's events")
     own = {r.model: prep.parts.test[r.model] for r in results}
-    scored = population({r.model: r.test_probs for r in results}, data.y_test, own)
+    found = progress.get("groups")
+    scored = population({r.model: r.test_probs for r in results}, data.y_test, own, groups=found)
     by_id = {r.model: r for r in results}
     for m in scored["members"]:
         r = by_id[m["model"]]
@@ -268,7 +269,6 @@ def summarise(prep: Prepared, results: list[MemberResult], progress: dict, wall:
             "train_seconds": round(r.train_seconds, 3),
         }
     truth = true_groups(cfg.models.count, cfg.data.groups)
-    found = progress.get("groups")
     return {
         "job": cfg.job,
         "models": cfg.models.count,

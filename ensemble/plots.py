@@ -298,6 +298,75 @@ def entropy_sparsity(h: HistoryReader, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+SPACE = "function space"  # the compat row gravity records its galaxies on
+
+
+def embed(dist: np.ndarray) -> np.ndarray:
+    """(k, k) distances -> (k, 2) positions: classical multidimensional scaling."""
+    k = len(dist)
+    j = np.eye(k) - 1.0 / k
+    b = -0.5 * j @ (np.nan_to_num(dist) ** 2) @ j
+    vals, vecs = np.linalg.eigh(b)
+    top = np.argsort(vals)[::-1][:2]
+    return vecs[:, top] * np.sqrt(np.clip(vals[top], 0.0, None))
+
+
+def galaxy_picture(h: HistoryReader, path: Path, panels: int = 6) -> Path | None:
+    """Galaxies forming: at evenly spaced rounds, the members as bodies placed by their
+    function-space distances (the compat row gravity records), coloured by the galaxy the
+    policy saw, lines where they share, red dashes where an edge was cut that round."""
+    rounds = h.compat_rounds(SPACE)
+    if not rounds:
+        return None
+    groups = dict(h.round_groups())
+    cuts: dict[int, list[tuple[int, int]]] = {}
+    for d in h.drifts():
+        if d.layer == SPACE and d.partner is not None:
+            cuts.setdefault(d.round, []).append((d.model, d.partner))
+    must = [r for r in sorted(cuts) if r in set(rounds)][:2]  # where galaxies parted
+    spaced = [rounds[int(i)] for i in np.linspace(0, len(rounds) - 1, panels - len(must))]
+    picks = sorted({*must, *spaced})
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.4 * len(picks), 3.6), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, r in zip(axes[0], picks, strict=True):
+        ids, sim = h.compat_matrix(r, SPACE)
+        if len(ids) > 256:  # at most 256 bodies a panel
+            keep = np.linspace(0, len(ids) - 1, 256).astype(int)
+            ids, sim = [ids[i] for i in keep], sim[np.ix_(keep, keep)]
+        dist = 1.0 - sim
+        np.fill_diagonal(dist, 0.0)
+        xy = embed(dist)
+        pos = {m: xy[i] for i, m in enumerate(ids)}
+        found = groups.get(r) or [ids]
+        colour = {m: g for g, members in enumerate(found) for m in members}
+        for members in found:  # who shares: within a galaxy
+            inside = [m for m in members if m in pos]
+            for a in range(len(inside)):
+                for b in range(a + 1, min(len(inside), a + 6)):
+                    p, q = pos[inside[a]], pos[inside[b]]
+                    ax.plot([p[0], q[0]], [p[1], q[1]], color="0.75", lw=0.6, zorder=1)
+        for i, j in cuts.get(r, []):
+            if i in pos and j in pos:
+                p, q = pos[i], pos[j]
+                ax.plot([p[0], q[0]], [p[1], q[1]], "--", color="tab:red", lw=0.8, zorder=1)
+        ax.scatter(
+            xy[:, 0],
+            xy[:, 1],
+            c=[cmap(colour.get(m, 0) % 10) for m in ids],
+            s=60 if len(ids) <= 32 else 12,
+            edgecolor="k",
+            zorder=2,
+        )
+        if len(ids) <= 16:
+            for m, (x, y) in pos.items():
+                ax.annotate(str(m), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"round {r}: {len(found)} galaxies", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Galaxies: members by what they compute; colour, the galaxy; red, a cut")
+    return _save(fig, path)
+
+
 MAX_LINES = 16  # beyond this many models, per-model pictures show an even sample
 
 
@@ -314,7 +383,11 @@ def plot_all(h: HistoryReader, out: Path, animate: bool = False) -> list[Path]:
     shown = sample(models)
     made = [
         dynamics_3d(h, out / "dynamics_3d.png", models[0] if models else 0),
-        *(compat_heatmaps(h, out / f"compat_{layer}.png", layer) for layer in h.layers()),
+        *(
+            compat_heatmaps(h, out / f"compat_{layer.replace(' ', '_')}.png", layer)
+            for layer in h.layers()
+        ),
+        galaxy_picture(h, out / "galaxies.png"),
         orbits(h, out / "orbits.png", shown),
         lineage_graph(h, out / "lineage.png", shown),
         curves(h, out / "curves.png"),

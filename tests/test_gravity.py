@@ -80,6 +80,10 @@ def test_two_groups_with_opposite_label_maps_end_in_two_galaxies(tmp_path):
         (i, j) for i in range(4) for j in range(4) if (i < 2) != (j < 2)
     }
     assert all(d.layer == "function space" and d.rule.startswith("cut:") for d in cuts)
+    from ensemble.plots import plot_all
+
+    made = {p.name for p in plot_all(h, tmp_path / "plots")}
+    assert "galaxies.png" in made and "compat_function_space.png" in made
 
 
 def test_an_all_compatible_population_shares_across_everyone(tmp_path):

@@ -96,12 +96,19 @@ def summary_table(s: dict) -> Table:
         *([f"{own['accuracy']:.4f}", f"{own['nll']:.4f}"] if differ else []),
         "",
     )
+    galaxy = own.get("group_ensemble")  # each member's group's ensemble, on its own rows
     t.add_row(
         "[bold]ensemble",
         *pad,
         f"[bold]{ens['accuracy']:.4f}",
         f"[bold]{ens['nll']:.4f}",
-        *(["", ""] if differ else []),
+        *(
+            [f"[bold]{galaxy['accuracy']:.4f}", f"[bold]{galaxy['nll']:.4f}"]
+            if differ and galaxy
+            else ["", ""]
+            if differ
+            else []
+        ),
         "",
     )
     groups = s.get("groups") or {}
@@ -119,7 +126,8 @@ def summary_table(s: dict) -> Table:
         )
         + (
             "\ntest: global, the whole test split as every group has it; personal, each "
-            "member on its own test rows (mean member: the mean of those)"
+            "member on its own test rows (mean member: the mean of those"
+            + ("; ensemble: each member's group's ensemble on them)" if galaxy else ")")
             if differ
             else ""
         )
