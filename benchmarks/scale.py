@@ -37,13 +37,15 @@ SIZES = {
     },
     "full": {
         "jobs": [(256, 64, "default"), (4096, 2048, "default"), (4096, 2048, "threshold")],
+        # the default policy is gravity: its 4,096-model job is the second row
         "epochs": 3,
         "grid": [8, 32, 64, 128, 256, 512, 1024, 2048, 4096],
         "rounds": 5,
     },
 }
 SHAPES = {"fc1": (64, 64), "fc2": (64, 64), "out": (10, 64)}
-POLICIES = {"threshold": [], "fedavg": ["policy.name=fedavg"]}
+POLICIES = {"threshold": [], "fedavg": ["policy.name=fedavg"], "gravity": ["policy.name=gravity"]}
+PROBE, CLASSES = 64, 10  # gravity's function space: probabilities on a 64-input probe
 
 
 def coordinator_times(m: int, rounds: int, policy: str) -> dict:
@@ -72,14 +74,51 @@ def coordinator_times(m: int, rounds: int, policy: str) -> dict:
         path = Path(tmp) / "history.sqlite"
         c = Coordinator(cfg, SHAPES, HistoryWriter(path, cfg.job, "", compat_every=1))
         rng = np.random.default_rng(0)
-        for start in range(0, m, 256):  # every model known, in stack-sized reports
-            ids = np.arange(start, min(start + 256, m))
-            n = len(ids)
-            t = {k: rng.normal(1, 0.1, (n, *s)).astype(np.float32) for k, s in SHAPES.items()}
-            yes = np.ones(n, dtype=bool)
-            c.receive(StackReport(ids, 1, 0, np.ones(n), np.ones(n), yes, yes, t))
+        needs = c.policy.traits(c.policy.s)
+        base = {k: rng.normal(0, 0.1, (m, *s)).astype(np.float32) for k, s in SHAPES.items()}
+
+        def publish(step: int) -> None:
+            """Every model reports, in stack-sized reports: tethers the first time, and its
+            weights (moved a little since the last round) and probe outputs when the
+            policy asks for them."""
+            for start in range(0, m, 256):
+                ids = np.arange(start, min(start + 256, m))
+                n = len(ids)
+                yes = np.ones(n, dtype=bool)
+                first = step == 1
+                t = {k: rng.normal(1, 0.1, (n, *s)).astype(np.float32) for k, s in SHAPES.items()}
+                extra = {}
+                if needs["weights"]:
+                    extra["weights"] = {
+                        k: (
+                            base[k][ids] + rng.normal(0, 0.01, (n, *s)).astype(np.float32) * step,
+                            np.zeros((n, s[0]), np.float32),
+                        )
+                        for k, s in SHAPES.items()
+                    }
+                if needs["outputs"]:
+                    extra["outputs"] = rng.dirichlet(np.ones(CLASSES), (n, PROBE)).astype(
+                        np.float32
+                    )
+                c.receive(
+                    StackReport(
+                        ids,
+                        step,
+                        0,
+                        np.ones(n),
+                        np.ones(n),
+                        yes,
+                        yes if first else ~yes,
+                        t if first else {k: v[:0] for k, v in t.items()},
+                        **extra,
+                    )
+                )
+
+        publish(1)
         times, sizes, instructions = [], [], []
-        for _ in range(rounds):
+        for r in range(rounds):
+            if r:
+                publish(r + 1)  # not timed: what the workers send between rounds
             before = path.stat().st_size + _wal(path)
             t0 = time.perf_counter()
             instructions.append(len(c.run_round()))
@@ -127,7 +166,8 @@ def fresh(m: int, rounds: int, policy: str) -> dict:
 
 def job(models: int, k: int, epochs: int, policy: str, root: Path) -> dict:
     """A real job through the driver, then a filtered history query on it from the CLI.
-    policy "default": the default config (no rounds on full data); "threshold": PLAIN."""
+    policy "default": the built-in defaults (gravity, every member on all the data);
+    "threshold": PLAIN."""
     from ensemble.config import load_config
     from ensemble.driver import run_job
 

@@ -29,8 +29,9 @@ def function_distance(probs: np.ndarray) -> np.ndarray:
     z = logp - logp.mean(2, keepdims=True)  # no class prior: centre over classes
     z -= z.mean(1, keepdims=True)  # then over probe inputs, per class
     z /= np.linalg.norm(z, axis=1, keepdims=True) + EPS
-    c = len(probs[0][0])
-    corr = np.einsum("ink,jnk->ij", z, z) / c  # mean over classes of the correlation
+    k, _, c = z.shape
+    flat = z.reshape(k, -1)
+    corr = flat @ flat.T / c  # the mean over classes of the correlation: one matmul
     d = 1.0 - corr
     d = 0.5 * (d + d.T)
     np.fill_diagonal(d, 0.0)
@@ -44,7 +45,6 @@ def galaxies(dist: np.ndarray, split: float, most: int = 32) -> tuple[np.ndarray
     with the highest silhouette; kept only if it exceeds `split`, else one galaxy."""
     from scipy.cluster.hierarchy import fcluster, linkage
     from scipy.spatial.distance import squareform
-    from sklearn.metrics import silhouette_score
 
     k = len(dist)
     one = np.zeros(k, dtype=np.int64)
@@ -56,7 +56,7 @@ def galaxies(dist: np.ndarray, split: float, most: int = 32) -> tuple[np.ndarray
         cut = fcluster(tree, n, "maxclust")
         if len(set(cut)) < 2:
             continue
-        s = float(silhouette_score(dist, cut, metric="precomputed"))
+        s = silhouette(dist, cut)
         if s > best:
             best, labels = s, cut
     if best <= split:
@@ -66,10 +66,27 @@ def galaxies(dist: np.ndarray, split: float, most: int = 32) -> tuple[np.ndarray
     return np.array([order[x] for x in labels], dtype=np.int64), best
 
 
+def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
+    """The mean silhouette (Rousseeuw 1987) of a clustering of precomputed distances, as
+    sklearn's silhouette_score gives it (a member alone in its cluster scores 0): one
+    (k, k) x (k, G) product for every member's mean distance to every cluster."""
+    _, lab = np.unique(labels, return_inverse=True)
+    onehot = np.eye(lab.max() + 1)[lab]  # (k, G)
+    sums = dist @ onehot  # (k, G): each member's summed distance to each cluster
+    size = onehot.sum(0)
+    own = size[lab]
+    a = sums[np.arange(len(lab)), lab] / np.maximum(own - 1, 1)
+    other = sums / size
+    other[np.arange(len(lab)), lab] = np.inf
+    b = other.min(1)
+    s = np.where(own > 1, (b - a) / np.maximum(np.maximum(a, b), EPS), 0.0)
+    return float(s.mean())
+
+
 def update_cosine(now: np.ndarray, before: np.ndarray) -> np.ndarray:
     """(k, P) weights now and at the last round -> (k, k) cosine of their updates."""
-    d = now.astype(np.float64) - before
-    g = d @ d.T
+    d = (now - before).astype(np.float32)
+    g = (d @ d.T).astype(np.float64)  # float32 products: the one big matmul of a round
     n = np.sqrt(np.clip(np.diag(g), 0.0, None))
     return g / np.maximum(np.outer(n, n), EPS)
 

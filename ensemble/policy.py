@@ -543,7 +543,7 @@ class GravityPolicy(Policy):
                 rule = f"gravity: galaxy of {len(at)}, attention sigma {sigma:g}, rate {a:g}"
                 if len(at) > 1:
                     out += targets.mixed(r.pool, members, n, mix, self.s, rule, c)
-                self.remember(members, n, mix @ x[n][at])
+                self.remember(members, n, mix.astype(np.float32) @ x[n][at])
             if self.s.eta and len(found) > 1:
                 out += self.push(r, members, group)
         compat = {n: (ids, cbar[n].astype(np.float32)) for n in r.layers}

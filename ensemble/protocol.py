@@ -50,7 +50,7 @@ class Instruction:
     rate: float
     compat: float
     rule: str
-    weights: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
+    weights: np.ndarray | tuple[float, ...] | None = field(default=None, compare=False, repr=False)
     partner_tether: np.ndarray | None = field(default=None, compare=False, repr=False)
     partner_weights: tuple[np.ndarray, np.ndarray] | None = field(
         default=None, compare=False, repr=False

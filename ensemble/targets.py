@@ -148,19 +148,19 @@ def toward(ins: Instruction, means: dict, order: dict, pool: Pool, s) -> Instruc
 
 
 def flat_weights(pool: Pool, members: list[int], layers: list[str], share: str) -> np.ndarray:
-    """(k, P) each member's shared weights (W * T or W) over `layers`, flattened, float64."""
+    """(k, P) each member's shared weights (W * T or W) over `layers`, flattened, float32."""
     rows = []
     for m in members:
         src = pool.shared(m, share) if share != "tethers" else None
         parts = [(src[n][0] if src is not None else pool.tether(m, n)).ravel() for n in layers]
-        rows.append(np.concatenate(parts).astype(np.float64))
+        rows.append(np.concatenate(parts).astype(np.float32, copy=False))
     return np.stack(rows)
 
 
 def weight_cosine(pool: Pool, members: list[int], layers: list[str], share: str) -> np.ndarray:
     """(k, k) cosine of the members' flattened weights (FedAMP's similarity)."""
     x = flat_weights(pool, members, layers, share)
-    return maths.cosine_from_gram(x @ x.T)
+    return maths.cosine_from_gram((x @ x.T).astype(np.float64))
 
 
 def mixed(pool: Pool, members: list[int], layer: str, mix: np.ndarray, s, rule: str, compat):
@@ -170,13 +170,17 @@ def mixed(pool: Pool, members: list[int], layer: str, mix: np.ndarray, s, rule: 
     came from, its mean over the others recorded as the instruction's compat. No
     alignment: mixing is for members that share an init."""
     ids = np.asarray(members)
-    t = np.stack([pool.tether(m, layer) for m in members])  # (k, *shape)
-    tethers = np.tensordot(mix, t, axes=1).astype(t.dtype)
+    mix = np.asarray(mix, dtype=np.float32)  # float32 products: the weights' own precision
+
+    def mixed_(rows: list[np.ndarray]) -> np.ndarray:  # (k, *shape) -> (k, *shape)
+        x = np.stack(rows)
+        return (mix @ x.reshape(len(x), -1)).reshape(x.shape).astype(x.dtype, copy=False)
+
+    tethers = mixed_([pool.tether(m, layer) for m in members])
     w = b = None
     if s.share != "tethers":
         src = [pool.shared(m, s.share)[layer] for m in members]
-        w = np.tensordot(mix, np.stack([x[0] for x in src]), axes=1).astype(src[0][0].dtype)
-        b = np.tensordot(mix, np.stack([x[1] for x in src]), axes=1).astype(src[0][1].dtype)
+        w, b = mixed_([x[0] for x in src]), mixed_([x[1] for x in src])
     means = (compat.sum(1) - np.diag(compat)) / max(len(members) - 1, 1)
     out = []
     for i, m in enumerate(members):
@@ -189,7 +193,7 @@ def mixed(pool: Pool, members: list[int], layer: str, mix: np.ndarray, s, rule: 
             1.0,
             float(means[i]),
             rule,
-            weights=tuple(float(x) for x in mix[i][keep]),
+            weights=mix[i][keep],  # an array: a tuple of floats costs at thousands
             share=s.share,
             whole=True,
             partner_tether=tethers[i],

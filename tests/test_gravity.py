@@ -50,12 +50,23 @@ def test_galaxies_part_only_a_population_that_splits_clearly():
     assert labels.tolist() == [0] * 8 and sil <= 0.65  # no clear split: one galaxy
 
 
+def test_silhouette_is_sklearns():
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 4))
+    dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    for labels in (rng.integers(0, 3, 30), np.r_[np.zeros(29, int), 1]):  # and a singleton
+        want = silhouette_score(dist, labels, metric="precomputed")
+        assert galaxies.silhouette(dist, labels) == pytest.approx(want, abs=1e-12)
+
+
 def test_update_cosine_and_attention_match_their_formulas():
     rng = np.random.default_rng(2)
     now, before = rng.normal(size=(5, 30)), rng.normal(size=(5, 30))
     d = now - before
     want = np.array([[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in d] for a in d])
-    np.testing.assert_allclose(galaxies.update_cosine(now, before), want, atol=1e-12)
+    np.testing.assert_allclose(galaxies.update_cosine(now, before), want, atol=1e-6)  # float32
     c = want
     w = galaxies.attention(c, 3.0)
     for i in range(5):
