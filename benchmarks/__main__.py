@@ -52,12 +52,6 @@ REGISTRY = [
         False,
         "ensemble accuracy/NLL/calibration/diversity of each merge variant vs independent",
     ),
-    Bench(
-        "partitions",
-        False,
-        False,
-        "merging on sharded and label-skewed data: policies vs local-only and FedAvg",
-    ),
     Bench("soup", False, False, "the greedy soup vs the best member and the ensemble"),
     Bench(
         "regimes",
