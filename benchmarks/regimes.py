@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import case, layered
+from benchmarks.quality import _stat
 
 COMMON = [
     "models.count=8",
@@ -235,11 +236,7 @@ def summarise(runs: list[dict], p: dict) -> dict:
             for k in METRICS:
                 xs = [r[k] for r in ok if r.get(k) is not None]
                 if xs:
-                    cell[k] = {
-                        "mean": float(np.mean(xs)),
-                        "sd": float(np.std(xs, ddof=1)) if len(xs) > 1 else None,
-                        "values": [float(x) for x in xs],
-                    }
+                    cell[k] = _stat(xs)
             cell["seeds"] = [r["seed"] for r in ok]
             table[regime][row] = cell
     return table

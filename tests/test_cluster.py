@@ -65,7 +65,10 @@ def test_the_cluster_workflow_with_auth_on(tmp_path, tiny_overrides):
         assert again.returncode == 2 and "already running" in again.stderr
 
         # run on it, and ask the running job's coordinator while it trains
-        sets = [a for o in [*tiny_overrides, "job=live", "train.epochs=400"] for a in ("--set", o)]
+        # the default policy, gravity, on members whose labels differ: merges every round
+        over = [o for o in tiny_overrides if not o.startswith("policy.")]
+        over += ["policy.name=gravity", "data.groups=2", "data.shift=permute_labels"]
+        sets = [a for o in [*over, "job=live", "train.epochs=400"] for a in ("--set", o)]
         job = subprocess.Popen(
             [
                 sys.executable,

@@ -56,3 +56,22 @@ def test_fedavg_by_name_on_label_skew_merges_ends_equal_and_beats_local_only(tmp
             np.testing.assert_allclose(value, members[0][key], rtol=1e-4, atol=1e-5)
     alone = run_local(load_config(None, [*skew, "policy.name=none"]), tmp_path / "none")
     assert s["ensemble"]["nll"] * 2 <= alone["ensemble"]["nll"], (s["ensemble"], alone["ensemble"])
+
+
+def test_the_default_job_merges_drifts_and_beats_local_only_and_fedavg(tmp_path):
+    """`ensemble run`, nothing else typed: the four-site scenario on Ray. Gravity merges,
+    cuts the edges between sites, finds them, and each member's score on its own site
+    beats training alone and one global model."""
+    from ensemble.jobs import DEFAULT
+
+    proc = cli("run", "--set", "job=default-job", "--run-dir", str(tmp_path / "ray"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert s["policy"] == "gravity" and s["merges"] > 0 and s["drifts"] > 0
+    assert s["groups"]["ari"] == 1.0 and s["groups"]["found"] == s["groups"]["true"]
+    others = {}
+    for name in ("none", "fedavg"):
+        cfg = load_config(DEFAULT, [f"job={name}", f"policy.name={name}"])
+        others[name] = run_local(cfg, tmp_path / name)["personal"]["nll"]
+    assert s["personal"]["nll"] < others["none"] and s["personal"]["nll"] < others["fedavg"]
+    assert "groups found: 4" in proc.stdout and "drifts 48" in proc.stdout
