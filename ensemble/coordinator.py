@@ -294,7 +294,12 @@ class Coordinator:
         history, so this survives a restart)."""
         models = er.models.tolist()
         for j, m in enumerate(models):
-            for split, (loss, acc) in (("train", er.train[j]), ("val", er.val[j])):
+            splits = (("train", er.train[j]), ("val", er.val[j]))
+            bad = next((f"{s} loss is {x[0]}" for s, x in splits if not np.isfinite(x).all()), None)
+            if bad is not None:  # a quarantine, as a non-finite training loss is
+                self.quarantine(m, int(self.step[m]), bad)
+                continue
+            for split, (loss, acc) in splits:
                 self.history.metrics(m, er.epoch, split, float(loss), float(acc))
                 if self.tracker is not None:
                     self.tracker.epoch(m, er.epoch, split, float(loss), float(acc))
@@ -305,11 +310,13 @@ class Coordinator:
         members = [m for m in range(self.count) if m not in self.failed]
         if set(members) <= stored:  # the epoch is complete: read them all once
             got = self.history.load_val_probs(er.epoch)
-            s = scores(ensemble_probs([got[m] for m in members]), self.val_labels)
-            self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
+            ok = [got[m] for m in members if np.isfinite(got[m]).all()]  # not the quarantined
             self.history.drop_val_probs(er.epoch)  # scored: no longer needed
-            if self.tracker is not None:
-                self.tracker.ensemble(er.epoch, s["nll"], s["accuracy"])
+            if ok:
+                s = scores(ensemble_probs(ok), self.val_labels)
+                self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
+                if self.tracker is not None:
+                    self.tracker.ensemble(er.epoch, s["nll"], s["accuracy"])
 
     def finish(self, model: int, step: int, failed: bool = False, **detail) -> None:
         """The model stops training: no further decisions involve it. Its `finished` (or
