@@ -12,7 +12,6 @@ import fcntl
 import os
 import shutil
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,12 +213,13 @@ def claim_for_resume(run_dir: Path, cfg: Config) -> Claim:
 
 
 def _history_meta(run_dir: Path) -> dict[str, str]:
-    uri = f"file:{(run_dir / 'history.sqlite').resolve()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True)
+    from ensemble.history import HistoryReader
+
+    h = HistoryReader(run_dir / "history.sqlite")
     try:
-        return dict(conn.execute("SELECT key, value FROM meta"))
+        return h.meta()
     finally:
-        conn.close()
+        h.close()
 
 
 def _same_job(run_dir: Path, recorded: str, cfg: Config) -> None:

@@ -146,8 +146,8 @@ def _numeric(path: Path, column, name: str) -> np.ndarray:
         bad = np.flatnonzero(~(np.abs(values) <= F32_MAX))  # NaN too
         if len(bad):
             raise DataError(
-                f"{path}: row {bad[0] + 1}, column {name!r} is empty, NaN, infinite or past "
-                f"float32's range (got {values[bad[0]]}); expected a number within ±{F32_MAX:.3g}"
+                f"{path}: row {bad[0] + 1}, column {name!r} is empty, NaN or infinite, or past "
+                f"float32's range ({values[bad[0]]}); expected a number within ±{F32_MAX:.3g}"
             )
         return values
     cells = column.to_pylist()

@@ -1,10 +1,13 @@
 """Shared fixtures. Ray is told to bind to loopback and skip auth before anything imports it."""
 
 import os
+import tempfile
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local instances bind to 127.0.0.1
 os.environ["RAY_AUTH_MODE"] = "disabled"  # local test instances only
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# this user's record of trained-with code (ensemble.trust), kept out of the real home
+os.environ.setdefault("TETHER_ENSEMBLE_HOME", tempfile.mkdtemp(prefix="tether-ensemble-home-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
