@@ -182,3 +182,47 @@ def test_tables_summarise_thousands_of_models():
     con.print(t)
     text = con.export_text()
     assert "all 4096" in text and "3072 running" in text
+
+
+# A factory whose members blow up from their first step when their own initial weight
+# a.weight[0, 0] is positive (elementwise, so it works on a stack of members too).
+SOME_BLOW_UP = """\
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self, features, classes):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(features, 8), torch.nn.Linear(8, classes)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y * torch.where(self.a.weight[0, 0] > 0, float("nan"), 1.0)  # no NaN grads
+
+def make(features, classes):
+    return Net(features, classes)
+"""
+
+
+@pytest.mark.ray
+def test_a_member_that_dies_is_named_in_the_table_and_the_summary_and_exits_3(
+    tmp_path, tiny_overrides
+):
+    from ensemble.config import load_config
+    from ensemble.model import build_member
+
+    code = tmp_path / "net.py"
+    code.write_text(SOME_BLOW_UP)
+    keys = [*tiny_overrides, f"model.factory={code}:make", "faults.on_poison=stop", "job=dies"]
+    cfg = load_config(None, keys)
+    doomed = [m for m in range(4) if build_member(cfg, 64, 10, m)[0].a.weight[0, 0] > 0]
+    assert 0 < len(doomed) < 4, "pick another seed: the test needs some of each"
+    run_dir = tmp_path / "run"
+    proc = cli("run", *[a for k in keys for a in ("--set", k)], "--run-dir", str(run_dir))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [f["model"] for f in summary["failed"]] == doomed
+    assert all("loss is nan" in f["reason"] for f in summary["failed"])
+    assert [m["model"] for m in summary["members"]] == [m for m in range(4) if m not in doomed]
+    for m in doomed:  # a line of the table each
+        assert f"{m} failed" in proc.stdout and "quarantined (loss is nan)" in proc.stdout
+    assert f"{len(doomed)} of 4 members failed" in " ".join(proc.stderr.split())

@@ -17,6 +17,7 @@ from ensemble import procs
 from ensemble.api import History
 from ensemble.config import load_config
 from ensemble.driver import run_job
+from ensemble.errors import EnsembleError
 from ensemble.service import NAMESPACE
 from tests.test_cluster import instance_of
 
@@ -108,6 +109,38 @@ def test_killed_worker_restarts_from_its_checkpoint(tiny_cfg, tmp_path, cluster)
     assert all(e.step > 0 for e in restarts)  # ...from its checkpoint, not from step 0
     pid = started.detail["pid"]
     assert all(e.detail["pid"] != pid for e in restarts)  # in a new worker process
+
+
+def test_a_worker_dead_for_good_is_a_failed_member_with_its_reason(tiny_cfg, tmp_path, cluster):
+    cfg = longer(tiny_cfg, epochs=12, max_restarts=0)
+    run_dir = tmp_path / "run"
+    t, out = run_in_thread(cfg, run_dir, cluster.address)
+    assert wait_for(lambda: History.open(run_dir).count("metrics") >= 8)
+    (started,) = History.open(run_dir).events(kind="started", model=1)
+    os.kill(started.detail["pid"], signal.SIGKILL)  # no restarts left: gone for good
+    t.join(timeout=400)
+    assert "error" not in out, out.get("error")
+    summary = out["summary"]
+    pid = started.detail["pid"]
+    gone = {e.model for e in History.open(run_dir).events("started") if e.detail["pid"] == pid}
+    assert [f["model"] for f in summary["failed"]] == sorted(gone) and 1 in gone
+    for f in summary["failed"]:
+        assert f["reason"].startswith("ActorDiedError") or "died" in f["reason"], f
+    assert {m["model"] for m in summary["members"]} == set(range(4)) - gone
+
+
+def test_an_unwritable_history_ends_the_job_with_one_line_naming_it(tiny_cfg, tmp_path, cluster):
+    cfg = longer(tiny_cfg, epochs=30)
+    run_dir = tmp_path / "run"
+    t, out = run_in_thread(cfg, run_dir, cluster.address)
+    assert wait_for(lambda: History.open(run_dir).count("rounds") >= 2)
+    (run_dir / "generations").rename(tmp_path / "moved")
+    (run_dir / "generations").write_text("in the way")  # the next snapshot cannot be written
+    t.join(timeout=400)
+    err = out.get("error")
+    assert isinstance(err, EnsembleError), err
+    assert "cannot write the history" in str(err) and "generations" in str(err)
+    assert not (run_dir / "summary.json").exists()
 
 
 def test_killed_coordinator_restarts_from_the_history(tiny_cfg, tmp_path, cluster):
