@@ -1,6 +1,7 @@
 """The `ensemble` command end to end, as a user runs it, plus its bad-input paths."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -290,3 +291,19 @@ def test_quiet_prints_the_summary_only_and_ctrl_c_pressed_often_exits_130(tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted; what was recorded is in" in err and "Traceback" not in err
+
+
+def test_the_drivers_log_has_no_name_a_kill_could_leave_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    from ensemble.cli.run import ray_log
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("job: j\n")
+    with ray_log(run):
+        os.write(2, b"a line of Ray's\n")
+        assert list((tmp_path / "tmp").iterdir()) == []  # nothing named, even now
+    assert (run / "driver.log").read_text() == "a line of Ray's\n"
