@@ -22,9 +22,9 @@ from ensemble.cluster import auth_off, client_auth, ensure_token
 from ensemble.config import Config, dump_config
 from ensemble.errors import EnsembleError
 from ensemble.history.writer import HistoryFullError
-from ensemble.job import finish, prepare
+from ensemble.job import finish, prepare_and_claim
 from ensemble.protocol import MemberResult
-from ensemble.rundir import claim_for_resume, claim_run_dir, write_atomic
+from ensemble.rundir import write_atomic
 from ensemble.service import NAMESPACE, CoordinatorActor, reachable, unwrap
 from workers.worker import Worker
 
@@ -103,14 +103,7 @@ def run_job(
     written; a start that fails before training (no cluster, a placement that cannot be
     met, ...) removes what it created and nothing else, and a resumed run keeps every file.
     """
-    claim = claim_for_resume(run_dir, cfg) if resume else None
-    try:
-        prep = prepare(cfg)  # bad config, data or peer files fail before anything is created
-        claim = claim or claim_run_dir(run_dir, cfg.job)
-    except BaseException:
-        if claim is not None:
-            claim.release()
-        raise
+    prep, claim = prepare_and_claim(cfg, run_dir, resume)  # bad input creates nothing
     with claim:
         return _start_and_train(cfg, prep, claim, address, on_progress, poll_seconds, on_status)
 

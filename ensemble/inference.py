@@ -204,7 +204,7 @@ def _read_text_table(path: Path, delimiter: str | None, label_column: str | None
         raise DataError(f"{path}: not a numeric table (not UTF-8 text: {e.reason})") from None
     head = [c.strip().strip('"') for c in lines[0].split(delimiter)] if lines else []
     keep = None
-    if head and not all(_is_float(c) for c in head):  # a header row: names, not values
+    if head and not any(_is_float(c) for c in head):  # a header row: names, no values
         lines = lines[1:]
         keep = [i for i, c in enumerate(head) if c != label_column]
     if not lines:

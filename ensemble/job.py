@@ -37,7 +37,7 @@ from ensemble.model import PRESETS, build_member, check_module, hidden_sizes
 from ensemble.placement import groups_of
 from ensemble.policy import POLICIES
 from ensemble.protocol import MemberResult
-from ensemble.rundir import claim_for_resume, claim_run_dir, write_atomic
+from ensemble.rundir import Claim, claim_for_resume, claim_run_dir, write_atomic
 from ensemble.trainer import Trainer
 
 
@@ -123,6 +123,20 @@ def check_size(cfg: Config, features: int, classes: int) -> None:
         )
 
 
+def prepare_and_claim(cfg: Config, run_dir: Path, resume: bool) -> tuple[Prepared, Claim]:
+    """`prepare`, and the run directory's claim (ensemble.rundir.Claim), held by the caller
+    until the job ends. A new job is claimed once its inputs have passed (bad input creates
+    nothing); a resumed one first (its run directory holds the inputs)."""
+    claim = claim_for_resume(run_dir, cfg) if resume else None
+    try:
+        prep = prepare(cfg)
+        return prep, claim or claim_run_dir(run_dir, cfg.job)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+
+
 def make_trainer(
     prep: Prepared,
     ids: list[int],
@@ -195,14 +209,7 @@ def run_local(
     stack reports, the coordinator takes the reports in stack order, runs a round when one
     is due, and every stack applies its reply before it trains on: the synchronous protocol.
     """
-    claim = claim_for_resume(run_dir, cfg) if resume else None
-    try:
-        prep = prepare(cfg)
-        claim = claim or claim_run_dir(run_dir, cfg.job)
-    except BaseException:
-        if claim is not None:
-            claim.release()
-        raise
+    prep, claim = prepare_and_claim(cfg, run_dir, resume)
     with claim:
         run_dir = claim.run_dir
         if not resume:

@@ -526,3 +526,22 @@ def test_predict_with_models_that_do_not_match_the_config(finished):
         assert_one_error_line(["predict", "run", "--input", "x.npy", "--output", "y.csv"])
         shutil.rmtree(here / "run")
         (here / "x.npy").unlink()
+
+
+def test_predict_takes_the_csv_training_takes(finished):
+    """A byte-order mark and a header row (with the label column) as spreadsheets write
+    them: the same predictions as the bare numbers."""
+    x = np.random.default_rng(0).random((3, 64)).astype(np.float32)
+    with sandbox(finished) as here:
+        np.save(here / "x.npy", x)
+        header = ",".join([*(f"f{i}" for i in range(64)), "label"])
+        rows = [",".join([*map(repr, map(float, r)), "0"]) for r in x]
+        (here / "x.csv").write_bytes(("\ufeff" + "\n".join([header, *rows]) + "\n").encode())
+        for name in ("x.npy", "x.csv"):
+            result = runner.invoke(
+                app, ["predict", str(finished), "--input", name, "--output", f"{name}.out"]
+            )
+            assert result.exit_code == 0, result.stderr
+        assert (here / "x.npy.out").read_text() == (here / "x.csv.out").read_text()
+        for f in ("x.npy", "x.csv", "x.npy.out", "x.csv.out"):
+            (here / f).unlink()

@@ -67,6 +67,14 @@ def ensemble_cli(*args, env):
     )
 
 
+def point_factory_at(run_dir, code) -> None:
+    """Edit a run's config.yaml to name another factory file."""
+    path = run_dir / "config.yaml"
+    tree = yaml.safe_load(path.read_text())
+    tree["model"]["factory"] = f"{code}:make"
+    path.write_text(yaml.safe_dump(tree))
+
+
 def test_the_run_records_its_factorys_file_and_sha256(trained):
     run, code = trained
     rec = json.loads((run / "code.json").read_text())["model.factory"]
@@ -150,10 +158,7 @@ def test_a_run_pointed_at_other_code_record_and_all_is_refused(trained, tmp_path
     rec = json.loads((tmp_path / "run" / "code.json").read_text())
     rec["model.factory"] |= {"spec": f"{other}:make", "path": str(other)}
     (tmp_path / "run" / "code.json").write_text(json.dumps(rec))
-    cfg_path = tmp_path / "run" / "config.yaml"
-    tree = yaml.safe_load(cfg_path.read_text())
-    tree["model"]["factory"] = f"{other}:make"
-    cfg_path.write_text(yaml.safe_dump(tree))
+    point_factory_at(tmp_path / "run", other)
     with pytest.raises(RunDirError, match="no job of this user here trained with that version"):
         Ensemble.load(tmp_path / "run")
     assert not (tmp_path / "imported").exists()
@@ -166,10 +171,7 @@ def test_a_config_pointed_at_other_code_than_recorded_is_refused(trained, tmp_pa
     shutil.copytree(run, tmp_path / "run")
     other = tmp_path / "other.py"
     other.write_text(FACTORY)
-    cfg_path = tmp_path / "run" / "config.yaml"
-    tree = yaml.safe_load(cfg_path.read_text())
-    tree["model"]["factory"] = f"{other}:make"
-    cfg_path.write_text(yaml.safe_dump(tree))
+    point_factory_at(tmp_path / "run", other)
     with pytest.raises(RunDirError, match="has no record"):
         Ensemble.load(tmp_path / "run")
     assert not (tmp_path / "imported").exists()
