@@ -303,7 +303,7 @@ def test_the_drivers_log_has_no_name_a_kill_could_leave_behind(tmp_path, monkeyp
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("job: j\n")
-    with ray_log(run):
+    with ray_log(run, "j"):
         os.write(2, b"a line of Ray's\n")
         assert list((tmp_path / "tmp").iterdir()) == []  # nothing named, even now
     assert (run / "driver.log").read_text() == "a line of Ray's\n"

@@ -163,7 +163,7 @@ def run(
     run_job = partial(run_job, resume=resume is not None)
     interrupt = OneInterrupt()
     try:
-        with interrupt, ray_log(target, quiet):  # Ray's lines go to <run dir>/driver.log
+        with interrupt, ray_log(target, cfg.job, quiet):  # Ray's lines: <run dir>/driver.log
             if quiet:
                 summary = run_job(cfg, target, address)
             elif not console.is_terminal:  # a pipe or a file: plain lines, as they happen
@@ -252,11 +252,14 @@ class PlainProgress:
 
 
 @contextmanager
-def ray_log(run_dir: Path, quiet: bool = False):
+def ray_log(run_dir: Path, job: str, quiet: bool = False):
     """While the job runs, what reaches this process's stderr (Ray's C++ warnings, workers'
     forwarded output; with `quiet`, its stdout too) goes to an unnamed temporary file (one
     a kill cannot leave behind); then into <run dir>/driver.log when the run directory
-    holds a run, or away. Our own error lines are printed after, on stderr."""
+    holds this job (not when the start failed, nor another job that owns it), or away. Our
+    own error lines are printed after, on stderr."""
+    from ensemble.rundir import recorded_job
+
     fds = (1, 2) if quiet else (2,)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -273,7 +276,7 @@ def ray_log(run_dir: Path, quiet: bool = False):
             os.dup2(old, fd)
             os.close(old)
         run = Path(run_dir)
-        if (run / "config.yaml").is_file() and log.tell():
+        if log.tell() and recorded_job(run) == job:
             log.seek(0)
             with open(run / "driver.log", "ab") as out:
                 shutil.copyfileobj(log, out)
