@@ -17,6 +17,7 @@ auth on for this process, so its requests carry the token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -118,6 +119,39 @@ def client_auth() -> bool:
     return (mode or "").lower() == "token"
 
 
+@contextlib.contextmanager
+def held_stderr():
+    """What reaches this process's stderr (fd 2: Ray's C++ retry warnings) while the block
+    runs is held back; yields a function returning it so far. On success it is printed
+    after all; after an error the caller says in one line what it meant."""
+    sys.stderr.flush()
+    saved, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    text = lambda: (held.seek(0), held.read().decode("utf-8", "replace"))[1]  # noqa: E731
+    ok = False
+    try:
+        yield text
+        ok = True
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if ok:
+            sys.stderr.write(text())
+        held.close()
+
+
+def refused_auth(address: str, ray_lines: str, authed: bool) -> EnsembleError | None:
+    """The error for a cluster that refused our token (or its lack), from Ray's lines."""
+    if "InvalidAuthToken" not in ray_lines and "Unauthenticated" not in ray_lines:
+        return None
+    what = "this machine's token" if authed else "a request without a token"
+    return EnsembleError(
+        f"the Ray cluster at {address} uses token authentication and refused {what}; put "
+        f"the cluster's token in {token_path()} (or RAY_AUTH_TOKEN)"
+    )
+
+
 def _ray_cli() -> str:
     here = Path(sys.executable).parent / "ray"
     found = str(here) if here.exists() else shutil.which("ray")
@@ -170,8 +204,11 @@ def start(
     for p, what in ((port, "--port"), (dashboard_port, "--dashboard-port")):
         if answers("127.0.0.1", p):
             raise EnsembleError(f"{what} {p}: something already listens there; pick another")
-    # private (0700) and unguessable, not a fixed name in /tmp; short: Ray's socket paths
-    temp_dir = tempfile.mkdtemp(prefix=f"tether-ensemble-{os.getuid()}-", dir="/tmp")
+    # Ray's temp dir inside a private (0700), unguessable one, not a fixed name in /tmp:
+    # Ray opens its own to everyone (0777), and does again whenever a driver joins. Short:
+    # Ray's socket paths must stay under 108 bytes.
+    private = tempfile.mkdtemp(prefix=f"tether-ensemble-{os.getuid()}-", dir="/tmp")
+    temp_dir = f"{private}/r"
     tag = f"cluster-{port}-{secrets.token_hex(4)}"
     agent = free_port()
     cmd = [
@@ -206,10 +243,9 @@ def start(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
-    os.chmod(temp_dir, 0o700)  # Ray opens its temp dir to everyone (0777): close it again
     if proc.returncode != 0:
         procs.terminate(procs.ours(tag))
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise EnsembleError(f"ray start failed: {' | '.join(tail)}")
     st = {
@@ -227,7 +263,7 @@ def start(
         wait_ready(st, ready_timeout)
     except EnsembleError:
         procs.terminate(procs.ours(tag))
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
         raise
     st["pids"] = sorted(pid for pid, _ in procs.ours(tag))
     home().mkdir(parents=True, exist_ok=True)

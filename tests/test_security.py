@@ -120,7 +120,8 @@ def test_cluster_start_honours_auth_off_and_makes_a_private_temp_dir(monkeypatch
     def fake_ray_start(cmd, env, **kw):
         seen["env"], seen["cmd"] = env, cmd
         temp = next(c for c in cmd if c.startswith("--temp-dir=")).split("=", 1)[1]
-        os.chmod(temp, 0o777)  # what Ray does to its temp dir
+        os.makedirs(temp)
+        os.chmod(temp, 0o777)  # what Ray does to its temp dir, each time a driver joins
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(cluster.subprocess, "run", fake_ray_start)
@@ -130,11 +131,12 @@ def test_cluster_start_honours_auth_off_and_makes_a_private_temp_dir(monkeypatch
     try:
         assert seen["env"]["RAY_AUTH_MODE"] == "disabled" and st["auth"] == "disabled"
         assert not token.exists()  # no token made for a cluster that takes none
-        temp = Path(st["temp_dir"])
-        assert temp.stat().st_mode & 0o777 == 0o700 and temp.parent == Path("/tmp")
-        assert temp.name != f"tether-ensemble-ray-{os.getuid()}-{st['address'].split(':')[1]}"
+        private = Path(st["temp_dir"]).parent  # no one else can even look into Ray's
+        assert private.stat().st_mode & 0o777 == 0o700 and private.parent == Path("/tmp")
+        assert private.name.startswith(f"tether-ensemble-{os.getuid()}-")
+        assert private.name != f"tether-ensemble-{os.getuid()}-{st['address'].split(':')[1]}"
     finally:
-        shutil.rmtree(st["temp_dir"], ignore_errors=True)
+        shutil.rmtree(Path(st["temp_dir"]).parent, ignore_errors=True)
 
 
 def free_tcp_port() -> int:
