@@ -17,6 +17,7 @@ auth on for this process, so its requests carry the token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,15 +48,34 @@ def token_path() -> Path:
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
 
-def ensure_token() -> Path:
-    """The token file, made (owner-only) if this machine has none yet."""
+def ensure_token() -> tuple[Path, list[str]]:
+    """The token file, made if this machine has none yet: 0600, in a 0700 directory when
+    that is Ray's own (~/.ray) or one this made. A token others can read is tightened;
+    returns the path and a line for each such fix (the caller says so)."""
     path = token_path()
-    if not path.is_file() or not path.read_text().strip():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return path
+    fixed = []
+    default = path == Path.home() / ".ray" / "auth_token"
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        default = True
+    if default and path.parent.stat().st_mode & 0o077:
+        os.chmod(path.parent, 0o700)
+        fixed.append(f"{path.parent} was open to others: now 0700")
+    if path.is_file() and path.read_text().strip():
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            fixed.append(f"{path} was readable by others: now 0600")
+        return path, fixed
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # O_CREAT's mode does not apply to an existing file
+        f.write(secrets.token_hex(32))
+    return path, fixed
+
+
+def auth_off() -> bool:
+    """Whether the user turned Ray's token authentication off (RAY_AUTH_MODE=disabled)."""
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled"
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -96,6 +117,39 @@ def client_auth() -> bool:
 
             Config.initialize("")
     return (mode or "").lower() == "token"
+
+
+@contextlib.contextmanager
+def held_stderr():
+    """What reaches this process's stderr (fd 2: Ray's C++ retry warnings) while the block
+    runs is held back; yields a function returning it so far. On success it is printed
+    after all; after an error the caller says in one line what it meant."""
+    sys.stderr.flush()
+    saved, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    text = lambda: (held.seek(0), held.read().decode("utf-8", "replace"))[1]  # noqa: E731
+    ok = False
+    try:
+        yield text
+        ok = True
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if ok:
+            sys.stderr.write(text())
+        held.close()
+
+
+def refused_auth(address: str, ray_lines: str, authed: bool) -> EnsembleError | None:
+    """The error for a cluster that refused our token (or its lack), from Ray's lines."""
+    if "InvalidAuthToken" not in ray_lines and "Unauthenticated" not in ray_lines:
+        return None
+    what = "this machine's token" if authed else "a request without a token"
+    return EnsembleError(
+        f"the Ray cluster at {address} uses token authentication and refused {what}; put "
+        f"the cluster's token in {token_path()} (or RAY_AUTH_TOKEN)"
+    )
 
 
 def _ray_cli() -> str:
@@ -150,7 +204,11 @@ def start(
     for p, what in ((port, "--port"), (dashboard_port, "--dashboard-port")):
         if answers("127.0.0.1", p):
             raise EnsembleError(f"{what} {p}: something already listens there; pick another")
-    temp_dir = f"/tmp/tether-ensemble-ray-{os.getuid()}-{port}"  # short: socket paths
+    # Ray's temp dir inside a private (0700), unguessable one, not a fixed name in /tmp:
+    # Ray opens its own to everyone (0777), and does again whenever a driver joins. Short:
+    # Ray's socket paths must stay under 108 bytes.
+    private = tempfile.mkdtemp(prefix=f"tether-ensemble-{os.getuid()}-", dir="/tmp")
+    temp_dir = f"{private}/r"
     tag = f"cluster-{port}-{secrets.token_hex(4)}"
     agent = free_port()
     cmd = [
@@ -174,11 +232,12 @@ def start(
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
-    token = ensure_token()
+    off = auth_off()  # the user's explicit choice, honoured, and said aloud
+    token, fixed = (None, []) if off else ensure_token()
     env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to loopback
-        "RAY_AUTH_MODE": "token",  # always: the head serves jobs, which run code
+        "RAY_AUTH_MODE": "disabled" if off else "token",  # the head serves jobs: code
         procs.MARKER: tag,
         # submitted jobs run `ensemble ...`: this Python's scripts must be on their PATH
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -186,6 +245,7 @@ def start(
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if proc.returncode != 0:
         procs.terminate(procs.ours(tag))
+        shutil.rmtree(private, ignore_errors=True)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise EnsembleError(f"ray start failed: {' | '.join(tail)}")
     st = {
@@ -194,13 +254,16 @@ def start(
         "temp_dir": temp_dir,
         "tag": tag,
         "agent_port": agent,
-        "token_path": str(token),
+        "token_path": str(token) if token else None,
+        "auth": "disabled" if off else "token",
+        "fixed": fixed,
         "started": time.time(),
     }
     try:
         wait_ready(st, ready_timeout)
     except EnsembleError:
         procs.terminate(procs.ours(tag))
+        shutil.rmtree(private, ignore_errors=True)
         raise
     st["pids"] = sorted(pid for pid, _ in procs.ours(tag))
     home().mkdir(parents=True, exist_ok=True)
@@ -215,7 +278,8 @@ def wait_ready(st: dict, timeout: float) -> None:
     checks = {
         "the dashboard agent (it runs submitted jobs) listening on port "
         f"{st['agent_port']}": lambda: answers("127.0.0.1", st["agent_port"]),
-        f"the Jobs API at {st['dashboard']} answering the token": lambda: _jobs_answer(st),
+        f"the Jobs API at {st['dashboard']} answering"
+        + ("" if st.get("auth") == "disabled" else " the token"): lambda: _jobs_answer(st),
     }
     for what, check in checks.items():
         while not check():
@@ -227,7 +291,7 @@ def wait_ready(st: dict, timeout: float) -> None:
                 )
             time.sleep(0.3)
     code = unauthenticated_status(st["dashboard"])
-    if code != 401:
+    if st.get("auth") != "disabled" and code != 401:
         raise EnsembleError(
             f"the Jobs API at {st['dashboard']} answered an unauthenticated request with "
             f"{code}, not 401: token authentication is not enforced; not starting"

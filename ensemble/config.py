@@ -9,15 +9,63 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ensemble.errors import ConfigError
 from ensemble.history.retention import parse_retention
 
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the whole name: fullmatch
+YAML_MAX_DEPTH = 64  # a config is a few levels deep; 3,000 overflowed the composer's stack
+YAML_MAX_NODES = 100_000  # values once aliases are expanded: a 700-byte alias bomb is 10^6
+MAX_CLASSES = 10_000  # labels are classes, a logit each; an id past this is not a class
+MAX_VALUES = 1 << 30  # synthetic and text data: samples x features (4 GB as float32)
+MAX_WIDTH = 1 << 20  # units of one hidden layer (the whole model is checked against memory later)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load`, refusing first (from the event stream, which needs no stack) a
+    document nested deeper than YAML_MAX_DEPTH or holding more than YAML_MAX_NODES values
+    once its aliases are expanded. YAML syntax errors propagate as `yaml.YAMLError`."""
+    stack = [[0, None]]  # per open collection: [values so far, its anchor]
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+
+    def add(n: int, anchor: str | None) -> None:
+        if anchor:
+            sizes[anchor] = n
+        stack[-1][0] += n
+        if stack[-1][0] > YAML_MAX_NODES:
+            raise ConfigError(
+                f"{source}: expands to more than {YAML_MAX_NODES:,} values (YAML aliases "
+                "repeating aliases?); refusing it"
+            )
+
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            stack.append([1, ev.anchor])
+            if len(stack) - 1 > YAML_MAX_DEPTH:
+                raise ConfigError(f"{source}: nested more than {YAML_MAX_DEPTH} levels deep")
+        elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            add(*stack.pop())
+        elif isinstance(ev, yaml.ScalarEvent):
+            add(1, ev.anchor)
+        elif isinstance(ev, yaml.AliasEvent):
+            add(sizes.get(ev.anchor, 1), None)
+    return yaml.safe_load(text)
+
+
+def _takes_bool(annotation: Any) -> bool:
+    return annotation is bool or bool in get_args(annotation) or annotation is Any
 
 
 def refuse_renamed(values: Any, key: str, why: str) -> None:
@@ -28,7 +76,17 @@ def refuse_renamed(values: Any, key: str, why: str) -> None:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float finite: .inf and .nan are never a meaningful rate, size or bound
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v: Any, info: ValidationInfo) -> Any:
+        """`models.count: true` is a mistake, not 1: a bool only where a bool is meant."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(v, bool) and field is not None and not _takes_bool(field.annotation):
+            raise ValueError("expected a number or a name, not a boolean")
+        return v
 
 
 class ModelsConfig(Section):
@@ -70,6 +128,8 @@ class ModelConfig(Section):
     def _positive(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (not v or any(n < 1 for n in v)):
             raise ValueError(f"hidden sizes must be a non-empty list of positive ints, got {v}")
+        if v is not None and max(v) > MAX_WIDTH:
+            raise ValueError(f"hidden sizes must be at most {MAX_WIDTH:,} units")
         return v
 
 
@@ -102,7 +162,7 @@ class DataConfig(Section):
     labels_file: str = "labels_input.txt"  # text dataset: one integer label per sample
     samples: int = Field(3200, ge=2)  # text/synthetic: declared number of samples
     features: int = Field(128, ge=1)  # text/synthetic: declared width of one sample
-    classes: int = Field(10, ge=2)  # text/synthetic: labels lie in [0, classes)
+    classes: int = Field(10, ge=2, le=MAX_CLASSES)  # text/synthetic: labels lie in [0, classes)
     create_missing: bool = False  # text: write random files when absent, as the seed does
     # your own data (ensemble.userdata): csv / parquet, a table file with one row a sample
     path: str | None = None
@@ -181,6 +241,11 @@ class DataConfig(Section):
         if self.shift != "none" and self.groups < 2:
             raise ValueError(
                 f"data.shift {self.shift}: shifts how groups differ; set data.groups >= 2"
+            )
+        if self.name in ("synthetic", "text") and self.samples * self.features > MAX_VALUES:
+            raise ValueError(
+                f"data.samples x data.features is {self.samples * self.features:,} values; "
+                f"at most {MAX_VALUES:,}"
             )
         return self
 
@@ -351,7 +416,7 @@ class HistoryConfig(Section):
 
 class Config(Section):
     job: str | None = None  # run name; None picks "<data>-<timestamp>"
-    seed: int = 0  # seeds data splits, inits and shuffles
+    seed: int = Field(0, ge=0, lt=2**32)  # seeds data splits, inits and shuffles (numpy's range)
     models: ModelsConfig = ModelsConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -461,7 +526,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected dotted.key=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key.strip(), load_yaml(raw, f"--set {text!r}")
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
 
@@ -497,7 +562,7 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            tree = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+            tree = load_yaml(p.read_bytes().decode("utf-8"), str(p)) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not a text (UTF-8) file; expected a YAML config") from None
         except yaml.YAMLError as e:

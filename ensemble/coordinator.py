@@ -301,7 +301,12 @@ class Coordinator:
         history, so this survives a restart)."""
         models = er.models.tolist()
         for j, m in enumerate(models):
-            for split, (loss, acc) in (("train", er.train[j]), ("val", er.val[j])):
+            splits = (("train", er.train[j]), ("val", er.val[j]))
+            bad = next((f"{s} loss is {x[0]}" for s, x in splits if not np.isfinite(x).all()), None)
+            if bad is not None:  # a quarantine, as a non-finite training loss is
+                self.quarantine(m, int(self.step[m]), bad)
+                continue
+            for split, (loss, acc) in splits:
                 self.history.metrics(m, er.epoch, split, float(loss), float(acc))
                 if self.tracker is not None:
                     self.tracker.epoch(m, er.epoch, split, float(loss), float(acc))
@@ -312,17 +317,19 @@ class Coordinator:
         members = [m for m in range(self.count) if m not in self.failed]
         if set(members) <= stored:  # the epoch is complete: read them all once
             got = self.history.load_val_probs(er.epoch)
-            s = score(ensemble_probs([got[m] for m in members]), self.val_labels)
-            self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
+            ok = [got[m] for m in members if np.isfinite(got[m]).all()]  # not the quarantined
             self.history.drop_val_probs(er.epoch)  # scored: no longer needed
-            if self.tracker is not None:
-                self.tracker.ensemble(er.epoch, s["nll"], s["accuracy"])
-                own = self.history.conn.execute(  # personal: each member on its own rows
-                    "SELECT AVG(loss), AVG(accuracy) FROM metrics WHERE epoch = ? AND"
-                    " split = 'val' AND model >= 0",
-                    (er.epoch,),
-                ).fetchone()
-                self.tracker.personal(er.epoch, *own)
+            if ok:
+                s = score(ensemble_probs(ok), self.val_labels)
+                self.history.metrics(ENSEMBLE, er.epoch, "val", s["nll"], s["accuracy"])
+                if self.tracker is not None:
+                    self.tracker.ensemble(er.epoch, s["nll"], s["accuracy"])
+                    own = self.history.conn.execute(  # personal: each member on its own rows
+                        "SELECT AVG(loss), AVG(accuracy) FROM metrics WHERE epoch = ? AND"
+                        " split = 'val' AND model >= 0",
+                        (er.epoch,),
+                    ).fetchone()
+                    self.tracker.personal(er.epoch, *own)
 
     def finish(self, model: int, step: int, failed: bool = False, **detail) -> None:
         """The model stops training: no further decisions involve it. Its `finished` (or

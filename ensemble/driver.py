@@ -17,13 +17,14 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ensemble import placement, procs
-from ensemble.cluster import client_auth
+from ensemble import placement, procs, trust
+from ensemble.cluster import auth_off, client_auth, ensure_token
 from ensemble.config import Config, dump_config
 from ensemble.errors import EnsembleError
-from ensemble.job import finish, prepare
+from ensemble.history.writer import HistoryFullError
+from ensemble.job import finish, prepare_and_claim
 from ensemble.protocol import MemberResult
-from ensemble.rundir import check_resumable, claim_run_dir, unclaim, write_atomic
+from ensemble.rundir import write_atomic
 from ensemble.service import NAMESPACE, CoordinatorActor, reachable, unwrap
 from workers.worker import Worker
 
@@ -50,6 +51,8 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> str | None:
             raise EnsembleError(f"cannot join the Ray cluster at {address}: {e}") from None
         return None
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "call local_ray_env() first"
+    if not auth_off() and not os.environ.get("RAY_AUTH_TOKEN"):
+        ensure_token()  # else Ray makes one readable by everyone (0644, in a 0755 ~/.ray)
     tag = f"run-{os.getpid()}-{secrets.token_hex(4)}"
     os.environ[procs.MARKER] = tag  # inherited by every process Ray starts now
     try:
@@ -95,21 +98,28 @@ def run_job(
     """Run one ensemble job to completion and return its summary dict.
 
     on_progress gets the coordinator's progress dict while training; on_status gets a line
-    for each phase before that (starting Ray, the coordinator, the workers). A start that
-    fails before training (no cluster, a placement that cannot be met, ...) leaves no run
-    directory behind.
+    for each phase before that (starting Ray, the coordinator, the workers). The run
+    directory is claimed (`ensemble.rundir.Claim`) for the whole job, before anything is
+    written; a start that fails before training (no cluster, a placement that cannot be
+    met, ...) removes what it created and nothing else, and a resumed run keeps every file.
     """
-    prep = prepare(cfg)  # bad config, data or peer files fail before anything is created
-    cfg = prep.cfg  # its policy made explicit: what config.yaml records
-    if resume:  # continue from the run directory's checkpoints and history
-        run_dir, made = check_resumable(run_dir, cfg.job), []
-    else:
-        run_dir, made = claim_run_dir(run_dir, cfg.job)
+    prep, claim = prepare_and_claim(cfg, run_dir, resume)  # bad input creates nothing
+    with claim:
+        # prep.cfg: its policy made explicit, what config.yaml records
+        return _start_and_train(
+            prep.cfg, prep, claim, address, on_progress, poll_seconds, on_status
+        )
+
+
+def _start_and_train(cfg, prep, claim, address, on_progress, poll_seconds, on_status) -> dict:
+    run_dir, resume = claim.run_dir, claim.resumed
     on_status(f"joining Ray at {address}" if address else "starting a local Ray instance")
     tag = None
     handles = None
-    training = False
+    training = failed_start = False
     try:
+        if not resume:
+            trust.record(cfg, run_dir)  # what the factories' code is, for later loads
         tag = start_ray(address)
         t0 = time.time()
         total = ray.cluster_resources()
@@ -163,12 +173,13 @@ def run_job(
                 ray.get(handles.coordinator.close.remote(), timeout=10)
             except Exception:
                 pass
-        if not training:  # a failed start: leave nothing behind
-            unclaim(run_dir, made)
+        failed_start = not training
         raise
     finally:
         if ray.is_initialized() or tag is not None:
             stop_ray(tag)  # stops an instance we started; only disconnects from a joined one
+        if failed_start:  # once nothing of the job runs: remove what it created, no more
+            claim.undo()
 
 
 def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:
@@ -176,6 +187,7 @@ def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> l
     where no model has progressed for `faults.stall_seconds` fails with a clear message."""
     pending = {w.run.remote(): i for i, w in enumerate(h.workers)}
     results: dict[int, MemberResult] = {}
+    failures: list[dict] = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll_seconds)
         for ref in done:
@@ -183,7 +195,11 @@ def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> l
             try:
                 results.update({r.model: r for r in ray.get(ref)})
             except ray.exceptions.RayError as e:  # failures are data
-                detail = {"error": type(e).__name__, "message": str(e)[:500]}
+                cause = root_cause(e)
+                if isinstance(cause, HistoryFullError):  # nothing can be recorded: stop
+                    raise cause from None
+                detail = {"error": type(cause).__name__, "message": brief(cause)}
+                failures.append(detail)
                 ray.get(h.coordinator.fail.remote(group, detail))
         try:
             progress = ray.get(h.coordinator.progress.remote(), timeout=30)
@@ -204,5 +220,28 @@ def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> l
                 "cluster cannot fit them. What was recorded is in the run directory's history"
             )
     if not results:
-        raise EnsembleError("every worker failed; see the `failed` events in the history")
+        first = failures[0] if failures else {"error": "?", "message": "no result"}
+        raise EnsembleError(
+            f"every worker failed; the first: {first['error']}: {first['message']} "
+            "(all of them: the `failed` events in the history)"
+        )
     return [results[i] for i in sorted(results)]
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception at the bottom of Ray's wrappers (a worker's call into the coordinator
+    nests two): what actually went wrong."""
+    seen = {id(e)}
+    while True:
+        nxt = getattr(e, "cause", None) or e.__cause__
+        if nxt is None or id(nxt) in seen:
+            return e
+        seen.add(id(nxt))
+        e = nxt
+
+
+def brief(e: BaseException, limit: int = 2000) -> str:
+    """An exception's own message, on one line: the end of it when it is long (Ray puts
+    the traceback first and the error last)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else "…" + text[-limit:]

@@ -6,6 +6,7 @@ ens.predict_proba(x)        # (N, C), the mean of the members' probabilities; ra
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -15,11 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from ensemble import evaluation
+from ensemble import evaluation, trust
 from ensemble.config import Config, load_config
+from ensemble.data import _is_float
 from ensemble.errors import DataError, RunDirError
 from ensemble.groups import Shift, group_of, make_shift
 from ensemble.model import attach_tethers, build_member
+from ensemble.rundir import inside
+from ensemble.userdata import read_npy
 
 OLD_KEY = re.compile(r"layers\.(\w+)\.(?:linear\.)?(weight|bias|tether)")
 
@@ -52,8 +56,14 @@ def load_member(cfg: Config, features: int, classes: int, state: dict[str, np.nd
     params = {
         k: torch.from_numpy(np.array(v)) for k, v in state.items() if not k.startswith("tether.")
     }
-    module.load_state_dict(params)
-    return attach_tethers(module, tethers).eval()
+    try:
+        module.load_state_dict(params)
+        return attach_tethers(module, tethers).eval()
+    except (RuntimeError, KeyError, ValueError) as e:  # saved by another architecture
+        first = " ".join(str(e).split())[:300]
+        raise RunDirError(
+            f"a saved member does not fit the model its run's config.yaml describes ({first})"
+        ) from None
 
 
 class Ensemble:
@@ -84,18 +94,17 @@ class Ensemble:
         self.class_names: list[str] | None = None
         self.shift = Shift()
         self.found: list[list[int]] | None = None  # the groups the policy saw last
+        self.trust_code = False  # evaluate: may data.factory's code run (ensemble.trust)
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> Ensemble:
+    def load(cls, run_dir: str | Path, trust_code: bool = False) -> Ensemble:
+        """The run's members. A run directory is data: code its config names (a model
+        factory) is imported only if it is the code this machine trained the run with, or
+        with trust_code=True (see ensemble.trust)."""
         run_dir = Path(run_dir)
-        models = run_dir / "models"
-        files = sorted(models.glob("model_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
-        pre = models / "preprocess.safetensors"
-        if not files or not pre.is_file():
-            raise RunDirError(
-                f"{run_dir}: no trained models (models/model_*.safetensors); did the job finish?"
-            )
+        files, pre = saved_members(run_dir)
         cfg = load_config(run_dir / "config.yaml", saved=True)
+        trust.check(cfg, run_dir, trust_code, ("model.factory",))
         with safe_open(str(pre), "np") as f:
             meta = f.metadata() or {}
         features, classes = int(meta["features"]), int(meta["classes"])
@@ -105,6 +114,7 @@ class Ensemble:
             for f in files
         }
         ens = cls(run_dir, cfg, members, features, classes, stats.get("mean"), stats.get("std"))
+        ens.trust_code = trust_code
         if "class_names" in meta:  # the labels were names: class i is class_names[i]
             ens.class_names = json.loads(meta["class_names"])
         shape = json.loads(meta["image_shape"]) if meta.get("image_shape") else None
@@ -204,6 +214,7 @@ class Ensemble:
         from ensemble.data import load_dataset, partition
         from ensemble.groups import pooled
 
+        trust.check(self.cfg, self.run_dir, self.trust_code, ("data.factory",))
         data = pooled(load_dataset(self.cfg.data, self.cfg.seed), self.shift)  # standardised
         parts = partition(self.cfg.data, data, self.cfg.models.count, self.cfg.seed)
         t = torch.from_numpy(data.x_test)
@@ -213,21 +224,51 @@ class Ensemble:
         return {"test_samples": int(len(data.y_test)), **report}
 
 
-def read_inputs(path: Path) -> np.ndarray:
-    """x.npy (no pickles), x.csv (comma-separated) or x.txt (whitespace), one row per input."""
+def saved_members(run_dir: Path) -> tuple[list[Path], Path]:
+    """models/model_<i>.safetensors in order, and models/preprocess.safetensors: each a
+    file of the run directory itself, never a symlink out of it."""
+    models = Path(run_dir) / "models"
+    files = sorted(models.glob("model_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+    pre = models / "preprocess.safetensors"
+    if not files or not pre.is_file():
+        raise RunDirError(
+            f"{run_dir}: no trained models (models/model_*.safetensors); did the job finish?"
+        )
+    for f in [*files, pre]:
+        inside(run_dir, f.relative_to(run_dir), f"{run_dir}")
+    return files, pre
+
+
+def read_inputs(path: Path, label_column: str | None = None) -> np.ndarray:
+    """x.npy (no pickles), x.csv (comma-separated) or x.txt (whitespace), one row per input.
+    A CSV may start with a byte-order mark and a header row, as the training CSV does; a
+    column named `label_column` there is the label, and is left out."""
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
-    try:
-        if path.suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
-        elif path.suffix in (".csv", ".txt"):
-            x = np.loadtxt(
-                path, delimiter="," if path.suffix == ".csv" else None, dtype=np.float64, ndmin=2
-            )
-        else:
-            raise DataError(f"{path}: unknown input format {path.suffix!r}; use .npy, .csv or .txt")
-    except (ValueError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{path}: not a numeric table ({str(e) or type(e).__name__})") from None
+    if path.suffix not in (".npy", ".csv", ".txt"):
+        raise DataError(f"{path}: unknown input format {path.suffix!r}; use .npy, .csv or .txt")
+    if path.suffix == ".npy":
+        x = read_npy(path, "a numeric table")
+    else:
+        x = _read_text_table(path, "," if path.suffix == ".csv" else None, label_column)
     if x.size == 0:
         raise DataError(f"{path}: no inputs in the file")
     return x
+
+
+def _read_text_table(path: Path, delimiter: str | None, label_column: str | None) -> np.ndarray:
+    try:
+        lines = [line for line in path.read_bytes().decode("utf-8-sig").splitlines() if line]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a numeric table (not UTF-8 text: {e.reason})") from None
+    head = [c.strip().strip('"') for c in lines[0].split(delimiter)] if lines else []
+    keep = None
+    if head and not any(_is_float(c) for c in head):  # a header row: names, no values
+        lines = lines[1:]
+        keep = [i for i, c in enumerate(head) if c != label_column]
+    if not lines:
+        raise DataError(f"{path}: no inputs in the file")
+    try:
+        return np.loadtxt(io.StringIO("\n".join(lines)), delimiter=delimiter, ndmin=2, usecols=keep)
+    except ValueError as e:
+        raise DataError(f"{path}: not a numeric table ({str(e) or type(e).__name__})") from None

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from ensemble import trust
 from ensemble.batches import steps_per_epoch
 from ensemble.compat import COMPAT
 from ensemble.config import Config, dump_config, load_config
@@ -33,11 +34,11 @@ from ensemble.errors import ConfigError, EnsembleError
 from ensemble.evaluation import ari, population
 from ensemble.groups import Shift, group_of, make_shift, pooled, true_groups
 from ensemble.history import HistoryReader, HistoryWriter
-from ensemble.model import PRESETS, build_member, check_module
+from ensemble.model import PRESETS, build_member, check_module, hidden_sizes
 from ensemble.placement import groups_of
 from ensemble.policy import resolve
 from ensemble.protocol import MemberResult
-from ensemble.rundir import check_resumable, claim_run_dir, write_atomic
+from ensemble.rundir import Claim, claim_for_resume, claim_run_dir, write_atomic
 from ensemble.trainer import Trainer
 
 
@@ -95,6 +96,7 @@ def prepare(cfg: Config) -> Prepared:
     """Check the config, load the data and peer files: every bad input fails here."""
     cfg = check(cfg)
     data = load_dataset(cfg.data, cfg.seed)
+    check_size(cfg, data.features, data.classes)
     shift = make_shift(cfg.data, cfg.seed, data.features, data.classes, data.image_shape)
     module, tethers = build_member(cfg, data.features, data.classes, 0)
     what = f"model.factory {cfg.model.factory!r}" if cfg.model.factory else "the model"
@@ -110,6 +112,35 @@ def prepare(cfg: Config) -> Prepared:
     data = pooled(data, shift)
     parts = partition(cfg.data, data, cfg.models.count, cfg.seed)
     return Prepared(cfg, data, shapes, parts, steps, peers, shift)
+
+
+def check_size(cfg: Config, features: int, classes: int) -> None:
+    """Refuse, before allocating it, a built-in MLP one model of which this machine cannot
+    hold: float32 weights, tethers, gradients, Adam's two moments and a rollback copy."""
+    if cfg.model.factory is not None:
+        return
+    sizes = [features, *hidden_sizes(cfg.model.preset, cfg.model.layers), classes]
+    params = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
+    need, have = params * 4 * 6, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ConfigError(
+            f"model.layers {sizes[1:-1]}: {params:,} parameters a model on {features} features "
+            f"need about {need / 2**30:,.1f} GiB to train; this machine has {have / 2**30:,.1f}"
+        )
+
+
+def prepare_and_claim(cfg: Config, run_dir: Path, resume: bool) -> tuple[Prepared, Claim]:
+    """`prepare`, and the run directory's claim (ensemble.rundir.Claim), held by the caller
+    until the job ends. A new job is claimed once its inputs have passed (bad input creates
+    nothing); a resumed one first (its run directory holds the inputs)."""
+    claim = claim_for_resume(run_dir, cfg) if resume else None
+    try:
+        prep = prepare(cfg)
+        return prep, claim or claim_run_dir(run_dir, cfg.job)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
 
 
 def make_trainer(
@@ -184,23 +215,25 @@ def run_local(
     stack reports, the coordinator takes the reports in stack order, runs a round when one
     is due, and every stack applies its reply before it trains on: the synchronous protocol.
     """
-    prep = prepare(cfg)
-    cfg = prep.cfg
-    run_dir = Path(run_dir)
-    run_dir = check_resumable(run_dir, cfg.job) if resume else claim_run_dir(run_dir, cfg.job)[0]
-    if not resume:
-        write_atomic(run_dir / "config.yaml", dump_config(cfg))
-    t0 = time.time()
-    coord = open_coordinator(prep, run_dir)
-    try:
-        groups = groups or groups_of(cfg.models.count, 1)
-        trainers = [make_trainer(prep, g, device, run_dir / "checkpoints", resume) for g in groups]
-        drive(trainers, coord, {"pid": os.getpid(), "device": device}, on_progress)
-        secs = time.time() - t0
-        results = [r for t in trainers for r in t.results(0.0, secs)]
-        return finish(prep, run_dir, results, coord.progress(), time.time() - t0)
-    finally:
-        coord.history.close()
+    prep, claim = prepare_and_claim(cfg, run_dir, resume)
+    cfg = prep.cfg  # its policy made explicit: what config.yaml records
+    with claim:
+        run_dir = claim.run_dir
+        if not resume:
+            trust.record(cfg, run_dir)
+            write_atomic(run_dir / "config.yaml", dump_config(cfg))
+        t0 = time.time()
+        coord = open_coordinator(prep, run_dir)
+        try:
+            groups = groups or groups_of(cfg.models.count, 1)
+            ckpts = run_dir / "checkpoints"
+            trainers = [make_trainer(prep, g, device, ckpts, resume) for g in groups]
+            drive(trainers, coord, {"pid": os.getpid(), "device": device}, on_progress)
+            secs = time.time() - t0
+            results = [r for t in trainers for r in t.results(0.0, secs)]
+            return finish(prep, run_dir, results, coord.progress(), time.time() - t0)
+        finally:
+            coord.history.close()
 
 
 def drive(
@@ -237,22 +270,61 @@ def drive(
 
 def finish(prep: Prepared, run_dir: Path, results: list[MemberResult], progress: dict, wall):
     """Score, save the members and write summary.json; the checkpoints go."""
-    summary = summarise(prep, results, progress, wall)
-    save_members(run_dir, [r for r in results if not r.failed], prep.data)
+    summary = summarise(prep, results, progress, wall, failure_reasons(run_dir))
+    failed = {f["model"] for f in summary["failed"]}
+    save_members(run_dir, [r for r in results if r.model not in failed], prep.data)
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only resumes need them
     return summary
 
 
-def summarise(prep: Prepared, results: list[MemberResult], progress: dict, wall: float) -> dict:
+def failure_reasons(run_dir: Path) -> dict[int, str]:
+    """Why each model the history records as failed failed: its `failed` event's error
+    (a worker that died), else the last reason it was quarantined (a non-finite loss)."""
+    h = HistoryReader(Path(run_dir) / "history.sqlite")
+    try:
+        quarantined = {e.model: e.detail.get("reason") for e in h.events(kind="quarantined")}
+        out = {}
+        for e in h.events(kind="failed"):
+            d = e.detail
+            if "message" in d:
+                out[e.model] = f"{d.get('error', 'error')}: {d['message']}"
+            else:
+                out[e.model] = f"quarantined ({quarantined.get(e.model) or 'non-finite'}), stopped"
+        return out
+    finally:
+        h.close()
+
+
+def summarise(
+    prep: Prepared,
+    results: list[MemberResult],
+    progress: dict,
+    wall: float,
+    reasons: dict[int, str] | None = None,
+) -> dict:
     """Global and personal scores of every member and of the ensemble (see
     ensemble.evaluation), the groups, and the coordination counts. Members that failed (a
-    non-finite loss with on_poison=stop) are listed, not scored."""
+    non-finite loss with on_poison=stop, a worker that died, test predictions that are not
+    finite) are listed with the reason, not scored."""
     cfg, data = prep.cfg, prep.data
-    failed = sorted(set(range(cfg.models.count)) - {r.model for r in results if not r.failed})
-    results = sorted((r for r in results if not r.failed), key=lambda r: r.model)
+    reasons = dict(reasons or {})
+    for r in results:
+        if not r.failed and not np.isfinite(r.test_probs).all():
+            reasons[r.model] = "its test predictions are not finite (NaN or Inf)"
+    ok = {r.model for r in results if not r.failed and r.model not in reasons}
+    failed = [
+        {"model": m, "reason": reasons.get(m, "no result")}
+        for m in range(cfg.models.count)
+        if m not in ok
+    ]
+    results = sorted((r for r in results if r.model in ok), key=lambda r: r.model)
     if not results:
-        raise EnsembleError(f"every model failed (models {failed}); see the history's events")
+        first = failed[0] if failed else {"model": None, "reason": "no result"}
+        raise EnsembleError(
+            f"every model failed; model {first['model']}: {first['reason']} (the history's "
+            "`failed` and `quarantined` events have them all)"
+        )
     own = {r.model: prep.parts.test[r.model] for r in results}
     found = progress.get("groups")
     scored = population({r.model: r.test_probs for r in results}, data.y_test, own, groups=found)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ensemble import galaxies, targets
 from ensemble.compat import SAME_TOL
+from ensemble.config import Section
 from ensemble.errors import ConfigError
 from ensemble.protocol import Instruction, Kind
 from ensemble.targets import Pool
@@ -80,10 +81,10 @@ class Decided:
 
 
 # ---------------------------------------------------------------- settings
-class Settings(BaseModel):
-    """Keys every coordinating policy takes."""
+class Settings(Section):
+    """Keys every coordinating policy takes (a config section's rules: unknown keys
+    refused, every float finite, no boolean as a number)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     layers: list[str] | None = None  # layers to coordinate; None: every tethered layer
 
 
@@ -98,8 +99,8 @@ class Sharing(Settings):
     guard: bool = False  # keep a merge only if the member's own validation loss is no worse
 
 
-class NoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class NoSettings(Section):
+    """A policy that takes no keys."""
 
 
 class Policy:

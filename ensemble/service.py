@@ -133,16 +133,20 @@ def reachable(address: str) -> None:
 
 def connect(address: str) -> None:
     """Join the cluster at `address` as a client of its jobs (idempotent)."""
-    from ensemble.cluster import client_auth
+    from ensemble.cluster import client_auth, held_stderr, refused_auth
 
     if ray.is_initialized():
         return
     reachable(address)
-    client_auth()
-    try:
-        ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise EnsembleError(f"cannot reach a Ray cluster at {address}: {e}") from None
+    authed = client_auth()
+    with held_stderr() as ray_lines:  # a refused token: one line, not Ray's 20 retries
+        try:
+            ray.init(
+                address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False
+            )
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            why = refused_auth(address, ray_lines(), authed)
+            raise why or EnsembleError(f"cannot reach a Ray cluster at {address}: {e}") from None
 
 
 def find_coordinator(address: str, job: str):

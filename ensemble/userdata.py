@@ -16,12 +16,16 @@ what was expected. Features are standardised with the training split's statistic
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 
-from ensemble.config import DataConfig
+from ensemble.config import MAX_CLASSES, DataConfig
 from ensemble.errors import DataError
+
+F32_MAX = float(np.finfo(np.float32).max)  # features train as float32: past this is inf
 
 
 def load_table(cfg: DataConfig):
@@ -30,6 +34,9 @@ def load_table(cfg: DataConfig):
     path = _existing(cfg.path, "data.path", f"a .{cfg.name} file")
     table = _read_csv(path) if cfg.name == "csv" else _read_parquet(path)
     names = table.column_names
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{path}: column {twice[0]!r} appears more than once; names must differ")
     if cfg.label_column not in names:
         raise DataError(
             f"{path}: no label column {cfg.label_column!r} (data.label_column); the columns "
@@ -157,21 +164,22 @@ def _numeric(path: Path, column, name: str) -> np.ndarray:
     t = column.type
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
         values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = np.flatnonzero(~np.isfinite(values))
+        bad = np.flatnonzero(~(np.abs(values) <= F32_MAX))  # NaN too
         if len(bad):
             raise DataError(
-                f"{path}: row {bad[0] + 1}, column {name!r} is empty, NaN or infinite; "
-                "expected a number"
+                f"{path}: row {bad[0] + 1}, column {name!r} is empty, NaN or infinite, or past "
+                f"float32's range ({values[bad[0]]}); expected a number within ±{F32_MAX:.3g}"
             )
         return values
     cells = column.to_pylist()
     for i, v in enumerate(cells):
         try:
-            if v is None or not np.isfinite(float(v)):
+            if v is None or not abs(float(v)) <= F32_MAX:
                 raise ValueError
         except (TypeError, ValueError):
             raise DataError(
-                f"{path}: row {i + 1}, column {name!r} is {v!r}; expected a number"
+                f"{path}: row {i + 1}, column {name!r} is {v!r}; expected a number within "
+                f"±{F32_MAX:.3g} (float32's range)"
             ) from None
     return np.asarray(cells, dtype=np.float64)
 
@@ -184,15 +192,33 @@ def _labels(where, values: list, column: str = "label") -> tuple[np.ndarray, lis
             raise DataError(f"{where}: row {i + 1}, {column} is empty or NaN; expected a class")
     ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
     if not ints and all(isinstance(v, (float, np.floating)) for v in values):
-        ints = all(float(v).is_integer() for v in values)
+        i = next((i for i, v in enumerate(values) if not float(v).is_integer()), None)
+        if i is not None:  # a measurement, not a class: 120 values are not 120 classes
+            raise DataError(
+                f"{where}: row {i + 1}, {column} is {values[i]!r}, not a whole number; expected "
+                "a class (an integer id or a name)"
+            )
+        ints = True
     if ints:
-        y = np.asarray(values, dtype=np.float64).astype(np.int64)
+        y = np.asarray(values, dtype=np.float64)
         if y.min() < 0:
             i = int(np.flatnonzero(y < 0)[0])
-            raise DataError(f"{where}: row {i + 1}, {column} is {y[i]}; expected 0 or more")
+            raise DataError(f"{where}: row {i + 1}, {column} is {values[i]}; expected 0 or more")
+        if y.max() >= MAX_CLASSES:  # a class id, not a value: C logits are allocated
+            i = int(np.argmax(y))
+            raise DataError(
+                f"{where}: row {i + 1}, {column} is {values[i]}; class ids run from 0 to at "
+                f"most {MAX_CLASSES - 1:,}"
+            )
+        y = y.astype(np.int64)
         names = [str(c) for c in range(int(y.max()) + 1)]
     else:
         names = sorted({str(v) for v in values})
+        if len(names) > MAX_CLASSES:
+            raise DataError(
+                f"{where}: {column} has {len(names):,} different values; expected at most "
+                f"{MAX_CLASSES:,} classes"
+            )
         index = {n: i for i, n in enumerate(names)}
         y = np.asarray([index[str(v)] for v in values], dtype=np.int64)
     present = np.unique(y)
@@ -204,24 +230,51 @@ def _labels(where, values: list, column: str = "label") -> tuple[np.ndarray, lis
     return y, names
 
 
-def _npy(path: Path) -> np.ndarray:
+def read_npy(path: Path, what: str = "a NumPy .npy array") -> np.ndarray:
+    """A .npy file's array, never a pickle. Its header is read first: a header claiming
+    more bytes than the file holds (a huge shape, ten bytes of data) is refused, not
+    allocated."""
+    fmt = np.lib.format
     try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+            have = os.fstat(f.fileno()).st_size - f.tell()
+        need = math.prod(shape) * dtype.itemsize
+        if not dtype.hasobject and need > have:
+            raise DataError(
+                f"{path}: its header claims an array of shape {shape} ({dtype}, {need:,} "
+                f"bytes), but the file holds {have:,} bytes of data"
+            )
         return np.load(path, allow_pickle=False)
+    except DataError:
+        raise
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a NumPy .npy array ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: not {what} ({str(e).splitlines()[0]})") from None
+
+
+def _npy(path: Path) -> np.ndarray:
+    return read_npy(path)
 
 
 def _checked_arrays(x: np.ndarray, y: np.ndarray, xw: str, yw: str):
-    if x.ndim < 2 or len(x) == 0:
-        raise DataError(f"{xw}: shape {x.shape}; expected (samples, features)")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise DataError(f"{xw}: dtype {x.dtype}; expected numbers")
+    if x.ndim < 2 or len(x) == 0 or x.size == 0:
+        raise DataError(f"{xw}: shape {x.shape}; expected (samples, features), both above 0")
+    real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    if not (real or x.dtype == bool):  # complex too: its imaginary part would be dropped
+        raise DataError(f"{xw}: dtype {x.dtype}; expected real numbers")
     x = x.reshape(len(x), -1).astype(np.float64)
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{yw}: shape {y.shape}; expected ({len(x)},), one label per sample")
-    bad = np.argwhere(~np.isfinite(x))
+    if np.issubdtype(y.dtype, np.complexfloating):
+        raise DataError(f"{yw}: dtype {y.dtype}; expected class ids or names")
+    bad = np.argwhere(~(np.abs(x) <= F32_MAX))
     if len(bad):
         r, c = bad[0]
-        raise DataError(f"{xw}: sample {r + 1}, feature {c + 1} is {x[r, c]}; expected finite")
+        raise DataError(
+            f"{xw}: sample {r + 1}, feature {c + 1} is {x[r, c]}; expected a finite number "
+            f"within ±{F32_MAX:.3g} (float32's range)"
+        )
     y, names = _labels(yw, y.tolist())
     return x, y, names

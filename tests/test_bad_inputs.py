@@ -11,6 +11,8 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from types import UnionType
+from typing import Union, get_args, get_origin
 
 import numpy as np
 import pytest
@@ -310,3 +312,236 @@ def test_bad_run_dir_for_a_new_job(kind):
         elif kind == "nonempty":
             (target / "keep.txt").unlink()
             target.rmdir()
+
+
+# ------------------------------------------------------- bounds: what a probe of the CLI found
+
+
+def keys_of(model, kind, prefix=""):
+    """Dotted config keys whose field is a plain `kind` (float, int), recursively."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += keys_of(ann, kind, f"{prefix}{name}.")
+        elif ann is kind or (get_origin(ann) in (Union, UnionType) and kind in get_args(ann)):
+            out.append(f"{prefix}{name}")
+    return out
+
+
+FLOAT_KEYS = keys_of(Config, float)
+INT_KEYS = keys_of(Config, int)
+
+
+@CASES
+@given(st.sampled_from(FLOAT_KEYS), st.sampled_from([".inf", "-.inf", ".nan", "1e999"]))
+def test_non_finite_values_in_every_float_key(key, value):
+    with sandbox():
+        assert_one_error_line(["run", "--set", f"{key}={value}", "--run-dir", "out"])
+
+
+@CASES
+@given(st.sampled_from(INT_KEYS), st.booleans())
+def test_a_boolean_is_not_a_number_in_any_int_key(key, value):
+    with sandbox():
+        assert_one_error_line(["run", "--set", f"{key}={str(value).lower()}", "--run-dir", "out"])
+
+
+def alias_bomb(levels: int, width: int) -> str:
+    lines = ["a0: &a0 [x]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+@CASES
+@given(
+    st.one_of(
+        # width**levels past the bound: 10**6 values from 300 bytes
+        st.builds(alias_bomb, st.integers(6, 9), st.integers(10, 12)),
+        st.builds(
+            lambda n: "model:\n  options: {a: " + "[" * n + "]" * n + "}\n", st.integers(65, 5000)
+        ),  # nested past the bound (3,000 overflowed the stack)
+        st.builds(lambda n: "a: " + "{b: " * n + "1" + "}" * n + "\n", st.integers(65, 3000)),
+    )
+)
+def test_yaml_that_would_exhaust_the_machine(content):
+    with sandbox() as here:
+        (here / "bomb.yaml").write_text(content)
+        assert_one_error_line(["run", "bomb.yaml", "--run-dir", "out"])
+        assert_one_error_line(
+            ["run", "--set", f"model.options={{a: {content.splitlines()[-1]}}}", "--run-dir", "out"]
+        )
+        (here / "bomb.yaml").unlink()
+
+
+@CASES
+@given(
+    st.one_of(
+        st.builds(lambda s: f"seed={s}", st.sampled_from(["-5", "-1", str(2**32), str(10**23)])),
+        st.builds(lambda n: f"model.layers=[{n}]", st.integers(2**20 + 1, 10**12)),
+        st.builds(lambda n: f"model.layers=[{n}, {n}]", st.integers(2**17, 2**20)),
+        st.builds(lambda n: f"data.classes={n}", st.integers(10_001, 10**15)),
+    )
+)
+def test_sizes_past_what_the_machine_holds(override):
+    with sandbox():
+        assert_one_error_line(["run", "--set", override, "--run-dir", "out"])
+
+
+def run_on_csv(text: str) -> None:
+    with sandbox() as here:
+        (here / "d.csv").write_text(text)
+        assert_one_error_line(["run", "--set", "data.path=d.csv", "--run-dir", "out"])
+        (here / "d.csv").unlink()
+
+
+@CASES
+@given(
+    st.one_of(
+        st.integers(10_000, 2**62),  # a class id past any classifier: 2^62 was a MemoryError
+        st.floats(0.01, 1e6).filter(lambda v: not float(v).is_integer()),  # a measurement
+    ),
+    st.integers(0, 11),
+)
+def test_labels_that_are_not_a_small_set_of_classes(label, row):
+    labels = [str(i % 2) for i in range(12)]
+    labels[row] = repr(label)
+    run_on_csv("f0,f1,label\n" + "".join(f"{i},{i % 3},{y}\n" for i, y in enumerate(labels)))
+
+
+@CASES
+@given(st.sampled_from(["1e39", "-1e308", "3.5e38"]), st.integers(0, 11))
+def test_feature_values_past_float32(value, row):
+    cells = [str(i) for i in range(12)]
+    cells[row] = value
+    run_on_csv("f0,label\n" + "".join(f"{c},{i % 2}\n" for i, c in enumerate(cells)))
+
+
+def test_a_csv_with_a_duplicate_column():
+    run_on_csv("f0,f0,label\n" + "".join(f"{i},{i},{i % 2}\n" for i in range(12)))
+
+
+def huge_header(path: Path, shape: tuple, dtype: str = "<f4") -> None:
+    """A .npy whose header claims `shape`, followed by a few bytes only."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"shape": shape, "fortran_order": False, "descr": dtype}
+        )
+        f.write(b"\0" * 64)
+
+
+npy_shapes = st.tuples(st.integers(10**6, 10**12), st.integers(64, 65))
+
+
+@CASES
+@given(
+    st.one_of(
+        npy_shapes.map(lambda s: ("header", s)),
+        st.sampled_from([("complex", (12, 3)), ("empty", (12, 0))]),
+    )
+)
+def test_bad_npy_training_arrays(case):
+    kind, shape = case
+    with sandbox() as here:
+        if kind == "header":
+            huge_header(here / "x.npy", shape)
+        else:
+            dtype = np.complex64 if kind == "complex" else np.float32
+            np.save(here / "x.npy", np.ones(shape, dtype) * (1 + 1j if kind == "complex" else 1))
+        np.save(here / "y.npy", np.arange(12) % 2)
+        keys = ["data.x_path=x.npy", "data.y_path=y.npy"]
+        assert_one_error_line(["run", *[a for k in keys for a in ("--set", k)], "--run-dir", "out"])
+        (here / "x.npy").unlink()
+        (here / "y.npy").unlink()
+
+
+@CASES
+@given(npy_shapes)
+def test_prediction_inputs_whose_header_claims_too_much(finished, shape):
+    with sandbox(finished) as here:
+        huge_header(here / "x.npy", shape)
+        assert_one_error_line(["predict", str(finished), "--input", "x.npy", "--output", "y.csv"])
+        (here / "x.npy").unlink()
+
+
+DAMAGE = [
+    "UPDATE rounds SET models = '{not json'",
+    "DELETE FROM rounds",
+    "UPDATE instructions SET compat = 'x'",
+    "UPDATE instructions SET rate = 'fast'",
+    "UPDATE events SET detail = '[1, 2'",
+    "UPDATE generations SET key = 'nowhere'",
+]
+
+
+@CASES
+@given(
+    st.sampled_from(DAMAGE),
+    st.sampled_from(
+        [
+            ["history"],
+            ["history", "--explain", "1"],
+            ["history", "--kind", "rejected"],
+            ["lineage", "--model", "0"],
+            ["tethers", "--model", "0", "--out", "t.safetensors"],
+            ["plot"],
+        ]
+    ),
+)
+def test_damaged_history_contents(finished, damage, command):
+    import shutil
+    import sqlite3
+
+    with sandbox(finished) as here:
+        shutil.copytree(finished, here / "run")
+        with sqlite3.connect(here / "run" / "history.sqlite") as conn:
+            conn.execute(damage)
+        before = files_under(here)
+        result = runner.invoke(app, [command[0], str(here / "run"), *command[1:]])
+        out = result.stdout + result.stderr
+        assert "Traceback" not in out and (
+            result.exit_code == 0 or (result.exit_code == 2 and out.count("error: ") == 1)
+        ), f"{damage} {command}: {result.exit_code} {out}\n{result.exception!r}"
+        assert result.exception is None or isinstance(result.exception, SystemExit), out
+        for p in files_under(here) - before:  # what a successful command wrote
+            p.unlink() if p.is_file() else None
+        shutil.rmtree(here / "run")
+        for p in sorted(files_under(here), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+
+
+def test_predict_with_models_that_do_not_match_the_config(finished):
+    import shutil
+
+    with sandbox(finished) as here:
+        shutil.copytree(finished, here / "run")
+        cfg = here / "run" / "config.yaml"
+        tree = yaml.safe_load(cfg.read_text())
+        tree["model"]["layers"] = [7]
+        cfg.write_text(yaml.safe_dump(tree))
+        np.save(here / "x.npy", np.zeros((2, 64), np.float32))
+        assert_one_error_line(["predict", "run", "--input", "x.npy", "--output", "y.csv"])
+        shutil.rmtree(here / "run")
+        (here / "x.npy").unlink()
+
+
+def test_predict_takes_the_csv_training_takes(finished):
+    """A byte-order mark and a header row (with the label column) as spreadsheets write
+    them: the same predictions as the bare numbers."""
+    x = np.random.default_rng(0).random((3, 64)).astype(np.float32)
+    with sandbox(finished) as here:
+        np.save(here / "x.npy", x)
+        header = ",".join([*(f"f{i}" for i in range(64)), "label"])
+        rows = [",".join([*map(repr, map(float, r)), "0"]) for r in x]
+        (here / "x.csv").write_bytes(("\ufeff" + "\n".join([header, *rows]) + "\n").encode())
+        for name in ("x.npy", "x.csv"):
+            result = runner.invoke(
+                app, ["predict", str(finished), "--input", name, "--output", f"{name}.out"]
+            )
+            assert result.exit_code == 0, result.stderr
+        assert (here / "x.npy.out").read_text() == (here / "x.csv.out").read_text()
+        for f in ("x.npy", "x.csv", "x.npy.out", "x.csv.out"):
+            (here / f).unlink()

@@ -1,8 +1,11 @@
 """The `ensemble` command end to end, as a user runs it, plus its bad-input paths."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -182,3 +185,125 @@ def test_tables_summarise_thousands_of_models():
     con.print(t)
     text = con.export_text()
     assert "all 4096" in text and "3072 running" in text
+
+
+# A factory whose members blow up from their first step when their own initial weight
+# a.weight[0, 0] is positive (elementwise, so it works on a stack of members too).
+SOME_BLOW_UP = """\
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self, features, classes):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(features, 8), torch.nn.Linear(8, classes)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y * torch.where(self.a.weight[0, 0] > 0, float("nan"), 1.0)  # no NaN grads
+
+def make(features, classes):
+    return Net(features, classes)
+"""
+
+
+@pytest.mark.ray
+def test_a_member_that_dies_is_named_in_the_table_and_the_summary_and_exits_3(
+    tmp_path, tiny_overrides
+):
+    from ensemble.config import load_config
+    from ensemble.model import build_member
+
+    code = tmp_path / "net.py"
+    code.write_text(SOME_BLOW_UP)
+    keys = [*tiny_overrides, f"model.factory={code}:make", "faults.on_poison=stop", "job=dies"]
+    cfg = load_config(None, keys)
+    doomed = [m for m in range(4) if build_member(cfg, 64, 10, m)[0].a.weight[0, 0] > 0]
+    assert 0 < len(doomed) < 4, "pick another seed: the test needs some of each"
+    run_dir = tmp_path / "run"
+    proc = cli("run", *[a for k in keys for a in ("--set", k)], "--run-dir", str(run_dir))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [f["model"] for f in summary["failed"]] == doomed
+    assert all("loss is nan" in f["reason"] for f in summary["failed"])
+    assert [m["model"] for m in summary["members"]] == [m for m in range(4) if m not in doomed]
+    for m in doomed:  # a line of the table each
+        assert f"{m} failed" in proc.stdout and "quarantined (loss is nan)" in proc.stdout
+    assert f"{len(doomed)} of 4 members failed" in " ".join(proc.stderr.split())
+
+
+def test_ctrl_c_in_a_factory_that_hangs_names_nothing_that_does_not_exist(tmp_path):
+    code, entered = tmp_path / "slow.py", tmp_path / "entered"
+    code.write_text(
+        "import pathlib, time\n\ndef make(features, classes):\n"
+        f"    pathlib.Path({str(entered)!r}).touch()\n    time.sleep(300)\n"
+    )
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*ENSEMBLE, "run", "--set", f"model.factory={code}:make", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not entered.exists() and time.time() < deadline:  # stuck in the factory now
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted before anything was recorded" in err and "history.sqlite" not in err
+    assert not run_dir.exists()
+
+
+PRINTS = """\
+import torch
+
+def make(features, classes):
+    print("hello from the factory", flush=True)
+    return torch.nn.Sequential(torch.nn.Linear(features, 8), torch.nn.Linear(8, classes))
+"""
+
+
+@pytest.mark.ray
+def test_quiet_prints_the_summary_only_and_ctrl_c_pressed_often_exits_130(tmp_path, tiny_overrides):
+    code = tmp_path / "loud.py"
+    code.write_text(PRINTS)
+    keys = [*tiny_overrides, f"model.factory={code}:make"]
+    sets = [a for k in keys for a in ("--set", k)]
+    quiet = cli("run", *sets, "--set", "job=quiet", "--run-dir", str(tmp_path / "q"), "--quiet")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "hello" not in quiet.stdout + quiet.stderr  # workers' output: driver.log only
+    assert "hello from the factory" in (tmp_path / "q" / "driver.log").read_text()
+    assert quiet.stdout.splitlines()[-1].startswith("run directory:")
+
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(
+        [*ENSEMBLE, "run", *sets, "--set", "train.epochs=400", "--run-dir", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints").is_dir() and time.time() < deadline:
+        time.sleep(0.3)
+    for _ in range(4):  # the first stops the job; the others land while it stops
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; what was recorded is in" in err and "Traceback" not in err
+
+
+def test_the_drivers_log_has_no_name_a_kill_could_leave_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    from ensemble.cli.run import ray_log
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("job: j\n")
+    with ray_log(run, "j"):
+        os.write(2, b"a line of Ray's\n")
+        assert list((tmp_path / "tmp").iterdir()) == []  # nothing named, even now
+    assert (run / "driver.log").read_text() == "a line of Ray's\n"

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from ensemble import procs
 from tests.test_security import listening
 
 pytestmark = pytest.mark.ray
+ENSEMBLE = [sys.executable, "-m", "ensemble.cli"]
 
 
 def free_port() -> int:
@@ -122,6 +124,19 @@ def test_the_cluster_workflow_with_auth_on(tmp_path, tiny_overrides):
         assert followed.returncode == 0 and "job submitted: 4 models" in followed.stdout
         missing = cli("logs", "nope")
         assert missing.returncode == 2 and "no job 'nope'" in missing.stderr
+        stranger = tmp_path / "stranger"  # a user of this machine without the token
+        stranger.mkdir()
+        no_token = subprocess.run(
+            [*ENSEMBLE, "history", "live", "--address", f"127.0.0.1:{gcs}"],
+            env={**env, "HOME": str(stranger)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert no_token.returncode == 2
+        assert no_token.stderr.count("\n") == 1 and "uses token authentication" in no_token.stderr
+        private = Path(state["temp_dir"]).parent  # after drivers joined, which reopen Ray's
+        assert private.stat().st_mode & 0o077 == 0, oct(private.stat().st_mode)
     finally:
         mine = procs.ours(state["tag"])  # before stop: agents and client server included
         stop = cli("cluster", "stop")

@@ -124,6 +124,16 @@ def test_bad_set_override(override, message):
         load_config(None, [override])
 
 
+def test_naming_your_own_data_starts_from_the_builtin_defaults():
+    """The default job's sites are digits': `ensemble run --set data.path=x.csv` trains on
+    x.csv with the built-in defaults, not on rotated digits."""
+    from ensemble.cli.run import default_config
+
+    assert default_config(["train.epochs=3"]) == default_config()
+    assert default_config(["data.path=x.csv"]) is None
+    assert default_config(["data.name = wine", "models.count=4"]) is None
+
+
 def test_the_default_job_ships_with_the_package():
     """`ensemble run` outside a checkout (no configs/) runs the same default job."""
     import ensemble

@@ -9,7 +9,9 @@ import torch
 from ensemble.api import History
 from ensemble.errors import EnsembleError
 from ensemble.history import HistoryWriter
-from ensemble.job import drive, prepare
+from ensemble.history.writer import HistoryFullError
+from ensemble.job import drive, failure_reasons, prepare, summarise
+from ensemble.protocol import EpochReport
 from tests.helpers import assert_bank_matches, coordinator, trainer, with_
 from tests.test_coordinator import report
 
@@ -136,3 +138,54 @@ def test_full_disk_fails_cleanly_and_keeps_the_database_valid(tmp_path):
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     kept = History.open(tmp_path).count("publications")
     assert kept > 0  # everything committed before the disk filled is still there
+
+
+def test_a_nan_validation_loss_is_a_quarantine_not_an_sql_error(tiny_cfg, tmp_path):
+    prep = prepare(tiny_cfg)
+    coord = coordinator(prep, tmp_path)
+    n, c = len(prep.data.y_val), prep.data.classes
+    probs = np.full((4, n, c), 1.0 / c, np.float32)
+    probs[2] = np.nan  # model 2's outputs blew up on the validation split
+    val = np.array([[0.5, 0.8], [0.5, 0.8], [np.nan, 0.1], [0.5, 0.8]])
+    er = EpochReport(0, np.arange(4), np.full((4, 2), 0.5), val, probs)
+    coord.receive(report([0, 1, 2, 3], 5, {}, epoch_report=er))  # used to kill the worker
+    coord.history.close()
+    h = History.open(tmp_path)
+    (q,) = h.events(kind="quarantined")
+    assert q.model == 2 and q.detail["reason"] == "val loss is nan"
+    assert coord.quarantined[2] and not coord.quarantined[[0, 1, 3]].any()
+    assert {m.model for m in h.metrics() if m.model >= 0} == {0, 1, 3}
+    (ens,) = h.metrics(model=-1)  # the ensemble of the others, finite
+    assert np.isfinite(ens.loss) and ens.accuracy > 0
+
+
+def test_an_unwritable_generations_directory_is_a_history_error_naming_it(tmp_path):
+    (tmp_path / "generations").write_text("not a directory")  # as an immutable dir acts
+    w = HistoryWriter(tmp_path / "history.sqlite", "j", "")
+    with pytest.raises(HistoryFullError, match="generations/round_000001.safetensors: cannot"):
+        w.generation(0, 0, 1, 0, {"fc1": np.ones((2, 2), np.float32)})
+    w.close()
+
+
+def test_a_stopped_members_summary_entry_says_why(tiny_cfg, tmp_path):
+    coord, trainers, _ = setup(tiny_cfg, tmp_path, "stop")
+    drive(trainers, coord)
+    results = [r for t in trainers for r in t.results(0.0, 1.0)]
+    coord.history.close()
+    summary = summarise(
+        prepare(coord.cfg), results, coord.progress(), 1.0, failure_reasons(tmp_path)
+    )
+    assert summary["failed"] == [{"model": 1, "reason": "quarantined (loss is nan), stopped"}]
+    assert [m["model"] for m in summary["members"]] == [0, 2, 3]
+
+
+def test_a_member_whose_test_predictions_are_not_finite_is_failed_not_scored(tiny_cfg, tmp_path):
+    coord, trainers, _ = setup(tiny_cfg, tmp_path, "stop", at_step=10**9)  # none poisoned
+    drive(trainers, coord)
+    results = [r for t in trainers for r in t.results(0.0, 1.0)]
+    results[3].test_probs[:] = np.nan
+    summary = summarise(prepare(coord.cfg), results, coord.progress(), 1.0, {})
+    coord.history.close()
+    (f,) = summary["failed"]
+    assert f["model"] == 3 and "not finite" in f["reason"]
+    assert np.isfinite(summary["ensemble"]["nll"])

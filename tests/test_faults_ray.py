@@ -17,6 +17,7 @@ from ensemble import procs
 from ensemble.api import History
 from ensemble.config import load_config
 from ensemble.driver import run_job
+from ensemble.errors import EnsembleError
 from ensemble.service import NAMESPACE
 from tests.test_cluster import instance_of
 
@@ -110,6 +111,38 @@ def test_killed_worker_restarts_from_its_checkpoint(tiny_cfg, tmp_path, cluster)
     assert all(e.detail["pid"] != pid for e in restarts)  # in a new worker process
 
 
+def test_a_worker_dead_for_good_is_a_failed_member_with_its_reason(tiny_cfg, tmp_path, cluster):
+    cfg = longer(tiny_cfg, epochs=12, max_restarts=0)
+    run_dir = tmp_path / "run"
+    t, out = run_in_thread(cfg, run_dir, cluster.address)
+    assert wait_for(lambda: History.open(run_dir).count("metrics") >= 8)
+    (started,) = History.open(run_dir).events(kind="started", model=1)
+    os.kill(started.detail["pid"], signal.SIGKILL)  # no restarts left: gone for good
+    t.join(timeout=400)
+    assert "error" not in out, out.get("error")
+    summary = out["summary"]
+    pid = started.detail["pid"]
+    gone = {e.model for e in History.open(run_dir).events("started") if e.detail["pid"] == pid}
+    assert [f["model"] for f in summary["failed"]] == sorted(gone) and 1 in gone
+    for f in summary["failed"]:
+        assert f["reason"].startswith("ActorDiedError") or "died" in f["reason"], f
+    assert {m["model"] for m in summary["members"]} == set(range(4)) - gone
+
+
+def test_an_unwritable_history_ends_the_job_with_one_line_naming_it(tiny_cfg, tmp_path, cluster):
+    cfg = longer(tiny_cfg, epochs=30)
+    run_dir = tmp_path / "run"
+    t, out = run_in_thread(cfg, run_dir, cluster.address)
+    assert wait_for(lambda: History.open(run_dir).count("rounds") >= 2)
+    (run_dir / "generations").rename(tmp_path / "moved")
+    (run_dir / "generations").write_text("in the way")  # the next snapshot cannot be written
+    t.join(timeout=400)
+    err = out.get("error")
+    assert isinstance(err, EnsembleError), err
+    assert "cannot write the history" in str(err) and "generations" in str(err)
+    assert not (run_dir / "summary.json").exists()
+
+
 def test_killed_coordinator_restarts_from_the_history(tiny_cfg, tmp_path, cluster):
     cfg = longer(tiny_cfg)
     run_dir = tmp_path / "run"
@@ -153,28 +186,38 @@ def test_lost_node_reschedules_its_workers(tiny_cfg, tmp_path):
         cluster.shutdown()
 
 
-def test_killed_driver_then_resume_continues(tmp_path, tiny_overrides):
+def test_killed_driver_then_killed_resume_then_resume_continues(tmp_path, tiny_overrides):
     import json
 
     run_dir = tmp_path / "job"
     sets = [a for o in tiny_overrides + ["train.epochs=40", "job=resumable"] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "ensemble.cli", "run"]
-    proc = subprocess.Popen(
-        [*cmd, *sets, "--run-dir", str(run_dir), "--quiet"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert wait_for(lambda: History.open(run_dir).count("metrics") >= 24, timeout=240)
-        instance = instance_of(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGKILL)  # the driver dies without a word
-        proc.wait()
+
+    def killed(args, ready):
+        """Start `ensemble run ARGS`, SIGKILL it once `ready()`; its Ray processes."""
+        proc = subprocess.Popen(
+            [*cmd, *args, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            assert wait_for(ready, timeout=240)
+            instance = instance_of(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGKILL)  # the driver dies without a word
+            proc.wait()
+        return instance
+
+    instance = killed([*sets, "--run-dir", str(run_dir)], lambda: count(run_dir) >= 24)
     assert len(instance) >= 4
     assert wait_for(lambda: not procs.alive(instance), timeout=30)  # no orphans after 30 s
     before = History.open(run_dir)
     steps_before = {m: max(p.step for p in before.publications(model=m)) for m in range(4)}
+    assert not (run_dir / "summary.json").exists()
+
+    # a resume killed halfway, once it trains again, leaves the run resumable
+    halfway = count(run_dir) + 8
+    instance = killed(["--resume", str(run_dir)], lambda: count(run_dir) >= halfway)
+    assert History.open(run_dir).events(kind="resumed")  # it did get going
+    assert wait_for(lambda: not procs.alive(instance), timeout=30)
     assert not (run_dir / "summary.json").exists()
 
     done = subprocess.run(
@@ -185,12 +228,19 @@ def test_killed_driver_then_resume_continues(tmp_path, tiny_overrides):
     cfg = load_config(run_dir / "config.yaml")
     h = assert_complete(run_dir, cfg, summary)
     resumed = h.events(kind="resumed")
-    assert sorted(e.model for e in resumed) == [0, 1, 2, 3]
+    assert {e.model for e in resumed} == {0, 1, 2, 3} and len(resumed) >= 8  # twice each
     total = summary["members"][0]["steps"]
-    for e in resumed:  # from a checkpoint, not from step 0: it did not start over
+    first = {}
+    for e in resumed:
+        first.setdefault(e.model, e)
+    for e in first.values():  # from a checkpoint, not from step 0: it did not start over
         # (the dead driver's workers may outlive it by a few seconds and checkpoint once
         # more, so the resume point can be past what was published before the kill)
         assert 0 < e.step < total
         assert e.step >= min(steps_before[e.model], total) // 2
     again = subprocess.run([*cmd, "--resume", str(run_dir)], capture_output=True, text=True)
     assert again.returncode == 2 and "already finished" in again.stderr
+
+
+def count(run_dir) -> int:
+    return History.open(run_dir).count("metrics")

@@ -214,7 +214,7 @@ def test_eval_names_members_by_id_after_a_member_failed(tmp_path):
     summary = finish(prep, tmp_path / "run", results, coord.progress(), 1.0)
     coord.history.close()
     (tmp_path / "run" / "config.yaml").write_text(dump_config(prep.cfg))
-    assert summary["failed"] == [1]
+    assert [f["model"] for f in summary["failed"]] == [1]
     report = Ensemble.load(tmp_path / "run").evaluate()
     assert [m["model"] for m in report["members"]] == [0, 2, 3]  # by id, not by position
     by_id = {m["model"]: m for m in summary["members"]}

@@ -32,7 +32,8 @@ def test_ray_job_writes_run_dir_and_consistent_history(tiny_cfg, tmp_path):
         "history.sqlite-shm",
         "history.lock",
     }
-    assert names == {"config.yaml", "history.sqlite", "summary.json", "models", "generations"}
+    made = {"config.yaml", "history.sqlite", "summary.json", "models", "generations", "run.lock"}
+    assert names == made
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == summary
     for key in ("job", "models", "ensemble", "members", "merges", "drifts", "wall_seconds"):

@@ -62,8 +62,28 @@ def model_in_run(h, model: int) -> None:
         fail(f"--model {model}: this run has models 0..{count - 1}")
 
 
+# Commands that only read a run's history: a value there that is not what this version
+# writes (bad JSON, a short blob, a missing row, an integer past 2^63) is damage, not a bug.
+READS_HISTORY = {"history", "lineage", "tethers", "plot"}
+DAMAGE = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+
+
+def damaged_history(args: list[str], e: BaseException) -> str | None:
+    """The line for `e` raised while `ensemble ARGS` read a run's history, if it did."""
+    if not args or args[0] not in READS_HISTORY or not isinstance(e, DAMAGE):
+        return None
+    runs = [a for a in args[1:] if (Path(a) / "history.sqlite").is_file()]
+    where = f"{Path(runs[0]) / 'history.sqlite'}" if runs else "the history"
+    detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return f"{where}: holds damaged or unexpected contents ({detail})"
+
+
 class Guarded(TyperGroup):
     """The app's group: a user's error from any command becomes one `error:` line."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        ctx.meta["ensemble.args"] = list(args)  # the command and its arguments
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -71,7 +91,8 @@ class Guarded(TyperGroup):
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
         except Exception as e:
-            message = describe(e)
+            args = ctx.meta.get("ensemble.args", [])
+            message = describe(e) or damaged_history(args, e)
             if message is None:
                 raise
             fail(message)

@@ -51,9 +51,17 @@ def cluster_start(
         st = start(port, dashboard_port, num_cpus, num_gpus)
     except EnsembleError as e:
         fail(str(e))
+    for line in st["fixed"]:
+        console.print(f"note: {line}")
+    auth = (
+        f"token auth on, token in {st['token_path']}"
+        if st["auth"] == "token"
+        else "[bold red]token auth OFF[/] (RAY_AUTH_MODE=disabled): anyone on this machine "
+        "can run code through its Jobs API"
+    )
     console.print(
         f"Ray head at {st['address']}, dashboard and Jobs API at {st['dashboard']} "
-        f"({len(st['pids'])} processes); token auth on, token in {st['token_path']}"
+        f"({len(st['pids'])} processes); {auth}"
     )
 
 
@@ -113,7 +121,7 @@ def submit(
     from ensemble.submit import submit as do_submit
 
     try:
-        cfg = resolve_job(load_config(config or default_config(), set_ or []))
+        cfg = resolve_job(load_config(config or default_config(set_ or []), set_ or []))
         where = jobs_address(address)
         target = (run_dir or Path("runs") / cfg.job).resolve()
         job = do_submit(cfg, where, target, ship_package)

@@ -27,6 +27,13 @@ Address = Annotated[
     typer.Option(help="Ask the running job's coordinator on this Ray cluster (host:port)"),
 ]
 ModelOpt = Annotated[int, typer.Option("--model", help="Model id")]
+TrustCode = Annotated[
+    bool,
+    typer.Option(
+        help="Import the factory code the run's config names even if this machine did not "
+        "train the run with that very code (a run directory from elsewhere is data)"
+    ),
+]
 
 
 def open_history(source: str, address: str | None):
@@ -427,13 +434,14 @@ def plot(
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Score members and ensemble on the test split: accuracy, NLL, ECE, diversity."""
     from ensemble.inference import Ensemble
     from ensemble.rundir import open_run_dir
 
     try:
-        report = Ensemble.load(open_run_dir(run_dir)).evaluate()
+        report = Ensemble.load(open_run_dir(run_dir), trust_code).evaluate()
     except EnsembleError as e:
         fail(str(e))
     if as_json:
@@ -497,6 +505,7 @@ def predict(
     alone: Annotated[
         bool, typer.Option(help="With --member: that member by itself, not its group")
     ] = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Class probabilities and labels for new inputs (raw features, as in the dataset). With
     no --member or --group: the whole ensemble, on the inputs as given."""
@@ -505,8 +514,8 @@ def predict(
 
     output_path(output, "predictions")
     try:
-        ens = Ensemble.load(open_run_dir(run_dir))
-        x = read_inputs(input)
+        ens = Ensemble.load(open_run_dir(run_dir), trust_code)
+        x = read_inputs(input, ens.cfg.data.label_column)
         probs = ens.predict_proba(x, str(input), member=member, group=group, alone=alone)
     except EnsembleError as e:
         fail(str(e))
@@ -540,6 +549,7 @@ def export(
             "joining only if the validation accuracy does not drop nor the NLL rise (greedy soup)",
         ),
     ] = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Members for plain PyTorch: each member's state_dict with its tethers folded in
     (W ⊙ T under the weight's own key), as safetensors, beside manifest.json (the layers and
@@ -548,24 +558,22 @@ def export(
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
+    from ensemble import trust
     from ensemble.config import load_config
     from ensemble.data import load_dataset
     from ensemble.export import folded, manifest, soup
-    from ensemble.inference import migrate_member
+    from ensemble.inference import migrate_member, saved_members
     from ensemble.rundir import open_run_dir
 
     try:
         rd = open_run_dir(run_dir)
-        files = sorted((rd / "models").glob("model_*.safetensors"))
-        if not files:
-            fail(f"{rd}: no trained models (models/model_*.safetensors); did the job finish?")
+        files, pre = saved_members(rd)  # the run's own files, no symlink out of it
         if out.exists() and not out.is_dir():
             fail(f"{out}: exists and is not a directory")
-        pre = rd / "models" / "preprocess.safetensors"
-        if not pre.is_file():
-            fail(f"{pre}: missing (the input standardisation); did the job finish?")
         states = {int(f.stem.split("_")[1]): migrate_member(load_file(str(f))) for f in files}
         cfg = load_config(rd / "config.yaml", saved=True)
+        if soup_:  # the soup builds the model and reads the data: the run's code
+            trust.check(cfg, rd, trust_code)
         data = load_dataset(cfg.data, cfg.seed) if soup_ else None  # the soup validates on it
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(pre, out / "preprocess.safetensors")

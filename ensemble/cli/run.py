@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -12,10 +14,11 @@ from typing import Annotated
 import typer
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.spinner import Spinner
 from rich.table import Table
 
-from ensemble.cli.common import app, console, fail
+from ensemble.cli.common import app, console, err, fail
 from ensemble.errors import EnsembleError
 
 MAX_ROWS = 16  # beyond this many models, tables summarise the population
@@ -83,8 +86,6 @@ def summary_table(s: dict) -> Table:
         row += [f"{m['accuracy']:.4f}", f"{m['nll']:.4f}"]
         row += [f"{m['personal_accuracy']:.4f}", f"{m['personal_nll']:.4f}"] if differ else []
         t.add_row(*row, str(m["steps"]))
-    for m in s.get("failed", []):
-        t.add_row(str(m), *blank[: len(blank) - 1], "[red]failed", "")
     t.add_section()
     pad = [""] * ("group" in cols)
     mean, ens, own = s["mean_member"], s["ensemble"], s.get("personal") or {}
@@ -113,6 +114,9 @@ def summary_table(s: dict) -> Table:
     )
     groups = s.get("groups") or {}
     found = groups.get("found")
+    for f in s.get("failed", []):  # not in the ensemble: say so, and why
+        reason = f"[red]{escape(f['reason'][:200])}"
+        t.add_row(f"[red]{f['model']} failed", reason, *[""] * (len(cols) - 1))
     t.caption = (
         f"merges kept {s['merges']} of {s['merges_attempted']}"
         + (f" ({s['rejected']} rejected)" if s.get("rejected") else "")
@@ -158,8 +162,20 @@ def run(
             help="Continue an interrupted job from this run directory's checkpoints and history"
         ),
     ] = None,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            help="With --resume: import the factory code the run directory's config names "
+            "even if it is not the code this machine trained that run with"
+        ),
+    ] = False,
 ) -> None:
-    """Train an ensemble: start (or join) Ray, coordinate merges and drifts, print a summary."""
+    """Train an ensemble: start (or join) Ray, coordinate merges and drifts, print a summary.
+
+    Exit status: 0 when every member finished; 3 when the job finished but some members
+    failed (the table and summary.json `failed` name them and why; the ensemble is the
+    rest); 2 for bad input or a job that could not run; 130 when interrupted."""
+    from ensemble import trust
     from ensemble.cluster import ray_env
     from ensemble.job import load as load_config
     from ensemble.rundir import open_run_dir, resolve_job
@@ -172,8 +188,11 @@ def run(
                     "drop CONFIG, --set and --run-dir"
                 )
             cfg = load_config(open_run_dir(resume) / "config.yaml", saved=True)
+            trust.check(cfg, resume, trust_code)
         else:
-            cfg = resolve_job(load_config(config or default_config(), set_ or []))
+            if trust_code:
+                fail("--trust-code is for --resume (a new job runs the code you give it)")
+            cfg = resolve_job(load_config(config or default_config(set_ or []), set_ or []))
     except EnsembleError as e:
         fail(str(e))
     ray_env(address)  # before Ray is imported
@@ -183,8 +202,9 @@ def run(
 
     target = resume or run_dir or Path("runs") / cfg.job
     run_job = partial(run_job, resume=resume is not None)
+    interrupt = OneInterrupt()
     try:
-        with ray_log(target):  # Ray's own lines go to <run dir>/driver.log, not the screen
+        with interrupt, ray_log(target, cfg.job, quiet):  # Ray's lines: <run dir>/driver.log
             if quiet:
                 summary = run_job(cfg, target, address)
             elif not console.is_terminal:  # a pipe or a file: plain lines, as they happen
@@ -211,9 +231,42 @@ def run(
     except EnsembleError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail(f"interrupted; what was recorded is in {target}/history.sqlite", code=130)
+        kept = Path(target) / "history.sqlite"
+        fail(
+            f"interrupted; what was recorded is in {kept}"
+            if kept.is_file()
+            else "interrupted before anything was recorded; no run directory left",
+            code=130,
+        )
     console.print(summary_table(summary))
     console.print(f"run directory: {target}")
+    if summary["failed"]:
+        n = len(summary["failed"])
+        err.print(
+            f"{n} of {summary['models']} members failed (see above and summary.json "
+            "`failed`); the ensemble is the rest: exit status 3",
+            highlight=False,
+        )
+        raise typer.Exit(3)
+
+
+class OneInterrupt:
+    """The first Ctrl-C stops the job (KeyboardInterrupt); any later one is ignored, so
+    the cleanup (stopping workers, closing the history, stopping Ray) runs to its end and
+    the exit status is 130, however often the key is pressed."""
+
+    def __enter__(self):
+        self.saved = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._first)
+        return self
+
+    def _first(self, signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:  # no interrupt: Ctrl-C does what it did before
+            signal.signal(signal.SIGINT, self.saved)
 
 
 class PlainProgress:
@@ -240,31 +293,46 @@ class PlainProgress:
 
 
 @contextmanager
-def ray_log(run_dir: Path):
+def ray_log(run_dir: Path, job: str, quiet: bool = False):
     """While the job runs, what reaches this process's stderr (Ray's C++ warnings, workers'
-    forwarded output) goes to a file; then into <run dir>/driver.log, or away if the start
-    failed and left no run directory. Our own error lines are printed after, on stderr."""
+    forwarded output; with `quiet`, its stdout too) goes to an unnamed temporary file (one
+    a kill cannot leave behind); then into <run dir>/driver.log when the run directory
+    holds this job (not when the start failed, nor another job that owns it), or away. Our
+    own error lines are printed after, on stderr."""
+    from ensemble.rundir import recorded_job
+
+    fds = (1, 2) if quiet else (2,)
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.NamedTemporaryFile(prefix="ensemble-driver-", suffix=".log", delete=False) as f:
-        log = Path(f.name)
-        os.dup2(f.fileno(), 2)
+    saved = {fd: os.dup(fd) for fd in fds}
+    log = tempfile.TemporaryFile(prefix="ensemble-driver-", suffix=".log")
+    for fd in fds:
+        os.dup2(log.fileno(), fd)
     try:
         yield
     finally:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        dest = Path(run_dir) / "driver.log"
-        if Path(run_dir).is_dir() and log.stat().st_size:
-            with open(dest, "ab") as out:
-                out.write(log.read_bytes())
-        log.unlink(missing_ok=True)
+        for fd, old in saved.items():
+            os.dup2(old, fd)
+            os.close(old)
+        run = Path(run_dir)
+        if log.tell() and recorded_job(run) == job:
+            log.seek(0)
+            with open(run / "driver.log", "ab") as out:
+                shutil.copyfileobj(log, out)
+        log.close()
 
 
-def default_config() -> Path:
+OWN_DATA = ("data.name", "data.path", "data.x_path", "data.factory")  # a user's own data
+
+
+def default_config(overrides: list[str] = ()) -> Path | None:
     """The default job (ensemble/jobs/default.yaml, which configs/default.yaml links to),
-    shipped with the package so `ensemble run` runs it anywhere."""
+    shipped with the package so `ensemble run` runs it anywhere. Its sites are digits':
+    overrides that name other data (data.path, data.name, ...) start from the built-in
+    defaults instead (None)."""
     from ensemble.jobs import DEFAULT
 
-    return DEFAULT
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    return None if any(k in OWN_DATA for k in keys) else DEFAULT

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save as save_bytes
 from safetensors.numpy import save_file
 
@@ -221,7 +222,6 @@ class HistoryWriter:
         name = f"round_{round_id:06d}" if round_id is not None else f"model_{model0}_gen_{gen0:06d}"
         rel = str(Path("generations") / f"{name}.safetensors")
         target = self.run_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
         tensors, keys = {}, []
         stored: dict[tuple, list] = {}  # fingerprint -> [(key, arrays)] stored under it
@@ -239,8 +239,12 @@ class HistoryWriter:
                 tensors |= {f"{key}/{k}": v for k, v in arrays.items()}
                 stored.setdefault(fp, []).append((key, arrays))
             keys.append(key)
-        save_file(tensors, str(tmp))
-        os.replace(tmp, target)  # atomic: a reader never sees half a file
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp))
+            os.replace(tmp, target)  # atomic: a reader never sees half a file
+        except (OSError, SafetensorError) as e:
+            raise HistoryFullError(f"{target}: cannot write the history ({e})") from None
         now = time.time()
         drops = [
             (m, d)
@@ -275,8 +279,11 @@ class HistoryWriter:
                     "SELECT 1 FROM generations WHERE path = ? LIMIT 1", (p,)
                 ).fetchone()
             ]
-        for p in gone:
-            (self.run_dir / p).unlink(missing_ok=True)
+        own = (self.run_dir / "generations").resolve()
+        for p in gone:  # only our own files: a stored path is data, and may lie
+            f = self.run_dir / p
+            if f.suffix == ".safetensors" and f.resolve().parent == own:
+                f.unlink(missing_ok=True)
 
     def val_probs(self, epoch: int, probs: dict[int, np.ndarray]) -> set[int]:
         """Store members' validation probabilities for an epoch (model -> (N, C)), in one
