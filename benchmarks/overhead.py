@@ -28,7 +28,10 @@ from benchmarks.common import case, local_ray, ratios, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
-    "tiny": {"repeats": 1, "set": ["models.count=2", "model.layers=[16, 16]", "train.epochs=1"]},
+    "tiny": {
+        "repeats": 1,
+        "set": ["models.count=2", "data.groups=2", "model.layers=[16, 16]", "train.epochs=1"],
+    },
     "default": {"repeats": 3, "set": []},  # the default job: 8 models, digits, 20 epochs
     "full": {"repeats": 5, "set": []},
 }

@@ -3,6 +3,7 @@ the same population trained in one process: the regime is real, and each policy 
 its name says there."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from tests.conftest import cli
 pytestmark = pytest.mark.ray
 
 LABELS = ["data.groups=4", "data.shift=permute_labels", "data.partition=shard"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sets(*overrides):
@@ -30,7 +32,7 @@ def test_groups_with_their_own_labels_run_on_ray_and_defeat_one_global_model(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert s["groups"]["true"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert set(s["personal"]) == {"accuracy", "nll"} and s["differ"] is True
+    assert {"accuracy", "nll"} <= set(s["personal"]) and s["differ"] is True
     assert all("personal_nll" in m and m["group"] == m["model"] // 2 for m in s["members"])
     assert "personal" in proc.stdout and "global" in proc.stdout  # which score is which
     runs = {}
@@ -46,7 +48,8 @@ def test_fedavg_by_name_on_label_skew_merges_ends_equal_and_beats_local_only(tmp
     are kept, its members end equal, and its ensemble beats local-only's by 2x in NLL."""
     skew = ["data.partition=dirichlet", "data.alpha=0.3", "job=skew"]
     run = tmp_path / "fedavg"
-    proc = cli("run", *sets(*skew, "policy.name=fedavg"), "--run-dir", str(run), "--quiet")
+    plain = str(ROOT / "configs" / "all-data.yaml")  # digits, one distribution (no sites)
+    proc = cli("run", plain, *sets(*skew, "policy.name=fedavg"), "--run-dir", str(run), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
     assert s["merges"] > 0 and s["rejected"] == 0 and s["merges"] == s["merges_attempted"]
@@ -54,7 +57,7 @@ def test_fedavg_by_name_on_label_skew_merges_ends_equal_and_beats_local_only(tmp
     for m in members[1:]:
         for key, value in m.items():
             np.testing.assert_allclose(value, members[0][key], rtol=1e-4, atol=1e-5)
-    alone = run_local(load_config(None, [*skew, "policy.name=none"]), tmp_path / "none")
+    alone = run_local(load_config(plain, [*skew, "policy.name=none"]), tmp_path / "none")
     assert s["ensemble"]["nll"] * 2 <= alone["ensemble"]["nll"], (s["ensemble"], alone["ensemble"])
 
 

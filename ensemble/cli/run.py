@@ -114,10 +114,11 @@ def summary_table(s: dict) -> Table:
     )
     groups = s.get("groups") or {}
     found = groups.get("found")
-    for f in s.get("failed", []):  # not in the ensemble: say so, and why
-        reason = f"[red]{escape(f['reason'][:200])}"
-        t.add_row(f"[red]{f['model']} failed", reason, *[""] * (len(cols) - 1))
-    t.caption = (
+    failed = "".join(  # not in the ensemble: say so, and why, at the table's full width
+        f"[red]member {f['model']} failed: {escape(f['reason'][:200])}[/]\n"
+        for f in s.get("failed", [])
+    )
+    t.caption = failed + (
         f"merges kept {s['merges']} of {s['merges_attempted']}"
         + (f" ({s['rejected']} rejected)" if s.get("rejected") else "")
         + f"   drifts {s['drifts']}   rounds {s['rounds']}   "
