@@ -7,6 +7,7 @@ import time to bind to 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -26,6 +27,7 @@ from ensemble.job import finish, prepare_and_claim
 from ensemble.protocol import MemberResult
 from ensemble.rundir import write_atomic
 from ensemble.service import NAMESPACE, CoordinatorActor, reachable, unwrap
+from ensemble.timing import Phases, process_started
 from workers.worker import Worker
 
 
@@ -103,15 +105,23 @@ def run_job(
     written; a start that fails before training (no cluster, a placement that cannot be
     met, ...) removes what it created and nothing else, and a resumed run keeps every file.
     """
-    prep, claim = prepare_and_claim(cfg, run_dir, resume)  # bad input creates nothing
+    phases = Phases()  # where the wall time goes: summary.json `phases`
+    phases.add("imports", time.time() - process_started())  # and the command line's parsing
+    with phases("prepare"):
+        prep, claim = prepare_and_claim(cfg, run_dir, resume)  # bad input creates nothing
     with claim:
         # prep.cfg: its policy made explicit, what config.yaml records
-        return _start_and_train(
-            prep.cfg, prep, claim, address, on_progress, poll_seconds, on_status
+        summary = _start_and_train(
+            prep.cfg, prep, claim, address, on_progress, poll_seconds, on_status, phases
         )
+        summary["phases"] = {**phases.seconds, "total": round(time.time() - process_started(), 3)}
+        write_atomic(claim.run_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
 
 
-def _start_and_train(cfg, prep, claim, address, on_progress, poll_seconds, on_status) -> dict:
+def _start_and_train(
+    cfg, prep, claim, address, on_progress, poll_seconds, on_status, phases: Phases
+) -> dict:
     run_dir, resume = claim.run_dir, claim.resumed
     on_status(f"joining Ray at {address}" if address else "starting a local Ray instance")
     tag = None
@@ -120,14 +130,17 @@ def _start_and_train(cfg, prep, claim, address, on_progress, poll_seconds, on_st
     try:
         if not resume:
             trust.record(cfg, run_dir)  # what the factories' code is, for later loads
-        tag = start_ray(address)
+        with phases("ray_start"):
+            tag = start_ray(address)
         t0 = time.time()
         total = ray.cluster_resources()
         p = placement.plan(cfg, total.get("CPU", 0.0), total.get("GPU", 0.0))
         on_status(
             f"reserving {len(p.groups)} workers ({p.cpus:g} CPU each, {cfg.resources.placement})"
         )
-        pg = placement.reserve(cfg, p, cfg.resources.placement_timeout)
+        with phases("placement"):
+            pg = placement.reserve(cfg, p, cfg.resources.placement_timeout)
+        actors = time.perf_counter()
         if not resume:
             write_atomic(run_dir / "config.yaml", dump_config(cfg))
         here = ray.get_runtime_context().get_node_id()
@@ -141,7 +154,7 @@ def _start_and_train(cfg, prep, claim, address, on_progress, poll_seconds, on_st
         ).remote(prep.coordinator_part(), str(run_dir.resolve()))
         on_status("starting the coordinator")
         handles = JobHandles(coordinator, [], p.groups)
-        unwrap(lambda: ray.get(coordinator.progress.remote()))  # surfaces __init__ errors
+        ready = coordinator.progress.remote()  # its __init__ runs while the workers start
         prep_ref = ray.put(prep)
         on_status(f"starting {len(p.groups)} workers for {cfg.models.count} models")
         retries = cfg.faults.max_restarts  # a restarted worker resumes from its checkpoint
@@ -157,14 +170,21 @@ def _start_and_train(cfg, prep, claim, address, on_progress, poll_seconds, on_st
             ).remote(group, prep_ref, coordinator, str(run_dir.resolve()), resume)
             for w, group in enumerate(p.groups)
         ]
-        # Barrier: every worker constructed before any trains, so they overlap in time.
+        # Barrier: the coordinator and every worker constructed before any trains, so they
+        # overlap in time; the coordinator's own errors (its __init__) surface first.
+        unwrap(lambda: ray.get(ready))
         unwrap(lambda: ray.get([w.where.remote() for w in handles.workers]))
+        phases.add("actors", time.perf_counter() - actors)  # the coordinator and workers up
         on_status("training")
         training = True
-        results = unwrap(lambda: _wait_for(cfg, handles, on_progress, poll_seconds))
-        progress = ray.get(coordinator.progress.remote())
-        ray.get(coordinator.close.remote())
-        return finish(prep, run_dir, results, progress, time.time() - t0)
+        with phases("train"):
+            results = unwrap(lambda: _wait_for(cfg, handles, on_progress, poll_seconds))
+        with phases("gather"):  # the last word from the coordinator, scores, members saved
+            progress = ray.get(coordinator.progress.remote())
+            ray.get(coordinator.close.remote())
+            summary = finish(prep, run_dir, results, progress, time.time() - t0)
+        phases.add("train_in_workers", max(r.train_seconds for r in results))
+        return summary
     except BaseException:
         if handles is not None:
             for w in handles.workers:
@@ -177,7 +197,8 @@ def _start_and_train(cfg, prep, claim, address, on_progress, poll_seconds, on_st
         raise
     finally:
         if ray.is_initialized() or tag is not None:
-            stop_ray(tag)  # stops an instance we started; only disconnects from a joined one
+            with phases("ray_stop"):
+                stop_ray(tag)  # stops an instance we started; only disconnects from a joined one
         if failed_start:  # once nothing of the job runs: remove what it created, no more
             claim.undo()
 

@@ -255,11 +255,12 @@ def drive(
             t.train_window()
             if id(t) in replies:
                 t.receive(replies.pop(id(t)))
-        reports = [t.report() for t in live]
+        talking = [t for t in live if not t.skippable]  # as run_stack skips, over Ray
+        reports = [t.report() for t in talking]
         for r in reports:
             coord.receive(r)
         coord.close_boundary()
-        for t, r in zip(live, reports, strict=True):
+        for t, r in zip(talking, reports, strict=True):
             replies[id(t)] = coord.take_mail(r.models)
             if t.done:
                 t.receive(replies.pop(id(t)))

@@ -183,6 +183,9 @@ class Trainer:
         fired = self.triggers.check(steps, losses, norms) & ~self.failed & ~bad
         self.outbox.published |= fired
         self.last = np.stack([losses[-1], norm])
+        t = self.cfg.trigger  # every k steps: a window without a multiple of k publishes
+        quiet = t.name == "every_k_steps" and not (steps % t.k == 0).any()
+        self.outbox.quiet = self.outbox.quiet and bool(quiet)
 
     def end_epoch(self) -> None:
         """Training scores are the epoch's running means over its own batches; validation
@@ -327,6 +330,21 @@ class Trainer:
         )
         self.outbox = Outbox(self.k)
         return rep
+
+    @property
+    def skippable(self) -> bool:
+        """Whether this boundary's report can wait for the next: no model of the job can
+        have published since the last report (the trigger's schedule says so, the same for
+        every stack, so no round can be due), and nothing else happened here that the
+        coordinator must hear now. What did happen (losses, applied mail's staleness)
+        rides the next report."""
+        o = self.outbox
+        return (
+            o.quiet
+            and not self.done
+            and not (o.events or o.rejections or o.rejoined or o.epoch_report)
+            and not o.published.any()
+        )
 
     @property
     def has_news(self) -> bool:
@@ -504,6 +522,7 @@ class Outbox:
         self.rejections: list[Rejection] = []
         self.rejoined: list[tuple[int, str]] = []
         self.staleness: list[int] = []  # steps between each applied instruction's decision and now
+        self.quiet = True  # every window since the last report could not publish
         self.epoch_report: EpochReport | None = None
         self.epoch = 0
 
@@ -541,6 +560,8 @@ def run_stack(trainer: Trainer, link: Link, sync: bool, where: dict | None = Non
             trainer.receive(pending.result())
             pending = None
         if pending is None:
+            if sync and trainer.skippable:  # nothing the coordinator needs: one call fewer
+                continue
             pending = link.send(trainer.report())
             if trainer.done:  # the last word: take the reply now
                 trainer.receive(pending.result())

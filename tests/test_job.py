@@ -119,13 +119,25 @@ def test_ray_job_with_every_merging_option(tmp_path, tiny_overrides, per_worker)
         assert all(np.isfinite(v).all() for v in w.values())
 
 
-def test_sync_mode_gives_one_ensemble_per_seed_on_ray_and_in_one_process(tmp_path):
+QUIET = [  # gravity, publishing every 20 steps: 3 of 4 exchanges carry nothing, skipped
+    *[o for o in TINY if not o.startswith("policy.")],
+    "policy.name=gravity",
+    "data.groups=2",
+    "data.shift=permute_labels",
+    "trigger.k=20",
+    "trigger.poll_steps=5",
+]
+
+
+@pytest.mark.parametrize("base", [TINY, QUIET], ids=["every exchange", "quiet exchanges skipped"])
+def test_sync_mode_gives_one_ensemble_per_seed_on_ray_and_in_one_process(tmp_path, base):
     """coordinator.mode sync: rounds fall at fixed steps and mail lands at fixed steps, so
-    two Ray runs of one seed and the in-process run give the same ensemble."""
+    two Ray runs of one seed and the in-process run give the same ensemble (also when
+    exchanges that carry nothing are skipped)."""
     from ensemble.config import load_config
     from ensemble.job import run_local
 
-    over = [*TINY, "coordinator.mode=sync", "resources.models_per_worker=2", "train.epochs=3"]
+    over = [*base, "coordinator.mode=sync", "resources.models_per_worker=2", "train.epochs=3"]
     runs = []
     for i in range(2):
         cfg = load_config(None, [*over, f"job=same-{i}"])

@@ -404,3 +404,30 @@ def test_cuda_matches_cpu_and_keeps_the_bank(tiny_cfg, tmp_path):
     drive([gpu], coord)
     coord.history.close()
     assert_bank_matches(coord, [gpu])
+
+
+def test_exchanges_that_carry_nothing_are_skipped_and_decide_the_same(tmp_path, monkeypatch):
+    """Publishing every 20 steps with an exchange every 5: the three quiet exchanges of
+    every four are skipped (one round trip instead of four), and the job decides and trains
+    exactly as when every exchange is sent."""
+    from ensemble.trainer import Trainer
+
+    over = ["policy.name=gravity", "data.groups=2", "data.shift=permute_labels"]
+    over += ["trigger.k=20", "trigger.poll_steps=5", "train.epochs=2"]
+    prep = prepare(cfg_for(tmp_path, *over))
+    sent, out = [], []
+    for skip in (True, False):
+        if not skip:  # every exchange sent, as before skipping existed
+            monkeypatch.setattr(Trainer, "skippable", property(lambda self: False))
+        t = trainer(prep, range(4))
+        (tmp_path / f"run-{skip}").mkdir()
+        c = coordinator(prep, tmp_path / f"run-{skip}")
+        calls, report = [], t.report
+        t.report = lambda t=t, calls=calls, report=report: (calls.append(t.step), report())[1]
+        drive([t], c)
+        sent.append(len(calls))
+        out.append((c.rounds, c.merges, t.stack.weight("fc1").detach().clone()))
+        c.history.close()
+    assert out[0][:2] == out[1][:2] and out[0][0] > 0
+    assert torch.equal(out[0][2], out[1][2])
+    assert sent[0] * 2 < sent[1]  # most exchanges were skipped

@@ -17,7 +17,6 @@ from rich.tree import Tree
 
 from ensemble.cli.common import app, console, fail, model_in_run, output_path
 from ensemble.errors import EnsembleError
-from ensemble.history.records import members_text
 
 Source = Annotated[
     str, typer.Argument(help="A run directory (runs/<job>), or a job name together with --address")
@@ -134,6 +133,8 @@ def history(
 
 def show_groups(h, fmt: str) -> None:
     """The groups the policy saw, round by round (`history --groups`)."""
+    from ensemble.history.records import members_text
+
     rows = [{"round": r, "groups": g} for r, g in h.round_groups()]
     if fmt != "table":
         return emit(rows, fmt)
@@ -179,6 +180,8 @@ def show_rejected(h, model, layer, since_step, limit, fmt: str) -> None:
 
 
 def show_explanation(x, fmt: str) -> None:
+    from ensemble.history.records import members_text
+
     if fmt == "json":
         sys.stdout.write(json.dumps(x.as_dict(), indent=1) + "\n")
         return

@@ -157,6 +157,9 @@ def run(
         Path | None, typer.Option(help="Where results go [default: runs/<job>]")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No live progress display")] = False,
+    verbose: Annotated[
+        bool, typer.Option(help="Also say where the wall time went (summary.json `phases`)")
+    ] = False,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -240,6 +243,8 @@ def run(
             code=130,
         )
     console.print(summary_table(summary))
+    if verbose and summary.get("phases"):
+        console.print(phases_line(summary["phases"]))
     console.print(f"run directory: {target}")
     if summary["failed"]:
         n = len(summary["failed"])
@@ -268,6 +273,12 @@ class OneInterrupt:
     def __exit__(self, kind, exc, tb):
         if kind is None:  # no interrupt: Ctrl-C does what it did before
             signal.signal(signal.SIGINT, self.saved)
+
+
+def phases_line(phases: dict) -> str:
+    """Where the wall time went, in one line: each phase's seconds, in order."""
+    parts = [f"{k.replace('_', ' ')} {v:.2f}s" for k, v in phases.items() if k != "total"]
+    return f"phases: {', '.join(parts)}; total {phases.get('total', 0):.2f}s"
 
 
 class PlainProgress:
