@@ -148,3 +148,31 @@ def test_the_galaxies_survive_a_coordinator_restart(tmp_path):
     for k in state:
         np.testing.assert_array_equal(got[k], state[k])
     assert back.policy.settled and back.policy.galaxy.tolist() == [0, 0, 1, 1]
+
+
+def test_predict_through_a_galaxys_ensemble(tmp_path):
+    """predict --group g: the mean of galaxy g's members, each seeing the inputs through its
+    own group's shift; --member i: i's galaxy's ensemble (--alone: i by itself)."""
+    import torch
+
+    from ensemble.inference import Ensemble
+
+    over = ["data.groups=2", "data.shift=rotate", "data.partition=shard"]
+    run_local(gravity(tmp_path, *over), tmp_path / "run")
+    ens = Ensemble.load(tmp_path / "run")
+    assert ens.found == [[0, 1], [2, 3]]
+    x = np.random.default_rng(0).normal(size=(5, 64)) * ens.std + ens.mean  # raw inputs
+
+    def alone(m):
+        t = torch.from_numpy(((x - ens.mean) / ens.std).astype(np.float32))
+        t = torch.from_numpy(ens.shift.x(t.numpy(), ens.group_of(m)))
+        with torch.no_grad():
+            return torch.softmax(ens.members[m](t), 1).numpy()
+
+    for g, members in enumerate(ens.found):
+        want = np.mean([alone(m) for m in members], 0)
+        np.testing.assert_allclose(ens.predict_proba(x, group=g), want, atol=1e-5)
+        np.testing.assert_allclose(ens.predict_proba(x, member=members[1]), want, atol=1e-5)
+    np.testing.assert_allclose(ens.predict_proba(x, member=3, alone=True), alone(3), atol=1e-5)
+    with pytest.raises(Exception, match="--group 5: the run found 2 groups, 0..1"):
+        ens.predict_proba(x, group=5)
