@@ -260,7 +260,10 @@ class Trainer:
             new = apply_instruction(old, ins, lo, hi)
             if ins.kind == "merge" and ins.partner_weights is not None:
                 w, b = self.stack.weight(ins.layer)[i], self.stack.params[f"{ins.layer}.bias"][i]
-                dw, db = (torch.from_numpy(np.asarray(d)).to(w) for d in ins.partner_weights)
+                # copies: Ray hands over read-only arrays
+                dw, db = (
+                    torch.as_tensor(np.array(d), device=w.device) for d in ins.partner_weights
+                )
                 if ins.share == "both":  # W * T moves by rate * (partner's - own)
                     merged = maths.merge_weights(
                         w.cpu().numpy(), old, new, ins.partner_weights[0], ins.rate
