@@ -39,6 +39,12 @@ REGISTRY = [
     Bench("overhead", True, True, "the default job with coordination on vs off"),
     Bench("pbt", False, True, "Ray Tune PBT vs our job (needs the bench extra)"),
     Bench(
+        "flower",
+        False,
+        True,
+        "Flower's simulation (FedAvg, FedAvgM) vs our CLI job (builds its own Flower venv)",
+    ),
+    Bench(
         "stacked",
         False,
         True,

@@ -94,12 +94,35 @@ def test_tiny_pbt_writes_valid_json(tmp_path):
     assert [c["case"] for c in res["cases"]][:1] == ["end-to-end wall"]
 
 
+@pytest.mark.ray
+def test_tiny_flower_writes_valid_json_or_skips(tmp_path):
+    """Offline: --tiny never builds the Flower venv; without it the benchmark is skipped."""
+    res = run_tiny("flower", tmp_path)
+    check_result(res, "flower")
+    if res["skipped"] is None:
+        assert [c["case"] for c in res["cases"]][:2] == [
+            "FedAvgM 0.3: process wall",
+            "FedAvgM 0.3: global test NLL",
+        ]
+        assert (tmp_path / "flower.md").is_file()
+    else:
+        assert "Flower venv" in res["skipped"]
+
+
 def test_registry_names_benchmark_modules():
     for bench in REGISTRY:
         assert (ROOT / "benchmarks" / f"{bench.name}.py").is_file()
     assert set(BY_NAME) == {b.name for b in REGISTRY}
-    assert {b.name for b in REGISTRY if b.ray} == {"overhead", "pbt", "stacked", "scale", "load"}
+    assert {b.name for b in REGISTRY if b.ray} == {
+        "overhead",
+        "pbt",
+        "flower",
+        "stacked",
+        "scale",
+        "load",
+    }
     assert not BY_NAME["pbt"].default  # needs the bench extra
+    assert not BY_NAME["flower"].default  # builds its own venv
     assert not BY_NAME["quality"].default  # minutes of training per dataset at default size
 
 
