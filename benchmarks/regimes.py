@@ -79,6 +79,8 @@ TUNING = ("R1 rotated groups", "R3 label skew")  # what chose the default's sett
 IFCA = "IFCA k=4"
 ROWS: dict[str, list[str]] = {
     "local-only": ["policy.name=none"],
+    # a deep ensemble: members trained alone from their own inits (the others share one)
+    "deep ensemble": ["policy.name=none", "model.init=independent"],
     "FedAvg": ["policy.name=fedavg"],
     "FedAvgM 0.3": ["policy.name=fedavg", "policy.momentum=0.3"],
     "oracle": ["policy.name=fedavg", "policy.within=groups"],
@@ -282,6 +284,7 @@ def targets(table: dict) -> list[dict]:
     add("R4 IID shards", "", "FedAvg", 1.05)
     add("R5 all data", "", "local-only", 1.02)
     add("R5 all data", "", "local-only", 1.02, key="global_nll")
+    add("R5 all data", "", "deep ensemble", 1.02, key="global_nll")  # independent inits
     return out
 
 
