@@ -31,11 +31,13 @@ def function_distance(probs: np.ndarray) -> np.ndarray:
     z /= np.linalg.norm(z, axis=1, keepdims=True) + EPS
     k, _, c = z.shape
     flat = z.reshape(k, -1)
-    corr = flat @ flat.T / c  # the mean over classes of the correlation: one matmul
-    d = 1.0 - corr
-    d = 0.5 * (d + d.T)
+    d = flat @ flat.T  # (k, k): c times the mean over classes of the correlation
+    d *= -1.0 / c
+    d += 1.0
+    d += d.T.copy()  # symmetric to the last bit
+    d *= 0.5
     np.fill_diagonal(d, 0.0)
-    return np.clip(d, 0.0, None)
+    return np.clip(d, 0.0, None, out=d)
 
 
 def galaxies(dist: np.ndarray, split: float, most: int = 32) -> tuple[np.ndarray, float]:
@@ -86,23 +88,25 @@ def silhouette(dist: np.ndarray, labels: np.ndarray) -> float:
 def update_cosine(now: np.ndarray, before: np.ndarray) -> np.ndarray:
     """(k, P) weights now and at the last round -> (k, k) cosine of their updates."""
     d = (now - before).astype(np.float32)
-    g = (d @ d.T).astype(np.float64)  # float32 products: the one big matmul of a round
-    n = np.sqrt(np.clip(np.diag(g), 0.0, None))
-    return g / np.maximum(np.outer(n, n), EPS)
+    g = d @ d.T  # (k, k) float32: the one big matmul of a round
+    n = np.sqrt(np.clip(np.diag(g).astype(np.float64), 0.0, None))
+    g /= np.maximum(np.outer(n, n), EPS).astype(np.float32)
+    return g
 
 
 def attention(compat: np.ndarray, sigma: float) -> np.ndarray:
     """(k, k) compatibility among one galaxy's members -> (k, k) row-stochastic weights:
     softmax over the galaxy of sigma * compat, a member's own entry set to its best mate's
     compatibility (so it keeps as much of itself as of its closest mate)."""
-    c = np.array(compat, dtype=np.float64)
-    k = len(c)
+    z = np.array(compat, dtype=np.float32)  # one (k, k) copy, worked on in place
+    k = len(z)
     if k == 1:
-        return np.ones((1, 1))
-    off = c.copy()
-    np.fill_diagonal(off, -np.inf)
-    np.fill_diagonal(c, off.max(1))
-    z = sigma * c
+        return np.ones((1, 1), np.float32)
+    diag = np.diag_indices(k)
+    z[diag] = -np.inf
+    z[diag] = z.max(1)  # itself: as its best mate
+    z *= sigma
     z -= z.max(1, keepdims=True)
-    w = np.exp(z)
-    return w / w.sum(1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(1, keepdims=True, dtype=np.float64).astype(np.float32)
+    return z

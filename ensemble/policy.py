@@ -455,8 +455,7 @@ class FedAMPPolicy(Policy):
         mix = (1 - self.s.self_weight) * xi + self.s.self_weight * np.eye(len(group))
         out = []
         for layer in r.layers:
-            for ins in targets.mixed(r.pool, group, layer, mix, self.s, "fedamp", cos):
-                out.append(ins)
+            out += targets.mixed(r.pool, group, layer, mix, self.s, "fedamp", cos)[0]
         ids = np.asarray(group)
         compat = {layer: (ids, cos.astype(np.float32)) for layer in r.layers}
         return Decided(out, compat=compat, groups=[group])
@@ -512,8 +511,10 @@ class GravityPolicy(Policy):
         super().__init__(settings, population)
         m = population.count
         self.ref: dict[int, dict[str, np.ndarray]] = {}  # each member's weights as last sent
-        self.csum = {n: np.zeros((m, m), np.float64) for n in population.layers}
-        self.pairs = {n: np.zeros((m, m), np.int32) for n in population.layers}
+        # per layer: the running sums of the members' update cosines (M, M), and how many
+        # rounds each member's were measured (M,); a pair's mean divides by the fewer
+        self.csum = {n: np.zeros((m, m), np.float32) for n in population.layers}
+        self.seen = {n: np.zeros(m, np.int64) for n in population.layers}
         self.galaxy = np.zeros(m, np.int64)  # the galaxies of the last round: all one at first
         self.settled = False  # past step `settle`: the galaxies are fixed
         self.pending = np.zeros(0, np.int64)  # the last round's partition, to be confirmed
@@ -539,12 +540,17 @@ class GravityPolicy(Policy):
                     if n == last
                     else (self.s.sigma, self.s.rate)
                 )
-                c = cbar[n][np.ix_(at, at)]
-                mix = (1 - a) * np.eye(len(at)) + a * galaxies.attention(c, sigma)
+                c = _block(cbar[n], ids[at])
+                mix = galaxies.attention(c, sigma)
+                mix *= a
+                mix[np.diag_indices(len(at))] += 1 - a  # keep 1 - a of itself
                 rule = f"gravity: galaxy of {len(at)}, attention sigma {sigma:g}, rate {a:g}"
                 if len(at) > 1:
-                    out += targets.mixed(r.pool, members, n, mix, self.s, rule, c)
-                self.remember(members, n, mix.astype(np.float32) @ x[n][at])
+                    given, sent = targets.mixed(r.pool, members, n, mix, self.s, rule, c)
+                    out += given
+                    self.remember(members, n, sent)  # what each will hold: its target
+                else:
+                    self.remember(members, n, x[n][at])
             if self.s.eta and len(found) > 1:
                 out += self.push(r, members, group)
         compat = {n: (ids, cbar[n].astype(np.float32)) for n in r.layers}
@@ -557,11 +563,10 @@ class GravityPolicy(Policy):
         have = [i for i, m in enumerate(group) if layer in self.ref.get(m, {})]
         if len(have) >= 2:
             before = np.stack([self.ref[group[i]][layer] for i in have])
-            at = np.ix_(ids[have], ids[have])
-            self.csum[layer][at] += galaxies.update_cosine(x[have], before)
-            self.pairs[layer][at] += 1
-        at = np.ix_(ids, ids)
-        return self.csum[layer][at] / np.maximum(self.pairs[layer][at], 1)
+            _add(self.csum[layer], ids[have], galaxies.update_cosine(x[have], before))
+            self.seen[layer][ids[have]] += 1
+        n = self.seen[layer][ids]
+        return _block(self.csum[layer], ids) / np.maximum(np.minimum.outer(n, n), 1)
 
     def find(self, ids: np.ndarray, dist: np.ndarray, step: int) -> tuple[np.ndarray, float]:
         """This round's galaxies: the last ones, unless a partition found `confirm` rounds in
@@ -625,14 +630,20 @@ class GravityPolicy(Policy):
         return out
 
     def state(self):
+        """The galaxies, and per layer the mean update cosines (their upper triangle, as
+        float16: 32 MB a layer at M = 4,096) and each member's count of rounds."""
         out = {
             "galaxy": self.galaxy.copy(),
             "pending": self.pending.copy(),
             "settled": np.array([self.settled, self.streak]),
         }
-        for n in self.csum:
-            out[f"csum/{n}"] = self.csum[n].astype(np.float32)
-            out[f"pairs/{n}"] = self.pairs[n]
+        up = np.triu_indices(len(self.galaxy), 1)
+        for n, csum in self.csum.items():
+            seen = self.seen[n]
+            out[f"mean/{n}"] = (
+                csum[up] / np.maximum(np.minimum(seen[up[0]], seen[up[1]]), 1)
+            ).astype(np.float16)
+            out[f"seen/{n}"] = seen.copy()
         return out
 
     def restore(self, state):
@@ -641,10 +652,32 @@ class GravityPolicy(Policy):
         self.galaxy = state["galaxy"].astype(np.int64)
         self.settled, self.streak = bool(state["settled"][0]), int(state["settled"][1])
         self.pending = state["pending"].astype(np.int64)
+        up = np.triu_indices(len(self.galaxy), 1)
         for n in self.csum:
-            if f"csum/{n}" in state:
-                self.csum[n] = state[f"csum/{n}"].astype(np.float64)
-                self.pairs[n] = state[f"pairs/{n}"].astype(np.int32)
+            if f"mean/{n}" in state:
+                seen = state[f"seen/{n}"].astype(np.int64)
+                csum = np.zeros_like(self.csum[n])
+                csum[up] = state[f"mean/{n}"] * np.minimum(seen[up[0]], seen[up[1]])
+                self.csum[n] = csum + csum.T
+                self.seen[n] = seen
+
+
+def _everyone(x: np.ndarray, ids: np.ndarray) -> bool:
+    return len(ids) == len(x) and bool((ids == np.arange(len(x))).all())
+
+
+def _block(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """x's rows and columns `ids`: x itself when they are all of them in order (no M^2
+    copy at thousands of members), else a copy."""
+    return x if _everyone(x, ids) else x[np.ix_(ids, ids)]
+
+
+def _add(x: np.ndarray, ids: np.ndarray, v: np.ndarray) -> None:
+    """x's block of rows and columns `ids` += v, in place."""
+    if _everyone(x, ids):
+        x += v
+    else:
+        x[np.ix_(ids, ids)] += v
 
 
 def _relabelled(labels: np.ndarray) -> np.ndarray:

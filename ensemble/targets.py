@@ -168,9 +168,11 @@ def mixed(pool: Pool, members: list[int], layer: str, mix: np.ndarray, s, rule: 
     members' tethers (and shared weights), rate 1; its group is every member with a
     weight, and the instruction carries those weights. compat (k, k): what the weights
     came from, its mean over the others recorded as the instruction's compat. No
-    alignment: mixing is for members that share an init."""
+    alignment: mixing is for members that share an init. -> (instructions, the targets of
+    what is shared, (k, P) flat: W * T or W, or the tethers)."""
     ids = np.asarray(members)
     mix = np.asarray(mix, dtype=np.float32)  # float32 products: the weights' own precision
+    everyone = tuple(ids.tolist())  # one tuple for every member weighing all (at thousands)
 
     def mixed_(rows: list[np.ndarray]) -> np.ndarray:  # (k, *shape) -> (k, *shape)
         x = np.stack(rows)
@@ -188,12 +190,12 @@ def mixed(pool: Pool, members: list[int], layer: str, mix: np.ndarray, s, rule: 
         ins = Instruction(
             "merge",
             m,
-            tuple(ids[keep].tolist()),
+            everyone if keep.all() else tuple(ids[keep].tolist()),
             layer,
             1.0,
             float(means[i]),
             rule,
-            weights=mix[i][keep],  # an array: a tuple of floats costs at thousands
+            weights=mix[i] if keep.all() else mix[i][keep],  # an array: floats cost
             share=s.share,
             whole=True,
             partner_tether=tethers[i],
@@ -202,7 +204,8 @@ def mixed(pool: Pool, members: list[int], layer: str, mix: np.ndarray, s, rule: 
             mw, mb = src[i]
             ins = replace(ins, partner_weights=(w[i] - mw, b[i] - mb))
         out.append(ins)
-    return out
+    shared = tethers if w is None else w
+    return out, shared.reshape(len(members), -1)
 
 
 class Momentum:

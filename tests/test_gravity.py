@@ -72,7 +72,7 @@ def test_update_cosine_and_attention_match_their_formulas():
     for i in range(5):
         own = max(c[i, j] for j in range(5) if j != i)  # itself: as its best mate
         z = np.array([3.0 * (own if j == i else c[i, j]) for j in range(5)])
-        np.testing.assert_allclose(w[i], np.exp(z) / np.exp(z).sum(), atol=1e-12)
+        np.testing.assert_allclose(w[i], np.exp(z) / np.exp(z).sum(), atol=1e-6)  # float32
 
 
 def gravity(tmp_path, *extra):

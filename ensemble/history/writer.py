@@ -20,6 +20,7 @@ from ensemble.history.retention import dropped_by_retention, parse_retention
 from ensemble.history.schema import SCHEMA, SCHEMA_VERSION, check_schema, connect, pack_upper
 
 WEIGHTS_KEPT = 512  # a weighted target's weights are stored up to this many members
+STATE_EVERY_ROUND = 16 * 2**20  # a policy state up to this size is saved with every round
 
 
 class HistoryFullError(EnsembleError):
@@ -164,11 +165,14 @@ class HistoryWriter:
                     [(rid, layer, *pack_upper(ids, mat)) for layer, (ids, mat) in compat.items()],
                 )
             sets: dict[tuple[int, ...], int] = {}
+            same: dict[int, int] = {}  # id of a group object -> its set (one hash per object)
             rows = []
             for ins, step, epoch, merges in records:
                 partner, member_set = ins.partner, None
                 if partner is None:
-                    member_set = sets.setdefault(ins.group, len(sets))
+                    member_set = same.get(id(ins.group))
+                    if member_set is None:
+                        member_set = same[id(ins.group)] = sets.setdefault(ins.group, len(sets))
                 weights = None
                 if ins.weights is not None and len(ins.weights) <= WEIGHTS_KEPT:
                     weights = np.asarray(ins.weights, dtype=np.float32).tobytes()
@@ -186,7 +190,10 @@ class HistoryWriter:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            if state:
+            # a small state every round; a large one (gravity's M^2 cosines: 100 MB at
+            # M = 4,096) with the rounds whose compat matrices are kept (history.compat)
+            small = sum(np.asarray(v).nbytes for v in (state or {}).values()) <= STATE_EVERY_ROUND
+            if state and (small or (every and (rid % every == 0 or rid == 1))):
                 self.conn.execute(
                     "INSERT OR REPLACE INTO policy_state VALUES ('latest', ?, ?)",
                     (rid, save_bytes({k: np.ascontiguousarray(v) for k, v in state.items()})),
