@@ -78,12 +78,16 @@ def population(
         "personal": {"accuracy": mean("personal_accuracy"), "nll": mean("personal_nll")},
     }
     if groups:
-        mine = {m: [j for j in g if j in probs] for g in groups for m in g if m in probs}
+        ens_of: dict[int, np.ndarray] = {}  # member -> its group's ensemble, every test row
+        for g in groups:
+            here = [j for j in g if j in probs]
+            if here:
+                p = ensemble_probs(probs[j] for j in here)  # once a group: O(M N), not M^2 N
+                ens_of |= dict.fromkeys(here, p)
         each = []
         for m in ids:
             rows = slice(None) if own is None else own[m]
-            p = ensemble_probs(probs[j][rows] for j in mine.get(m, [m]))
-            each.append(score(p, y[rows]))
+            each.append(score(ens_of.get(m, probs[m])[rows], y[rows]))
         out["personal"]["group_ensemble"] = {
             k: float(np.mean([e[k] for e in each])) for k in ("accuracy", "nll")
         }
