@@ -36,7 +36,6 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY ensemble ./ensemble
-COPY workers ./workers
 COPY configs ./configs
 RUN pip install . \
     && python -c "import torch; v = torch.__version__; assert v.split('+')[0] == '2.13.0', v" \

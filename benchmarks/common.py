@@ -57,7 +57,7 @@ def local_ray() -> None:
 
     Must run before anything imports ray. Token auth is off for these local instances only.
     """
-    from ensemble.cluster import local_ray_env
+    from ensemble.runtime.cluster import local_ray_env
 
     local_ray_env()
     os.environ["RAY_AUTH_MODE"] = "disabled"

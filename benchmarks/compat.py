@@ -20,8 +20,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from benchmarks.common import case, ratios, side_by_side, spread
-from ensemble import maths
-from ensemble.compat import TetherBank
+from ensemble.coordination import maths
+from ensemble.coordination.compat import TetherBank
 
 TARGET_POINT = (64, 13_000)  # ~ all tethers of the seed Net 128-64-64-10: 8192+4096+640
 GRIDS = {

@@ -9,7 +9,7 @@ way to build it (no network), or at --tiny size before it is built, it is skippe
 The task, identical on both sides:
 - digits (sklearn's, standardised on the training split), 8 members / clients, each on its
   share of a Dirichlet(0.3) label-skewed split of the training rows: the shards our job
-  draws (`ensemble.job.prepare` with configs/all-data.yaml and the overrides below). This
+  draws (`ensemble.runtime.job.prepare` with configs/all-data.yaml and the overrides below). This
   process writes them, the test split and model 0's initial weights to one .npz; the
   Flower app reads only that file, so its venv needs flwr, torch and numpy alone;
 - the same MLP (64-64, ReLU, 10 classes on 64 features), from model 0's initial weights
@@ -17,9 +17,9 @@ The task, identical on both sides:
   N(1, 0.1), which Flower's plain MLP has not);
 - the same local steps and batches: Adam lr 1e-3, batch 32, a round every K steps (K = 40
   at default and full size), all 8 clients every round, E epochs of ceil(n_train / 32)
-  steps (ensemble.batches.steps_per_epoch, n_train the whole training split) = R rounds of
+  steps (ensemble.training.batches.steps_per_epoch, n_train the whole training split) = R rounds of
   K. Each client draws the very batches our member draws: its own rows' stream of
-  shuffles from torch.Generator seeded member_seed(seed, m) (ensemble.batches.Batches);
+  shuffles from torch.Generator seeded member_seed(seed, m) (ensemble.training.batches.Batches);
 - each client keeps its Adam state across rounds (Flower's Context.state), as our members
   keep theirs through merges;
 - FedAvg: the plain mean (Flower weights by the examples each client trained on, equal
@@ -28,7 +28,7 @@ The task, identical on both sides:
 
 Scores: the final global model of Flower, and our all-member ensemble (summary.json
 `ensemble`: with FedAvg the members end equal), on the WHOLE test split, scored by
-ensemble.evaluation.score on both sides. Wall: each side as a fresh process, imports, data
+ensemble.outputs.evaluation.score on both sides. Wall: each side as a fresh process, imports, data
 and Ray start and stop included (ours: `python -m ensemble.cli run ... --quiet`, which also
 loads and partitions the data and validates each epoch; Flower's: its process reads the
 .npz written beforehand), runs alternating (ours, Flower), (Flower, ours), ...
@@ -156,8 +156,8 @@ def export_split(overrides: list[str], path: Path) -> dict:
     import numpy as np
 
     from ensemble.config import load_config
-    from ensemble.job import prepare
-    from ensemble.model import build_member, member_seed
+    from ensemble.runtime.job import prepare
+    from ensemble.training.model import build_member, member_seed
 
     prep = prepare(load_config(ALL_DATA, overrides))
     cfg, d = prep.cfg, prep.data
@@ -213,7 +213,7 @@ def run_ours(overrides: list[str], run_dir: Path) -> dict:
 def run_flower(py: Path, split: Path, out: Path, strategy: str, rounds: int, k: int) -> dict:
     import numpy as np
 
-    from ensemble.evaluation import score
+    from ensemble.outputs.evaluation import score
 
     out.mkdir(parents=True, exist_ok=True)
     cmd = [str(py), "-m", "benchmarks.flower", "--flower-app", "--split", str(split)]
@@ -420,7 +420,7 @@ def _split(path: str) -> dict:
 
 
 def _mlp(d: dict):
-    """Our MLP (ensemble.model.MLP): Linear layers named as ours, ReLU between."""
+    """Our MLP (ensemble.training.model.MLP): Linear layers named as ours, ReLU between."""
     import torch
     from torch import nn
 
@@ -448,7 +448,7 @@ def _init_state(d: dict) -> dict:
 
 
 def _rows(rows, seed: int, start: int, stop: int):
-    """Rows [start, stop) of a member's stream of shuffles (ensemble.batches.Batches)."""
+    """Rows [start, stop) of a member's stream of shuffles (ensemble.training.batches.Batches)."""
     import torch
 
     rows = torch.from_numpy(rows.astype("int64"))

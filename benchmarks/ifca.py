@@ -4,7 +4,7 @@ reference implementation for the regimes study: not a policy of the product.
 Why not a policy: every round each member must score all k cluster models on its own data
 and adopt the best, so the coordinator would send k models to every member and hear back
 k losses before it can decide; the protocol's one report and one reply per exchange carry
-neither. Here, in one process, the members are one stack (ensemble.trainer.Trainer) and
+neither. Here, in one process, the members are one stack (ensemble.training.trainer.Trainer) and
 the rounds are applied to it directly:
 
 - k cluster models start from k different initialisations (members 0..k-1's own, with
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemble.job import Prepared, make_trainer
-from ensemble.trainer import Trainer
+from ensemble.runtime.job import Prepared, make_trainer
+from ensemble.training.trainer import Trainer
 
 
 @torch.no_grad()

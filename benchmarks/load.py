@@ -92,8 +92,8 @@ def drive(
 ) -> dict:
     """Start a coordinator for `publishers` models and hammer it. Needs ray.init first.
     stacked: each actor reports all its models in one call, as workers do."""
-    from ensemble.job import prepare
-    from ensemble.service import CoordinatorActor
+    from ensemble.runtime.job import prepare
+    from ensemble.runtime.service import CoordinatorActor
 
     prep = prepare(load_config_for(publishers))
     shapes = prep.shapes
@@ -117,8 +117,8 @@ def drive(
 def in_process(run_dir: Path, publishers: int, seconds: float) -> tuple[float, int]:
     """The coordinator alone, no Ray: publications a second when each is its own report
     (one SQLite transaction each), and the rounds it ran."""
-    from ensemble.job import open_coordinator, prepare
     from ensemble.protocol import StackReport
+    from ensemble.runtime.job import open_coordinator, prepare
 
     prep = prepare(load_config_for(publishers))
     c = open_coordinator(prep, str(run_dir))

@@ -9,7 +9,7 @@ The order rotates every repeat. sync / async decides the default mode (issue: sy
 the default unless it costs more than 10% wall time at M = 8); sync / off is what the
 default policy costs.
 
-Also sync and off in one process without Ray (ensemble.job.run_local): the CPU cost of
+Also sync and off in one process without Ray (ensemble.runtime.job.run_local): the CPU cost of
 coordination when nothing can overlap it.
 
 Two walls per Ray run: end-to-end (the run_job call: Ray start, actors, training, summary,
@@ -49,7 +49,7 @@ def config(overrides: list[str], job: str):
 
 
 def one_run(overrides: list[str], job: str, root: Path) -> dict:
-    from ensemble.driver import run_job
+    from ensemble.runtime.driver import run_job
 
     t = time.perf_counter()
     summary = run_job(config(overrides, job), root / job)
@@ -67,8 +67,8 @@ def one_run(overrides: list[str], job: str, root: Path) -> dict:
 
 
 def one_in_process(overrides: list[str], job: str, root: Path) -> float:
-    """The same job in this process (ensemble.job.run_local, no Ray): seconds."""
-    from ensemble.job import run_local
+    """The same job in this process (ensemble.runtime.job.run_local, no Ray): seconds."""
+    from ensemble.runtime.job import run_local
 
     t = time.perf_counter()
     run_local(config(overrides, job), root / job)
@@ -142,7 +142,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
     notes = [
         "Each run starts its own local Ray instance (loopback, auth off) via run_job. "
         "Except at --tiny, a tiny job runs first and is discarded (cold start).",
-        "No-Ray case: the whole job in one process (ensemble.job.run_local): all "
+        "No-Ray case: the whole job in one process (ensemble.runtime.job.run_local): all "
         "coordination work is on the critical path, none overlaps training.",
         "Blocked fraction: a worker's time waiting on the coordinator over its training "
         "time; median over members per run.",

@@ -107,8 +107,8 @@ def run_pbt(cfg: dict, data, cpus_per_member: float) -> dict:
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    from ensemble.evaluation import ensemble_probs
-    from ensemble.evaluation import score as scores
+    from ensemble.outputs.evaluation import ensemble_probs
+    from ensemble.outputs.evaluation import score as scores
 
     sizes = [data.features, *cfg["hidden"], data.classes]
     t0 = time.perf_counter()
@@ -180,7 +180,7 @@ def ours_overrides(cfg: dict) -> list[str]:
 
 def run_ours(cfg: dict, job: str, root: Path) -> dict:
     from ensemble.config import load_config
-    from ensemble.driver import run_job
+    from ensemble.runtime.driver import run_job
 
     t0 = time.perf_counter()
     summary = run_job(load_config(ALL_DATA, [*ours_overrides(cfg), f"job={job}"]), root / job)
@@ -242,7 +242,7 @@ def pbt_process_main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     local_ray()
     from ensemble.config import load_config
-    from ensemble.data import load_dataset
+    from ensemble.data.datasets import load_dataset
 
     cfg = SIZES[a.process]
     base = load_config(ALL_DATA)
@@ -263,7 +263,7 @@ def run(size: str) -> tuple[list[dict], list[str], dict]:
         raise Skipped(f"ray.tune is not importable ({e}); pip install -e '.[bench]'") from None
     local_ray()
     from ensemble.config import load_config
-    from ensemble.data import load_dataset
+    from ensemble.data.datasets import load_dataset
 
     cfg = SIZES[size]
     load = [round(x, 2) for x in os.getloadavg()]

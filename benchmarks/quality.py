@@ -2,7 +2,7 @@
 better ensemble than the same members trained independently?
 
 Each (dataset, variant, seed) is one whole job run in one process without Ray: every
-member in one stack, driven by `ensemble.job.drive` (the synchronous protocol, which a Ray
+member in one stack, driven by `ensemble.runtime.job.drive` (the synchronous protocol, which a Ray
 job in `coordinator.mode: sync` reproduces exactly). The job is `configs/all-data.yaml` with
 BASE overrides, the size's overrides, then the variant's (VARIANTS, below), then seed,
 dataset and job name. After training, every member that did not fail is scored on the
@@ -160,10 +160,10 @@ def train_and_score(overrides: list[str], dataset: str, seed: int, job: str) -> 
     GLOBAL among the overrides, the scores are those of one model, the members' plain
     average at the end (FedAvg's global model), not of their ensemble."""
     from ensemble.config import load_config
-    from ensemble.evaluation import disagreement, ece, ensemble_probs, pairwise_kl
-    from ensemble.evaluation import score as scores
-    from ensemble.export import average, folded, module_of, probs_of
-    from ensemble.job import drive, make_trainer, open_coordinator, prepare
+    from ensemble.outputs.evaluation import disagreement, ece, ensemble_probs, pairwise_kl
+    from ensemble.outputs.evaluation import score as scores
+    from ensemble.outputs.export import average, folded, module_of, probs_of
+    from ensemble.runtime.job import drive, make_trainer, open_coordinator, prepare
 
     as_global = GLOBAL in overrides
     overrides = [o for o in overrides if o != GLOBAL]

@@ -1,7 +1,7 @@
 """Does compatibility pay? The regimes study (issue 20): policies × regimes × seeds.
 
 Each (regime, row, seed) is one whole job in one process (every member one stack, the
-synchronous protocol `ensemble.job.drive`, which a Ray job in `coordinator.mode: sync`
+synchronous protocol `ensemble.runtime.job.drive`, which a Ray job in `coordinator.mode: sync`
 reproduces), except IFCA, whose reference implementation drives the stack itself
 (benchmarks/ifca.py). Every row runs the same population: 8 members of 64-64 from one
 shared init, 24 epochs of batch 32 (816 steps on digits), a round every 40 steps.
@@ -149,9 +149,9 @@ def train_and_score(over: list[str], ifca: bool) -> dict:
 
     from benchmarks import ifca as reference
     from ensemble.config import load_config
-    from ensemble.evaluation import ari, population
-    from ensemble.groups import true_groups
-    from ensemble.job import drive, make_trainer, open_coordinator, prepare
+    from ensemble.data.groups import true_groups
+    from ensemble.outputs.evaluation import ari, population
+    from ensemble.runtime.job import drive, make_trainer, open_coordinator, prepare
 
     torch.set_num_threads(1)
     prep = prepare(load_config(None, over))

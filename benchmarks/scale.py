@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import PLAIN, case, layered
-from ensemble.procs import peak_rss_mb
+from ensemble.runtime.procs import peak_rss_mb
 
 SIZES = {
     "tiny": {"jobs": [(8, 8, "default")], "epochs": 1, "grid": [4, 8], "rounds": 2},
@@ -54,9 +54,9 @@ def coordinator_times(m: int, rounds: int, policy: str) -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from ensemble import maths
     from ensemble.config import load_config
-    from ensemble.coordinator import Coordinator
+    from ensemble.coordination import maths
+    from ensemble.coordination.coordinator import Coordinator
     from ensemble.history import HistoryWriter
     from ensemble.protocol import StackReport
 
@@ -169,7 +169,7 @@ def job(models: int, k: int, epochs: int, policy: str, root: Path) -> dict:
     policy "default": the built-in defaults (gravity, every member on all the data);
     "threshold": PLAIN."""
     from ensemble.config import load_config
-    from ensemble.driver import run_job
+    from ensemble.runtime.driver import run_job
 
     cfg = load_config(
         None,

@@ -1,7 +1,7 @@
 """The soup: one model from the ensemble (issue 14, "Consolidation").
 
 Each (dataset, configuration, seed) is one whole job in one process (as the quality study
-runs them); then `ensemble.export.soup`: the members aligned to the best one (by
+runs them); then `ensemble.outputs.export.soup`: the members aligned to the best one (by
 validation accuracy) and averaged, greedily, each joining only if the soup's validation
 accuracy does not drop. Reported beside it on the test split: the best member (chosen on
 validation) and the ensemble (the mean of the members' probabilities).
@@ -44,8 +44,8 @@ SIZES = {
 
 def soup_run(task: tuple[str, str, list[str], int]) -> dict:
     from ensemble.config import load_config
-    from ensemble.export import soup
-    from ensemble.job import drive, make_trainer, open_coordinator, prepare
+    from ensemble.outputs.export import soup
+    from ensemble.runtime.job import drive, make_trainer, open_coordinator, prepare
 
     label, dataset, overrides, seed = task
     cfg = load_config(

@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def step_fns(k: int, kind: str = "mlp") -> dict:
     """One training step of k 64-64 MLPs (three ways), or of k of the examples' digits CNN
     (a module of a user's: torch.func against the loop)."""
-    from ensemble.model import init_tethers, mlp
-    from ensemble.stack import Stack, cross_entropy
+    from ensemble.training.model import init_tethers, mlp
+    from ensemble.training.stack import Stack, cross_entropy
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(k, 32, 64, generator=gen), torch.randint(0, 10, (k, 32), generator=gen)
@@ -88,8 +88,8 @@ def step_fns(k: int, kind: str = "mlp") -> dict:
 def bare_rate(k: int, epochs: int) -> float:
     """The same k models of the default job stepping in this process: the bare loop."""
     from ensemble.config import load_config
-    from ensemble.job import make_trainer, prepare
-    from ensemble.stack import cross_entropy
+    from ensemble.runtime.job import make_trainer, prepare
+    from ensemble.training.stack import cross_entropy
 
     prep = prepare(load_config(ROOT / "configs" / "all-data.yaml", [f"models.count={k}"]))
     t = make_trainer(prep, list(range(k)))  # its stack, optimiser and batches; not its loop
@@ -108,7 +108,7 @@ def bare_rate(k: int, epochs: int) -> float:
 def job_rate(k: int, epochs: int, extra: list[str], root: Path, tag: str) -> dict:
     """Model-steps/s of a real job with one worker of k models: steps over training time."""
     from ensemble.config import load_config
-    from ensemble.driver import run_job
+    from ensemble.runtime.driver import run_job
 
     cfg = load_config(
         ROOT / "configs" / "all-data.yaml",

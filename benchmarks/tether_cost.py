@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import case, ratios, side_by_side, spread
-from ensemble.model import MLP, attach_tethers, init_tethers
-from ensemble.stack import Stack, cross_entropy
+from ensemble.training.model import MLP, attach_tethers, init_tethers
+from ensemble.training.stack import Stack, cross_entropy
 
 BATCH = 32
 NETS = {

@@ -15,7 +15,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "Ensemble":
-        from ensemble.inference import Ensemble
+        from ensemble.outputs.inference import Ensemble
 
         return Ensemble
     raise AttributeError(f"module 'ensemble' has no attribute {name!r}")

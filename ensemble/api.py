@@ -20,7 +20,7 @@ from pathlib import Path
 from ensemble.config import Config
 from ensemble.errors import ConfigError
 from ensemble.history import HistoryReader
-from ensemble.rundir import open_run_dir
+from ensemble.runtime.rundir import open_run_dir
 
 
 class History:
@@ -28,7 +28,7 @@ class History:
     def open(source: str | Path | tuple[str, str]):
         """A run directory (offline) or an (address, job) pair (live)."""
         if isinstance(source, tuple):
-            from ensemble.service import LiveHistory, find_coordinator
+            from ensemble.runtime.service import LiveHistory, find_coordinator
 
             address, job = source
             return LiveHistory(find_coordinator(address, job))
@@ -49,7 +49,7 @@ class JobResult:
 
     @property
     def ensemble(self):
-        from ensemble.inference import Ensemble
+        from ensemble.outputs.inference import Ensemble
 
         return Ensemble.load(self.run_dir)
 
@@ -76,8 +76,8 @@ class Job:
         run_dir: str | Path | None = None,
     ):
         from ensemble.config import load_config
-        from ensemble.job import check
-        from ensemble.rundir import resolve_job
+        from ensemble.runtime.job import check
+        from ensemble.runtime.rundir import resolve_job
 
         if config is None:  # the default job, as `ensemble run` runs it
             from ensemble.jobs import DEFAULT
@@ -102,14 +102,14 @@ class Job:
         if local:
             if address is not None:
                 raise ConfigError("Job.run: local=True runs without Ray; drop address")
-            from ensemble.job import run_local
+            from ensemble.runtime.job import run_local
 
             summary = run_local(self.cfg, self.run_dir, on_progress=on_progress)
         else:
-            from ensemble.cluster import ray_env
+            from ensemble.runtime.cluster import ray_env
 
             ray_env(address)  # before Ray is imported: loopback for a private instance
-            from ensemble.driver import run_job
+            from ensemble.runtime.driver import run_job
 
             summary = run_job(self.cfg, self.run_dir, address, on_progress=on_progress)
         return JobResult(summary, self.run_dir)

@@ -94,7 +94,7 @@ class ModelsConfig(Section):
 
 
 class ModelConfig(Section):
-    preset: str = "seed-dtnn"  # named hidden-layer layout, see ensemble.model.PRESETS
+    preset: str = "seed-dtnn"  # named hidden-layer layout, see ensemble.training.model.PRESETS
     layers: list[int] | None = None  # explicit hidden sizes; overrides the preset when set
     # shared: every member starts from model 0's weights and tethers (as in model soups) and
     # diverges through its own data order; independent: each member has its own init
@@ -149,7 +149,7 @@ class DataConfig(Section):
     # column
     member_column: str | None = None
     # groups of members whose data differ: member i is in group i * groups // models.count,
-    # and group g sees every split through `shift` (ensemble.groups); group 0 sees the data
+    # and group g sees every split through `shift` (ensemble.data.groups); group 0 sees the data
     # as loaded. Composes with every partition
     groups: int = Field(1, ge=1)
     # how group g differs from group 0: none; rotate, images turned by g * 90 degrees;
@@ -164,7 +164,7 @@ class DataConfig(Section):
     features: int = Field(128, ge=1)  # text/synthetic: declared width of one sample
     classes: int = Field(10, ge=2, le=MAX_CLASSES)  # text/synthetic: labels lie in [0, classes)
     create_missing: bool = False  # text: write random files when absent, as the seed does
-    # your own data (ensemble.userdata): csv / parquet, a table file with one row a sample
+    # your own data (ensemble.data.userdata): csv / parquet, a table file with one row a sample
     path: str | None = None
     label_column: str = "label"  # csv / parquet: the class column; the rest are features
     x_path: str | None = None  # npy: samples (samples x features, or any shape: flattened)
@@ -264,7 +264,7 @@ class TetherConfig(Section):
 
 
 class CompatConfig(Section):
-    # registry name, see ensemble.compat.COMPAT; cka (function space) won the quality
+    # registry name, see ensemble.coordination.compat.COMPAT; cka (function space) won the quality
     # benchmark on validation data (README, "Does merging pay?")
     fn: str = "cka"
     normalize: Literal["none", "zscore"] = "zscore"  # zscore: thresholds in standard deviations
@@ -275,15 +275,15 @@ class PolicyConfig(BaseModel):
     """`policy.name` and the chosen policy's own settings, as given.
 
     Each policy declares its settings, their defaults and checks in its own pydantic model
-    (ensemble.policy); the config stores names only and never imports the registry, so the
-    settings are validated against the policy named by `ensemble.job.check`, before any
+    (ensemble.coordination.policies); the config stores names only and never imports the registry, so the
+    settings are validated against the policy named by `ensemble.runtime.job.check`, before any
     work starts: a key the policy does not take is an error naming it and the keys it
-    takes. config.yaml holds them complete (`ensemble.policy.resolve`).
+    takes. config.yaml holds them complete (`ensemble.coordination.policies.resolve`).
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    # registry name, see ensemble.policy.POLICIES: fedavg, fedamp, threshold, mean, seed,
-    # none; auto: the default policy (ensemble.policy.DEFAULT)
+    # registry name, see ensemble.coordination.policies.POLICIES: fedavg, fedamp, threshold, mean, seed,
+    # none; auto: the default policy (ensemble.coordination.policies.DEFAULT)
     name: str = "auto"
 
     @model_validator(mode="before")
@@ -446,7 +446,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _across(self) -> Config:
         # Names (model.preset, data.name, compat.fn, policy.name) are looked up in their
-        # registries by ensemble.job.check before any work starts; config never imports them.
+        # registries by ensemble.runtime.job.check before any work starts; config never imports them.
         if self.compat.fn == "cka" and self.peers:
             raise ValueError(
                 "compat.fn: cka compares models by their outputs on a probe batch, and fixed "

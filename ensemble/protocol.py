@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from ensemble import maths
+from ensemble.coordination import maths
 
 Kind = Literal["merge", "drift", "sync"]
 ENSEMBLE = -1  # the model id of the ensemble's own metrics (never a partner)

@@ -8,7 +8,7 @@ import tempfile
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local instances bind to 127.0.0.1
 os.environ["RAY_AUTH_MODE"] = "disabled"  # local test instances only
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# this user's record of trained-with code (ensemble.trust), kept out of the real home
+# this user's record of trained-with code (ensemble.runtime.trust), kept out of the real home
 if "TETHER_ENSEMBLE_HOME" not in os.environ:
     os.environ["TETHER_ENSEMBLE_HOME"] = tempfile.mkdtemp(prefix="tether-ensemble-home-")
     atexit.register(shutil.rmtree, os.environ["TETHER_ENSEMBLE_HOME"], True)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.coordinator import Coordinator
+from ensemble.coordination.coordinator import Coordinator
 from ensemble.history import HistoryReader, HistoryWriter
-from ensemble.job import Prepared, make_trainer, prepare
 from ensemble.protocol import Instruction, StackReport
-from ensemble.trainer import Trainer
+from ensemble.runtime.job import Prepared, make_trainer, prepare
+from ensemble.training.trainer import Trainer
 
 
 def with_(cfg, **sections):

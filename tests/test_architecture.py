@@ -78,12 +78,26 @@ def test_layers_keep_to_themselves():
     history = {m for m in g if m.startswith("ensemble.history")}
     for m in history:  # the history is a leaf: no Ray, no training, no coordinator
         assert reach(m) <= history | {"ensemble.errors"}, m
-    for registry in ("ensemble.data", "ensemble.policy", "ensemble.compat", "ensemble.model"):
+    for registry in (
+        "ensemble.data",
+        "ensemble.coordination.policies",
+        "ensemble.coordination.compat",
+        "ensemble.training.model",
+    ):
         assert registry not in reach("ensemble.config")  # config stores names only
-    for core in ("ensemble.coordinator", "ensemble.trainer", "ensemble.job", "ensemble.protocol"):
-        assert not any(d in ("ensemble.service", "ensemble.driver") for d in reach(core)), core
-    trainer_side = reach("ensemble.trainer") | {"ensemble.trainer"}
-    assert "ensemble.coordinator" not in trainer_side  # workers never import the coordinator
+    for core in (
+        "ensemble.coordination.coordinator",
+        "ensemble.training.trainer",
+        "ensemble.runtime.job",
+        "ensemble.protocol",
+    ):
+        assert not any(
+            d in ("ensemble.runtime.service", "ensemble.runtime.driver") for d in reach(core)
+        ), core
+    trainer_side = reach("ensemble.training.trainer") | {"ensemble.training.trainer"}
+    assert (
+        "ensemble.coordination.coordinator" not in trainer_side
+    )  # workers never import the coordinator
 
 
 def test_one_trainer_class():

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from ensemble.cli import app
 from ensemble.config import Config
-from ensemble.job import run_local
+from ensemble.runtime.job import run_local
 from tests.conftest import TINY
 
 CASES = settings(

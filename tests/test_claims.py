@@ -16,8 +16,8 @@ import yaml
 from ensemble.api import History
 from ensemble.config import load_config
 from ensemble.errors import RunDirError
-from ensemble.job import run_local
-from ensemble.rundir import LOCK, claim_for_resume, claim_run_dir
+from ensemble.runtime.job import run_local
+from ensemble.runtime.rundir import LOCK, claim_for_resume, claim_run_dir
 from tests.conftest import TINY, cli
 from tests.test_cli import assert_clean_error
 
@@ -67,7 +67,7 @@ def test_claims_made_at_the_same_moment_give_one_owner(tmp_path):
 def test_a_claim_whose_holder_was_killed_is_stale_and_taken(tmp_path):
     target = tmp_path / "run"
     code = (
-        "import sys, time; from ensemble.rundir import claim_run_dir; "
+        "import sys, time; from ensemble.runtime.rundir import claim_run_dir; "
         f"c = claim_run_dir({str(target)!r}, 'first'); print('held', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -211,7 +211,7 @@ def test_a_member_that_dies_is_named_in_the_table_and_the_summary_and_exits_3(
     tmp_path, tiny_overrides
 ):
     from ensemble.config import load_config
-    from ensemble.model import build_member
+    from ensemble.training.model import build_member
 
     code = tmp_path / "net.py"
     code.write_text(SOME_BLOW_UP)

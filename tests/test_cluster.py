@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ensemble import procs
+from ensemble.runtime import procs
 from tests.test_security import listening
 
 pytestmark = pytest.mark.ray

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from ensemble.config import load_config
 from ensemble.errors import ConfigError
-from ensemble.job import load
+from ensemble.runtime.job import load
 
 
 def test_builtin_defaults_are_the_default_job():
@@ -25,7 +25,7 @@ def test_the_default_job_is_a_population_whose_members_differ():
 
 
 def test_policy_auto_is_the_default_policy_with_its_own_settings():
-    from ensemble.policy import DEFAULT, POLICIES
+    from ensemble.coordination.policies import DEFAULT, POLICIES
 
     cfg = load(None)
     assert cfg.policy.name == DEFAULT

@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from ensemble.coordinator import Coordinator
+from ensemble.coordination.coordinator import Coordinator
 from ensemble.history import HistoryReader, HistoryWriter
-from ensemble.job import drive, prepare
 from ensemble.protocol import StackReport
+from ensemble.runtime.job import drive, prepare
 from tests.helpers import assert_bank_matches, coordinator, trainer, with_
 
 

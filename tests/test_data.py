@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ensemble.config import DataConfig
-from ensemble.data import load_dataset
+from ensemble.data.datasets import load_dataset
 from ensemble.errors import DataError
 
 
@@ -126,7 +126,7 @@ def test_too_few_samples_to_split(tmp_path):
 
 def test_peer_tether_files(tmp_path):
     from ensemble.config import PeerConfig
-    from ensemble.data import load_peer_tethers
+    from ensemble.data.datasets import load_peer_tethers
 
     shapes = {"fc1": (4, 3), "fc2": (4, 4)}
     good = tmp_path / "t.txt"

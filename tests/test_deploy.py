@@ -270,7 +270,7 @@ def test_dockerfile_installs_the_torch_version_pyproject_pins(dockerfile):
 
 def test_dockerfile_copies_and_pip_installs_the_project(dockerfile):
     copied = " ".join(args for keyword, args in dockerfile if keyword == "COPY")
-    for needed in ("pyproject.toml", "ensemble", "workers"):
+    for needed in ("pyproject.toml", "ensemble"):  # workers moved into ensemble.runtime
         assert needed in copied, needed
     assert any(
         keyword == "RUN" and re.search(r"pip install( -\S+)* \.( |$)", args)
@@ -427,7 +427,7 @@ def test_rayjob_token_comes_from_the_secret_in_every_container(rayjob, job_docs)
 
 
 def test_rayjob_runs_the_config_it_mounts_and_that_config_is_valid(rayjob, job_docs, tmp_path):
-    from ensemble.job import load
+    from ensemble.runtime.job import load
 
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:2] == ["ensemble", "run"] and argv[argv.index("--address") + 1] == "auto"

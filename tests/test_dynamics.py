@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ensemble.config import DynamicsConfig
-from ensemble.dynamics import SurgeCollapse, activation_entropy, collapse_, surge_
+from ensemble.training.dynamics import SurgeCollapse, activation_entropy, collapse_, surge_
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9])

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from ensemble.cli import app
 from ensemble.config import load_config
-from ensemble.data import load_dataset
-from ensemble.export import soup
-from ensemble.inference import Ensemble
-from ensemble.job import run_local
+from ensemble.data.datasets import load_dataset
+from ensemble.outputs.export import soup
+from ensemble.outputs.inference import Ensemble
+from ensemble.runtime.job import run_local
 from tests.conftest import tiny
 
 runner = CliRunner()

@@ -10,8 +10,8 @@ from ensemble.api import History
 from ensemble.errors import EnsembleError
 from ensemble.history import HistoryWriter
 from ensemble.history.writer import HistoryFullError
-from ensemble.job import drive, failure_reasons, prepare, summarise
 from ensemble.protocol import EpochReport
+from ensemble.runtime.job import drive, failure_reasons, prepare, summarise
 from tests.helpers import assert_bank_matches, coordinator, trainer, with_
 from tests.test_coordinator import report
 

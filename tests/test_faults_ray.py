@@ -13,12 +13,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from ensemble import procs
 from ensemble.api import History
 from ensemble.config import load_config
-from ensemble.driver import run_job
 from ensemble.errors import EnsembleError
-from ensemble.service import NAMESPACE
+from ensemble.runtime import procs
+from ensemble.runtime.driver import run_job
+from ensemble.runtime.service import NAMESPACE
 from tests.test_cluster import instance_of
 
 pytestmark = pytest.mark.ray

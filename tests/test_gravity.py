@@ -5,10 +5,10 @@ mechanism on planted populations."""
 import numpy as np
 import pytest
 
-from ensemble import galaxies
 from ensemble.config import load_config
+from ensemble.coordination import galaxies
 from ensemble.history import HistoryReader
-from ensemble.job import drive, prepare, run_local
+from ensemble.runtime.job import drive, prepare, run_local
 from tests.conftest import tiny
 from tests.helpers import coordinator, publish, trainer
 
@@ -91,7 +91,7 @@ def test_two_groups_with_opposite_label_maps_end_in_two_galaxies(tmp_path):
         (i, j) for i in range(4) for j in range(4) if (i < 2) != (j < 2)
     }
     assert all(d.layer == "function space" and d.rule.startswith("cut:") for d in cuts)
-    from ensemble.plots import plot_all
+    from ensemble.outputs.plots import plot_all
 
     made = {p.name for p in plot_all(h, tmp_path / "plots")}
     assert "galaxies.png" in made and "compat_function_space.png" in made
@@ -155,7 +155,7 @@ def test_predict_through_a_galaxys_ensemble(tmp_path):
     own group's shift; --member i: i's galaxy's ensemble (--alone: i by itself)."""
     import torch
 
-    from ensemble.inference import Ensemble
+    from ensemble.outputs.inference import Ensemble
 
     over = ["data.groups=2", "data.shift=rotate", "data.partition=shard"]
     run_local(gravity(tmp_path, *over), tmp_path / "run")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from ensemble.config import dump_config, load_config
-from ensemble.data import load_dataset
+from ensemble.data.datasets import load_dataset
+from ensemble.data.groups import group_of, true_groups
 from ensemble.errors import ConfigError, DataError
-from ensemble.groups import group_of, true_groups
-from ensemble.inference import Ensemble
-from ensemble.job import drive, finish, prepare, run_local
+from ensemble.outputs.inference import Ensemble
+from ensemble.runtime.job import drive, finish, prepare, run_local
 from tests.conftest import tiny
 from tests.helpers import coordinator, publish, trainer
 

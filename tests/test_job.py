@@ -7,8 +7,8 @@ import pytest
 import ray
 from safetensors.numpy import load_file
 
-from ensemble.driver import NAMESPACE, run_job
 from ensemble.history import HistoryReader
+from ensemble.runtime.driver import NAMESPACE, run_job
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.ray
@@ -135,7 +135,7 @@ def test_sync_mode_gives_one_ensemble_per_seed_on_ray_and_in_one_process(tmp_pat
     two Ray runs of one seed and the in-process run give the same ensemble (also when
     exchanges that carry nothing are skipped)."""
     from ensemble.config import load_config
-    from ensemble.job import run_local
+    from ensemble.runtime.job import run_local
 
     over = [*base, "coordinator.mode=sync", "resources.models_per_worker=2", "train.epochs=3"]
     runs = []

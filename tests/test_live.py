@@ -9,7 +9,7 @@ import pytest
 from ray.cluster_utils import Cluster
 
 from ensemble.api import History
-from ensemble.driver import run_job
+from ensemble.runtime.driver import run_job
 from tests.conftest import cli
 
 pytestmark = pytest.mark.ray

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from ensemble import maths
-from ensemble.compat import COMPAT, TetherBank
+from ensemble.coordination import maths
+from ensemble.coordination.compat import COMPAT, TetherBank
 
 
 def seed_compat(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ensemble import align, maths
 from ensemble.config import load_config
+from ensemble.coordination import align, maths
 from ensemble.errors import ConfigError
 from ensemble.history import HistoryReader
-from ensemble.job import load, prepare
 from ensemble.protocol import Instruction, Rejection, Reply
+from ensemble.runtime.job import load, prepare
 from tests.conftest import cli, tiny
 from tests.helpers import assert_bank_matches, coordinator, publish, tethers_of, trainer
 

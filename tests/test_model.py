@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble.model import (
+from ensemble.training.model import (
     MLP,
     PRESETS,
     attach_tethers,

@@ -5,8 +5,8 @@ from ray.cluster_utils import Cluster
 
 from ensemble.api import History
 from ensemble.config import load_config
-from ensemble.driver import run_job
 from ensemble.errors import EnsembleError
+from ensemble.runtime.driver import run_job
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.ray

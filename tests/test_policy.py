@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ensemble.coordination.policies import POLICIES, LayerView, Population, policy_class
 from ensemble.errors import ConfigError
-from ensemble.policy import POLICIES, LayerView, Population, policy_class
 
 P = dict(
     merge_above=0.8,
@@ -135,7 +135,7 @@ def reference_threshold(p: dict, layers, counts):
     over every pair in sorted order. The vectorised policy must decide exactly the same."""
     from types import SimpleNamespace
 
-    from ensemble.compat import SAME_TOL
+    from ensemble.coordination.compat import SAME_TOL
     from ensemble.protocol import Instruction
 
     p = SimpleNamespace(**p)

@@ -6,7 +6,7 @@ import torch
 
 from ensemble.config import load_config
 from ensemble.errors import ConfigError
-from ensemble.job import drive, load, prepare
+from ensemble.runtime.job import drive, load, prepare
 from tests.conftest import tiny
 from tests.helpers import assert_bank_matches, coordinator, publish, tethers_of, trainer
 

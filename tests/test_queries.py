@@ -227,7 +227,7 @@ def test_plots_of_a_large_population_sample_its_models(tmp_path):
     2nd model (at most 256 a side), the curves a band; every picture is still made."""
     import matplotlib.image as mpimg
 
-    from ensemble.plots import MAX_LINES, plot_all, sample
+    from ensemble.outputs.plots import MAX_LINES, plot_all, sample
 
     assert sample(list(range(10))) == list(range(10))
     picked = sample(list(range(300)))

@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from ensemble.config import load_config
-from ensemble.export import folded
-from ensemble.job import run_local
+from ensemble.outputs.export import folded
+from ensemble.runtime.job import run_local
 from tests.conftest import cli
 
 pytestmark = pytest.mark.ray

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble.cluster import ensure_token
 from ensemble.config import load_config
 from ensemble.errors import ConfigError, DataError
 from ensemble.history import HistoryWriter
-from ensemble.inference import read_inputs
+from ensemble.outputs.inference import read_inputs
+from ensemble.runtime.cluster import ensure_token
 
 
 def listening(wildcard_only: bool) -> set[int]:
@@ -34,7 +34,7 @@ def listening(wildcard_only: bool) -> set[int]:
 def test_local_instance_listens_on_loopback_only():
     import ray
 
-    from ensemble.driver import start_ray
+    from ensemble.runtime.driver import start_ray
 
     before = listening(wildcard_only=True)
     start_ray(None)
@@ -96,8 +96,8 @@ def test_a_local_run_with_token_auth_makes_a_private_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["HOME"] = str(tmp_path)  # no token here yet: Ray's default turns token auth on
     code = (
-        "from ensemble.cluster import local_ray_env; local_ray_env(); "
-        "from ensemble.driver import start_ray, stop_ray; stop_ray(start_ray(None))"
+        "from ensemble.runtime.cluster import local_ray_env; local_ray_env(); "
+        "from ensemble.runtime.driver import start_ray, stop_ray; stop_ray(start_ray(None))"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -110,7 +110,7 @@ def test_cluster_start_honours_auth_off_and_makes_a_private_temp_dir(monkeypatch
     """RAY_AUTH_MODE=disabled in the user's environment: the head starts without token
     auth and the checks run without one (they used to send none to a token head and wait
     60 s); its temp dir is a fresh 0700 one, not a fixed name in /tmp."""
-    from ensemble import cluster
+    from ensemble.runtime import cluster
 
     token = no_token_yet(monkeypatch, tmp_path)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

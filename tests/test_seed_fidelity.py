@@ -10,10 +10,10 @@ import pytest
 
 from ensemble.api import History
 from ensemble.config import load_config
-from ensemble.data import load_dataset
-from ensemble.driver import run_job
-from ensemble.inference import Ensemble
-from ensemble.plots import plot_all
+from ensemble.data.datasets import load_dataset
+from ensemble.outputs.inference import Ensemble
+from ensemble.outputs.plots import plot_all
+from ensemble.runtime.driver import run_job
 from tests.conftest import TINY, cli
 
 pytestmark = pytest.mark.ray

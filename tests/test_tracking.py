@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ensemble import Job
 from ensemble.config import load_config
 from ensemble.errors import ConfigError
-from ensemble.job import prepare
+from ensemble.runtime.job import prepare
 from tests.conftest import TINY
 
 
@@ -30,9 +30,9 @@ def test_tensorboard_gets_member_epochs_and_the_summarys_counts(tmp_path):
 
 
 def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
-    import ensemble.tracking
+    import ensemble.outputs.tracking
 
-    monkeypatch.setattr(ensemble.tracking.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(ensemble.outputs.tracking.importlib.util, "find_spec", lambda name: None)
     cfg = load_config(None, [*TINY, "job=tb", "tracking.tensorboard=true"])
     with pytest.raises(ConfigError, match=r"pip install 'tether-ensemble\[tracking\]'"):
         prepare(cfg)

@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.config import load_config
-from ensemble.inference import load_member
-from ensemble.job import drive, prepare
-from ensemble.model import build_member, member_seed
+from ensemble.outputs.inference import load_member
 from ensemble.protocol import (
     EpochReport,
     Event,
@@ -21,8 +19,10 @@ from ensemble.protocol import (
     StackReport,
     apply_instruction,
 )
-from ensemble.stack import Stack
-from ensemble.trainer import run_stack
+from ensemble.runtime.job import drive, prepare
+from ensemble.training.model import build_member, member_seed
+from ensemble.training.stack import Stack
+from ensemble.training.trainer import run_stack
 from tests.conftest import tiny
 from tests.helpers import assert_bank_matches, coordinator, trainer, with_
 
@@ -410,7 +410,7 @@ def test_exchanges_that_carry_nothing_are_skipped_and_decide_the_same(tmp_path, 
     """Publishing every 20 steps with an exchange every 5: the three quiet exchanges of
     every four are skipped (one round trip instead of four), and the job decides and trains
     exactly as when every exchange is sent."""
-    from ensemble.trainer import Trainer
+    from ensemble.training.trainer import Trainer
 
     over = ["policy.name=gravity", "data.groups=2", "data.shift=permute_labels"]
     over += ["trigger.k=20", "trigger.poll_steps=5", "train.epochs=2"]

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from ensemble.cli import app
 from ensemble.config import load_config
 from ensemble.errors import RunDirError
-from ensemble.inference import Ensemble
-from ensemble.job import run_local
+from ensemble.outputs.inference import Ensemble
+from ensemble.runtime.job import run_local
 from tests.conftest import TINY
 
 runner = CliRunner()

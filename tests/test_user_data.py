@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from ensemble import Job
 from ensemble.cli import app
 from ensemble.config import load_config
-from ensemble.data import load_dataset
+from ensemble.data.datasets import load_dataset
 from ensemble.errors import ConfigError, DataError
 from tests.conftest import tiny
 
@@ -177,7 +177,7 @@ def test_a_member_column_deals_each_client_to_one_member(tmp_path, wine):
     over += ["policy.name=none", "train.epochs=10", "train.batch_size=16"]
     cfg = load_config(None, tiny(*over))
     assert cfg.data.partition == "column"
-    from ensemble.job import prepare
+    from ensemble.runtime.job import prepare
 
     prep = prepare(cfg)
     assert prep.data.features == 13  # the site is not a feature
@@ -203,7 +203,7 @@ def test_a_member_column_with_too_few_clients_is_a_clear_error(tmp_path, wine):
         w.writerow([*(f"f{i}" for i in range(13)), "site", "label"])
         for i, (row, c) in enumerate(zip(x, y, strict=True)):
             w.writerow([*row, i % 2, c])
-    from ensemble.job import prepare
+    from ensemble.runtime.job import prepare
 
     cfg = load_config(None, tiny("job=few", f"data.path={path}", "data.member_column=site"))
     with pytest.raises(

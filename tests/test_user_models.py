@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ensemble import Job
-from ensemble.align import permute, weight_matching
 from ensemble.cli import app
 from ensemble.config import load_config
+from ensemble.coordination.align import permute, weight_matching
 from ensemble.errors import ConfigError
-from ensemble.job import prepare
-from ensemble.model import build_member, tethered_layers
+from ensemble.runtime.job import prepare
+from ensemble.training.model import build_member, tethered_layers
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

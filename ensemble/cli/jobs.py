@@ -27,7 +27,7 @@ JobsAddress = Annotated[
 
 
 def jobs_address(address: str | None) -> str:
-    from ensemble.cluster import default_address, ray_env
+    from ensemble.runtime.cluster import default_address, ray_env
 
     found = address or default_address("dashboard")
     if not found:
@@ -45,7 +45,7 @@ def cluster_start(
 ) -> None:
     """Start a Ray head bound to 127.0.0.1 with token auth on (a token is made if this
     machine has none); reports success once its Jobs API and job agent answer."""
-    from ensemble.cluster import start
+    from ensemble.runtime.cluster import start
 
     try:
         st = start(port, dashboard_port, num_cpus, num_gpus)
@@ -69,7 +69,7 @@ def cluster_start(
 def cluster_stop() -> None:
     """Stop the head `cluster start` started: every process of it, agents included, and
     no other Ray process on the machine."""
-    from ensemble.cluster import stop
+    from ensemble.runtime.cluster import stop
 
     try:
         pids = stop()
@@ -81,7 +81,7 @@ def cluster_stop() -> None:
 @cluster_app.command("status")
 def cluster_status() -> None:
     """Is the cluster started here running, and where."""
-    from ensemble.cluster import state_file, status
+    from ensemble.runtime.cluster import state_file, status
 
     st = status()
     if not st:
@@ -115,10 +115,10 @@ def submit(
     """Submit a job through the Ray Jobs API: prints its id (the job name), then streams
     its driver's output until it ends (exit 1 if it did not succeed); --no-wait returns."""
     from ensemble.cli.run import default_config
-    from ensemble.job import load as load_config
-    from ensemble.rundir import resolve_job
-    from ensemble.submit import follow
-    from ensemble.submit import submit as do_submit
+    from ensemble.runtime.job import load as load_config
+    from ensemble.runtime.rundir import resolve_job
+    from ensemble.runtime.submit import follow
+    from ensemble.runtime.submit import submit as do_submit
 
     try:
         cfg = resolve_job(load_config(config or default_config(set_ or []), set_ or []))
@@ -147,8 +147,8 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends")] = False,
 ) -> None:
     """A submitted job's driver output (--follow: as it comes, until the job ends)."""
-    from ensemble.submit import follow as follow_logs
-    from ensemble.submit import logs as job_logs
+    from ensemble.runtime.submit import follow as follow_logs
+    from ensemble.runtime.submit import logs as job_logs
 
     try:
         where = jobs_address(address)
@@ -163,7 +163,7 @@ def logs(
 @app.command()
 def stop(job: str, address: JobsAddress = None) -> None:
     """Stop a submitted job."""
-    from ensemble.submit import stop as job_stop
+    from ensemble.runtime.submit import stop as job_stop
 
     try:
         stopped = job_stop(jobs_address(address), job)

@@ -37,7 +37,7 @@ TrustCode = Annotated[
 
 def open_history(source: str, address: str | None):
     if address:
-        from ensemble.cluster import ray_env
+        from ensemble.runtime.cluster import ray_env
 
         ray_env(address)  # before Ray is imported
     from ensemble.api import History
@@ -353,7 +353,7 @@ def status(
 ) -> None:
     """Jobs on a cluster: submitted jobs' states, and running jobs' models, steps, merges."""
     from ensemble.cli.jobs import jobs_table
-    from ensemble.cluster import default_address
+    from ensemble.runtime.cluster import default_address
 
     gcs = dashboard = None
     if address and address.startswith("http"):
@@ -363,7 +363,7 @@ def status(
     else:
         gcs, dashboard = default_address("gcs"), default_address("dashboard")
     if gcs or dashboard:
-        from ensemble.cluster import ray_env
+        from ensemble.runtime.cluster import ray_env
 
         ray_env(gcs or dashboard)  # before Ray is imported
     if not gcs and not dashboard:
@@ -371,8 +371,8 @@ def status(
             "no cluster given: pass --address HOST:PORT, set RAY_ADDRESS, or run "
             "`ensemble cluster start`"
         )
-    from ensemble.service import list_jobs  # Ray: only now, after ray_env
-    from ensemble.submit import jobs as submitted
+    from ensemble.runtime.service import list_jobs  # Ray: only now, after ray_env
+    from ensemble.runtime.submit import jobs as submitted
 
     try:
         running = list_jobs(gcs) if gcs else []
@@ -422,7 +422,7 @@ def plot(
 ) -> None:
     """Draw the job's pictures from its history into RUN_DIR/plots/."""
     from ensemble.api import History
-    from ensemble.plots import plot_all
+    from ensemble.outputs.plots import plot_all
 
     try:
         h = History.open(run_dir)
@@ -440,8 +440,8 @@ def evaluate(
     trust_code: TrustCode = False,
 ) -> None:
     """Score members and ensemble on the test split: accuracy, NLL, ECE, diversity."""
-    from ensemble.inference import Ensemble
-    from ensemble.rundir import open_run_dir
+    from ensemble.outputs.inference import Ensemble
+    from ensemble.runtime.rundir import open_run_dir
 
     try:
         report = Ensemble.load(open_run_dir(run_dir), trust_code).evaluate()
@@ -512,8 +512,8 @@ def predict(
 ) -> None:
     """Class probabilities and labels for new inputs (raw features, as in the dataset). With
     no --member or --group: the whole ensemble, on the inputs as given."""
-    from ensemble.inference import Ensemble, read_inputs
-    from ensemble.rundir import open_run_dir, write_atomic
+    from ensemble.outputs.inference import Ensemble, read_inputs
+    from ensemble.runtime.rundir import open_run_dir, write_atomic
 
     output_path(output, "predictions")
     try:
@@ -561,12 +561,12 @@ def export(
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    from ensemble import trust
     from ensemble.config import load_config
-    from ensemble.data import load_dataset
-    from ensemble.export import folded, manifest, soup
-    from ensemble.inference import migrate_member, saved_members
-    from ensemble.rundir import open_run_dir
+    from ensemble.data.datasets import load_dataset
+    from ensemble.outputs.export import folded, manifest, soup
+    from ensemble.outputs.inference import migrate_member, saved_members
+    from ensemble.runtime import trust
+    from ensemble.runtime.rundir import open_run_dir
 
     try:
         rd = open_run_dir(run_dir)

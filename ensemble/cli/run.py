@@ -179,10 +179,10 @@ def run(
     Exit status: 0 when every member finished; 3 when the job finished but some members
     failed (the table and summary.json `failed` name them and why; the ensemble is the
     rest); 2 for bad input or a job that could not run; 130 when interrupted."""
-    from ensemble import trust
-    from ensemble.cluster import ray_env
-    from ensemble.job import load as load_config
-    from ensemble.rundir import open_run_dir, resolve_job
+    from ensemble.runtime import trust
+    from ensemble.runtime.cluster import ray_env
+    from ensemble.runtime.job import load as load_config
+    from ensemble.runtime.rundir import open_run_dir, resolve_job
 
     try:
         if resume is not None:
@@ -202,7 +202,7 @@ def run(
     ray_env(address)  # before Ray is imported
     from functools import partial
 
-    from ensemble.driver import run_job
+    from ensemble.runtime.driver import run_job
 
     target = resume or run_dir or Path("runs") / cfg.job
     run_job = partial(run_job, resume=resume is not None)
@@ -311,7 +311,7 @@ def ray_log(run_dir: Path, job: str, quiet: bool = False):
     a kill cannot leave behind); then into <run dir>/driver.log when the run directory
     holds this job (not when the start failed, nor another job that owns it), or away. Our
     own error lines are printed after, on stderr."""
-    from ensemble.rundir import recorded_job
+    from ensemble.runtime.rundir import recorded_job
 
     fds = (1, 2) if quiet else (2,)
     sys.stdout.flush()

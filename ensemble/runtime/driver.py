@@ -18,17 +18,17 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ensemble import placement, procs, trust
-from ensemble.cluster import auth_off, client_auth, ensure_token
 from ensemble.config import Config, dump_config
 from ensemble.errors import EnsembleError
 from ensemble.history.writer import HistoryFullError
-from ensemble.job import finish, prepare_and_claim
 from ensemble.protocol import MemberResult
-from ensemble.rundir import write_atomic
-from ensemble.service import NAMESPACE, CoordinatorActor, reachable, unwrap
-from ensemble.timing import Phases, process_started
-from workers.worker import Worker
+from ensemble.runtime import placement, procs, trust
+from ensemble.runtime.cluster import auth_off, client_auth, ensure_token
+from ensemble.runtime.job import finish, prepare_and_claim
+from ensemble.runtime.rundir import write_atomic
+from ensemble.runtime.service import NAMESPACE, CoordinatorActor, reachable, unwrap
+from ensemble.runtime.timing import Phases, process_started
+from ensemble.runtime.worker import Worker
 
 
 @dataclass
@@ -40,7 +40,7 @@ class JobHandles:
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> str | None:
     """Join `address`, or start a loopback-only local instance. For a local instance,
-    returns the tag its processes carry (ensemble.procs), for `stop_ray` to clean up;
+    returns the tag its processes carry (ensemble.runtime.procs), for `stop_ray` to clean up;
     a reaper stops them too if this process is killed."""
     if address:
         reachable(address)
@@ -101,7 +101,7 @@ def run_job(
 
     on_progress gets the coordinator's progress dict while training; on_status gets a line
     for each phase before that (starting Ray, the coordinator, the workers). The run
-    directory is claimed (`ensemble.rundir.Claim`) for the whole job, before anything is
+    directory is claimed (`ensemble.runtime.rundir.Claim`) for the whole job, before anything is
     written; a start that fails before training (no cluster, a placement that cannot be
     met, ...) removes what it created and nothing else, and a resumed run keeps every file.
     """

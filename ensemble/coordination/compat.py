@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ensemble import maths
+from ensemble.coordination import maths
 
 CompatFn = Callable[[np.ndarray], np.ndarray]
 SAME_TOL = 1e-10  # squared distance below which two tethers are one (already merged)

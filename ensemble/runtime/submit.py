@@ -11,9 +11,9 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from ensemble.cluster import jobs_client as client
 from ensemble.config import Config, dump_config
 from ensemble.errors import EnsembleError
+from ensemble.runtime.cluster import jobs_client as client
 
 
 def submit(cfg: Config, address: str, run_dir: Path, ship_package: bool = False) -> str:

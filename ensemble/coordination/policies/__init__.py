@@ -7,7 +7,7 @@ A policy is a small class with no I/O (Flower's strategies, mergekit's merge met
   policy and the keys it does take. `suggests`: what the policy means for other sections
   unless the user says otherwise (FedAvg is a shared init, for instance).
 - `decide(round)`: per-layer compatibility among the round's members (and what they
-  published) in, instructions out, each carrying its target (ensemble.targets).
+  published) in, instructions out, each carrying its target (ensemble.coordination.targets).
 - `state()` / `restore()`: what it keeps between rounds (FedAvgM's momentum, the groups
   it sees), saved in the history with every round, so a restarted coordinator or a
   resumed job carries on where it was.
@@ -23,12 +23,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from ensemble import galaxies, targets
-from ensemble.compat import SAME_TOL
 from ensemble.config import Section
+from ensemble.coordination import galaxies, targets
+from ensemble.coordination.compat import SAME_TOL
+from ensemble.coordination.targets import Pool
 from ensemble.errors import ConfigError
 from ensemble.protocol import Instruction, Kind
-from ensemble.targets import Pool
 
 DEFAULT = "gravity"  # what policy.name auto means
 REPULSIVE = "repulsive: rbf kernel"
@@ -486,7 +486,7 @@ class GravityPolicy(Policy):
     """Gravity: compatibility decides who merges and who drifts.
 
     Each round, the members' class probabilities on the shared probe batch give function-
-    space distances, and their clusters the **galaxies** (ensemble.galaxies): members whose
+    space distances, and their clusters the **galaxies** (ensemble.coordination.galaxies): members whose
     functions differ clearly (other label maps, inputs seen otherwise) part, a population
     whose functions do not split clearly stays one galaxy. After `settle` rounds the
     galaxies are fixed. Within its galaxy each member merges, per layer, toward the

@@ -1,6 +1,6 @@
 """The coordinator: stack reports in, merge/drift instructions out, everything recorded.
 
-Plain Python: the Ray actor (ensemble.service) and the in-process job (ensemble.job) both
+Plain Python: the Ray actor (ensemble.runtime.service) and the in-process job (ensemble.runtime.job) both
 wrap it. It is built from a `CoordinatorState` (fresh, or what a history holds) and the
 `HistoryWriter` it records into; its constructor does no I/O.
 
@@ -18,15 +18,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from ensemble import maths
-from ensemble.compat import SAME_TOL, TetherBank
 from ensemble.config import Config
-from ensemble.evaluation import ensemble_probs, score
-from ensemble.groups import true_groups
+from ensemble.coordination import maths
+from ensemble.coordination.compat import SAME_TOL, TetherBank
+from ensemble.coordination.policies import LayerView, Population, Round, make_policy, settings_of
+from ensemble.coordination.targets import Pool
+from ensemble.data.groups import true_groups
 from ensemble.history import HistoryWriter
 from ensemble.history.records import CoordinatorState
-from ensemble.policy import LayerView, Population, Round, make_policy, settings_of
-from ensemble.procs import peak_rss_mb
+from ensemble.outputs.evaluation import ensemble_probs, score
 from ensemble.protocol import (
     ENSEMBLE,
     EpochReport,
@@ -37,7 +37,7 @@ from ensemble.protocol import (
     StackReport,
     apply_instruction,
 )
-from ensemble.targets import Pool
+from ensemble.runtime.procs import peak_rss_mb
 
 
 class Coordinator:
@@ -86,7 +86,7 @@ class Coordinator:
         self.val_labels = val_labels
         self.tracker = None  # TensorBoard scalars (tracking.tensorboard), beside the history
         if cfg.tracking.tensorboard:
-            from ensemble.tracking import TensorBoard
+            from ensemble.outputs.tracking import TensorBoard
 
             self.tracker = TensorBoard(history.run_dir)
         # per model

@@ -3,7 +3,7 @@
 A member is a plain `nn.Module`; its tethers live beside it, one per tethered layer (every
 `nn.Linear` and `nn.Conv2d`, in registration order), the shape of that layer's weight.
 The layer computes with W ⊙ T: the trainer stacks members and multiplies in the tether
-itself (ensemble.stack); a single module gets it as a `torch.nn.utils.parametrize`
+itself (ensemble.training.stack); a single module gets it as a `torch.nn.utils.parametrize`
 parametrization (`attach_tethers`), so it keeps its own state-dict keys.
 
 The built-in MLP presets are modules like any other: `MLP(sizes)`.

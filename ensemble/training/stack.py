@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ensemble.model import MLP
+from ensemble.training.model import MLP
 
 
 class Stack:

@@ -6,7 +6,7 @@ reads the window of losses once, quarantines and rolls back a model whose loss b
 evaluates every model's trigger as arrays, and its `report()` carries everything the
 coordinator should know about the stack, in one message. `receive()` applies the reply,
 with the merge guard. `run_stack` is the loop around it; the Ray worker and the in-process
-job (`ensemble.job.run_local`) both drive a Trainer through these few methods.
+job (`ensemble.runtime.job.run_local`) both drive a Trainer through these few methods.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ensemble import checkpoint, maths
-from ensemble.batches import Batches
 from ensemble.config import Config
-from ensemble.data import Dataset
-from ensemble.dynamics import SurgeCollapse, activation_entropy
-from ensemble.evaluation import score
-from ensemble.model import build_member, member_seed
-from ensemble.policy import traits
+from ensemble.coordination import maths
+from ensemble.coordination.policies import traits
+from ensemble.data.datasets import Dataset
+from ensemble.outputs.evaluation import score
 from ensemble.protocol import (
     EpochReport,
     Event,
@@ -38,8 +35,12 @@ from ensemble.protocol import (
     StackReport,
     apply_instruction,
 )
-from ensemble.stack import Stack, cross_entropy
-from ensemble.triggers import Triggers
+from ensemble.training import checkpoint
+from ensemble.training.batches import Batches
+from ensemble.training.dynamics import SurgeCollapse, activation_entropy
+from ensemble.training.model import build_member, member_seed
+from ensemble.training.stack import Stack, cross_entropy
+from ensemble.training.triggers import Triggers
 
 
 class Trainer:
@@ -393,7 +394,7 @@ class Trainer:
     # --- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, probs: bool = False):
-        """(k, 2) loss and accuracy (ensemble.evaluation.score) of every model on the shared
+        """(k, 2) loss and accuracy (ensemble.outputs.evaluation.score) of every model on the shared
         x (N, ...), y (N,); with probs=True also their class probabilities (k, N, C)."""
         p = torch.softmax(self.stack.forward(x, shared=True), 2).float().cpu().numpy()
         s = score(p, y.cpu().numpy())

@@ -1,4 +1,4 @@
-"""The Ray worker actor: a thin shell around `ensemble.trainer.Trainer`."""
+"""The Ray worker actor: a thin shell around `ensemble.training.trainer.Trainer`."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import ray
 import torch
 
 from ensemble.config import Config
-from ensemble.job import Prepared, make_trainer
 from ensemble.protocol import JoinRequest, MemberResult, Reply, StackReport
-from ensemble.trainer import run_stack
+from ensemble.runtime.job import Prepared, make_trainer
+from ensemble.training.trainer import run_stack
 
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 

@@ -16,14 +16,15 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from ensemble import evaluation, trust
 from ensemble.config import Config, load_config
-from ensemble.data import _is_float
+from ensemble.data.datasets import _is_float
+from ensemble.data.groups import Shift, group_of, make_shift
+from ensemble.data.userdata import read_npy
 from ensemble.errors import DataError, RunDirError
-from ensemble.groups import Shift, group_of, make_shift
-from ensemble.model import attach_tethers, build_member
-from ensemble.rundir import inside
-from ensemble.userdata import read_npy
+from ensemble.outputs import evaluation
+from ensemble.runtime import trust
+from ensemble.runtime.rundir import inside
+from ensemble.training.model import attach_tethers, build_member
 
 OLD_KEY = re.compile(r"layers\.(\w+)\.(?:linear\.)?(weight|bias|tether)")
 
@@ -94,13 +95,13 @@ class Ensemble:
         self.class_names: list[str] | None = None
         self.shift = Shift()
         self.found: list[list[int]] | None = None  # the groups the policy saw last
-        self.trust_code = False  # evaluate: may data.factory's code run (ensemble.trust)
+        self.trust_code = False  # evaluate: may data.factory's code run (ensemble.runtime.trust)
 
     @classmethod
     def load(cls, run_dir: str | Path, trust_code: bool = False) -> Ensemble:
         """The run's members. A run directory is data: code its config names (a model
         factory) is imported only if it is the code this machine trained the run with, or
-        with trust_code=True (see ensemble.trust)."""
+        with trust_code=True (see ensemble.runtime.trust)."""
         run_dir = Path(run_dir)
         files, pre = saved_members(run_dir)
         cfg = load_config(run_dir / "config.yaml", saved=True)
@@ -210,9 +211,10 @@ class Ensemble:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Members and ensemble on the job's test split (rebuilt from its config and seed):
-        global and personal scores (ensemble.evaluation.population), members by id."""
-        from ensemble.data import load_dataset, partition
-        from ensemble.groups import pooled
+        global and personal scores (ensemble.outputs.evaluation.population), members by id."""
+        from ensemble.data.datasets import load_dataset
+        from ensemble.data.groups import pooled
+        from ensemble.data.partitions import partition
 
         trust.check(self.cfg, self.run_dir, self.trust_code, ("data.factory",))
         data = pooled(load_dataset(self.cfg.data, self.cfg.seed), self.shift)  # standardised

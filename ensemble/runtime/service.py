@@ -1,6 +1,6 @@
 """The coordinator as a named Ray actor, and how other processes find and ask it.
 
-The actor is a thin asynchronous shell around `ensemble.coordinator.Coordinator`: workers'
+The actor is a thin asynchronous shell around `ensemble.coordination.coordinator.Coordinator`: workers'
 calls run one at a time on its event loop. In sync mode an exchange waits (without blocking
 the loop) until every model still training has reported up to its step, and the round of
 that boundary has run. Queries run in their own thread against a read-only connection
@@ -16,8 +16,8 @@ import ray
 
 from ensemble.errors import EnsembleError, RunDirError
 from ensemble.history import QUERIES, HistoryReader
-from ensemble.job import Prepared, open_coordinator
 from ensemble.protocol import JoinRequest, Reply, StackReport
+from ensemble.runtime.job import Prepared, open_coordinator
 
 NAMESPACE = "tether-ensemble"
 
@@ -122,7 +122,7 @@ def unwrap(call):
 def reachable(address: str) -> None:
     """Fail fast, with a clear message, when nothing answers at host:port ('auto' and
     ray:// addresses are left to Ray)."""
-    from ensemble.cluster import answers
+    from ensemble.runtime.cluster import answers
 
     host, sep, port = address.rpartition(":")
     if address == "auto" or "://" in address or not sep or not port.isdigit():
@@ -133,7 +133,7 @@ def reachable(address: str) -> None:
 
 def connect(address: str) -> None:
     """Join the cluster at `address` as a client of its jobs (idempotent)."""
-    from ensemble.cluster import client_auth, held_stderr, refused_auth
+    from ensemble.runtime.cluster import client_auth, held_stderr, refused_auth
 
     if ray.is_initialized():
         return

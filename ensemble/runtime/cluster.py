@@ -7,7 +7,7 @@ generating one on a machine that has none. It reports success only once the Jobs
 answers an authenticated request, refuses an unauthenticated one (401), and the dashboard
 agent (which runs submitted jobs) is up. It records the address in
 $TETHER_ENSEMBLE_HOME/cluster.json (default ~/.tether-ensemble), where `submit`, `status`,
-`logs` and `stop` find it. `stop` stops exactly that cluster's processes (ensemble.procs),
+`logs` and `stop` find it. `stop` stops exactly that cluster's processes (ensemble.runtime.procs),
 never another Ray process on the machine.
 
 `client_auth()` is what every client of a cluster (`run --address`, live `history`,
@@ -31,8 +31,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ensemble import procs
 from ensemble.errors import EnsembleError
+from ensemble.runtime import procs
 
 
 def home() -> Path:

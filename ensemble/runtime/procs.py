@@ -8,7 +8,7 @@ the descendants of a marked process. So "ours" is every marked process and every
 descendant of one, computed before anything is killed (a killed parent orphans its
 children). A process is identified by (pid, start time), so a recycled pid is never hit.
 
-`python -m ensemble.procs reap PID TAG` is the reaper a driver starts beside its private
+`python -m ensemble.runtime.procs reap PID TAG` is the reaper a driver starts beside its private
 instance: it keeps the list of the instance's processes up to date while the driver lives,
 and when the driver dies (SIGKILL included) it stops them.
 """
@@ -83,7 +83,7 @@ def terminate(procs: set[Proc], timeout: float = 10.0) -> set[Proc]:
 def start_reaper(tag: str) -> subprocess.Popen:
     """A process that stops the instance tagged `tag` once this process has died."""
     return subprocess.Popen(
-        [sys.executable, "-m", "ensemble.procs", "reap", str(os.getpid()), tag],
+        [sys.executable, "-m", "ensemble.runtime.procs", "reap", str(os.getpid()), tag],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -106,9 +106,9 @@ def _all() -> set[Proc]:
     return {(pid, start) for pid, (_, start, _) in _scan().items()}
 
 
-if __name__ == "__main__":  # python -m ensemble.procs reap PID TAG
+if __name__ == "__main__":  # python -m ensemble.runtime.procs reap PID TAG
     if len(sys.argv) != 4 or sys.argv[1] != "reap":
-        sys.exit("usage: python -m ensemble.procs reap DRIVER_PID TAG")
+        sys.exit("usage: python -m ensemble.runtime.procs reap DRIVER_PID TAG")
     reap(int(sys.argv[2]), sys.argv[3])
 
 

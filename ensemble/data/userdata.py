@@ -82,7 +82,7 @@ def load_arrays(cfg: DataConfig):
 def load_from_factory(cfg: DataConfig):
     """x and y from the user's function (arrays or a torch Dataset), the class names, and
     no clients."""
-    from ensemble.model import load_factory
+    from ensemble.training.model import load_factory
 
     what = f"data.factory {cfg.factory!r}"
     if cfg.factory is None:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemble import align
 from ensemble.config import Config
-from ensemble.data import Dataset
-from ensemble.evaluation import ensemble_probs, score
-from ensemble.model import build_member, hidden_sizes, layer_names, tethered_layers
+from ensemble.coordination import align
+from ensemble.data.datasets import Dataset
+from ensemble.outputs.evaluation import ensemble_probs, score
+from ensemble.training.model import build_member, hidden_sizes, layer_names, tethered_layers
 
 LOADING = """\
 import json, torch

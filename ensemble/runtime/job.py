@@ -7,7 +7,7 @@
   synchronous protocol, so it gives the ensemble a Ray job in `coordinator.mode: sync` gives;
 - `finish`: the summary and the saved members, for both.
 
-The Ray driver (ensemble.driver) builds on the same pieces.
+The Ray driver (ensemble.runtime.driver) builds on the same pieces.
 """
 
 from __future__ import annotations
@@ -24,28 +24,29 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from ensemble import trust
-from ensemble.batches import steps_per_epoch
-from ensemble.compat import COMPAT
 from ensemble.config import Config, dump_config, load_config
-from ensemble.coordinator import Coordinator
-from ensemble.data import DATASETS, Dataset, Partition, load_dataset, load_peer_tethers, partition
+from ensemble.coordination.compat import COMPAT
+from ensemble.coordination.coordinator import Coordinator
+from ensemble.coordination.policies import resolve
+from ensemble.data.datasets import DATASETS, Dataset, load_dataset, load_peer_tethers
+from ensemble.data.groups import Shift, group_of, make_shift, pooled, true_groups
+from ensemble.data.partitions import Partition, partition
 from ensemble.errors import ConfigError, EnsembleError
-from ensemble.evaluation import ari, population
-from ensemble.groups import Shift, group_of, make_shift, pooled, true_groups
 from ensemble.history import HistoryReader, HistoryWriter
-from ensemble.model import PRESETS, build_member, check_module, hidden_sizes
-from ensemble.placement import groups_of
-from ensemble.policy import resolve
+from ensemble.outputs.evaluation import ari, population
 from ensemble.protocol import MemberResult
-from ensemble.rundir import Claim, claim_for_resume, claim_run_dir, write_atomic
-from ensemble.trainer import Trainer
+from ensemble.runtime import trust
+from ensemble.runtime.placement import groups_of
+from ensemble.runtime.rundir import Claim, claim_for_resume, claim_run_dir, write_atomic
+from ensemble.training.batches import steps_per_epoch
+from ensemble.training.model import PRESETS, build_member, check_module, hidden_sizes
+from ensemble.training.trainer import Trainer
 
 
 def check(cfg: Config) -> Config:
     """Every name the config gives is one its registry knows, and the policy's settings are
     its own; the error names the key. Returns the config with its policy made explicit
-    (ensemble.policy.resolve): what runs, and what config.yaml records."""
+    (ensemble.coordination.policies.resolve): what runs, and what config.yaml records."""
     for path, value, names in [
         ("model.preset", cfg.model.preset if cfg.model.factory is None else None, PRESETS),
         ("data.name", cfg.data.name, DATASETS),
@@ -55,7 +56,7 @@ def check(cfg: Config) -> Config:
             raise ConfigError(f"{path}: unknown name {value!r}; choose one of {sorted(names)}")
     cfg = resolve(cfg)
     if cfg.tracking.tensorboard:
-        from ensemble.tracking import check_available
+        from ensemble.outputs.tracking import check_available
 
         check_available()
     return cfg
@@ -75,7 +76,7 @@ class Prepared:
     """What every part of a job is built from: checked once, before anything starts."""
 
     cfg: Config
-    data: Dataset  # as the population sees it: one block per group view (ensemble.groups)
+    data: Dataset  # as the population sees it: one block per group view (ensemble.data.groups)
     shapes: dict[str, tuple[int, ...]]  # tethered layer -> tether shape
     parts: Partition  # each model's training, validation and test rows
     steps_per_epoch: int  # the same for every model
@@ -130,7 +131,7 @@ def check_size(cfg: Config, features: int, classes: int) -> None:
 
 
 def prepare_and_claim(cfg: Config, run_dir: Path, resume: bool) -> tuple[Prepared, Claim]:
-    """`prepare`, and the run directory's claim (ensemble.rundir.Claim), held by the caller
+    """`prepare`, and the run directory's claim (ensemble.runtime.rundir.Claim), held by the caller
     until the job ends. A new job is claimed once its inputs have passed (bad input creates
     nothing); a resumed one first (its run directory holds the inputs)."""
     claim = claim_for_resume(run_dir, cfg) if resume else None
@@ -305,7 +306,7 @@ def summarise(
     reasons: dict[int, str] | None = None,
 ) -> dict:
     """Global and personal scores of every member and of the ensemble (see
-    ensemble.evaluation), the groups, and the coordination counts. Members that failed (a
+    ensemble.outputs.evaluation), the groups, and the coordination counts. Members that failed (a
     non-finite loss with on_poison=stop, a worker that died, test predictions that are not
     finite) are listed with the reason, not scored."""
     cfg, data = prep.cfg, prep.data
@@ -350,7 +351,7 @@ def summarise(
         "policy": cfg.policy.name,
         "test_samples": int(len(data.y_test)),
         # global: the global test split (every view, pooled); personal: each member on its
-        # own test rows, through its own group's shift (ensemble.evaluation)
+        # own test rows, through its own group's shift (ensemble.outputs.evaluation)
         "ensemble": scored["ensemble"],
         "personal": scored["personal"],
         "members": scored["members"],

@@ -36,7 +36,7 @@ def named(cfg: Config, keys: tuple[str, ...] = KEYS) -> dict[str, str]:
 
 
 def store() -> Path:
-    from ensemble.cluster import home
+    from ensemble.runtime.cluster import home
 
     return home() / "trusted_code.json"
 

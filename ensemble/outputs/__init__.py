@@ -1,0 +1,2 @@
+"""What a job leaves for its users: scores, the trained ensemble to predict with,
+exports, plots and TensorBoard scalars."""
