@@ -16,8 +16,6 @@ from typing import Literal
 
 import numpy as np
 
-from ensemble.coordination import maths
-
 Kind = Literal["merge", "drift", "sync"]
 ENSEMBLE = -1  # the model id of the ensemble's own metrics (never a partner)
 
@@ -68,6 +66,28 @@ class Instruction:
         return self.group[0]
 
 
+def merge(ti: np.ndarray, tj: np.ndarray, alpha: float) -> np.ndarray:
+    """T_i <- (1 - alpha) T_i + alpha T_j; alpha = 0.5 is the seed's average."""
+    return ((1.0 - alpha) * ti + alpha * tj).astype(ti.dtype, copy=False)
+
+
+def drift(ti: np.ndarray, tj: np.ndarray, eta: float, lo: float, hi: float) -> np.ndarray:
+    """Push T_i away from T_j, then clip into the tether range [lo, hi]."""
+    return np.clip(ti + eta * (ti - tj), lo, hi).astype(ti.dtype, copy=False)
+
+
+def merge_weights(
+    w: np.ndarray, t_old: np.ndarray, t_new: np.ndarray, delta_eff: np.ndarray, alpha: float
+) -> np.ndarray:
+    """Weight merge of tethered weights: the new W such that
+    W * t_new = W * t_old + alpha * delta_eff, delta_eff the partner's W * T minus this
+    model's (as reported). Where a merged tether is (near) zero the layer's output ignores W,
+    so W is kept."""
+    eff = w * t_old + alpha * delta_eff
+    ok = np.abs(t_new) > 1e-3
+    return np.where(ok, eff / np.where(ok, t_new, 1.0), w).astype(w.dtype, copy=False)
+
+
 def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float) -> np.ndarray:
     """The one place merge/drift maths meets an instruction: the coordinator's bank and the
     worker's model both change through it, so they stay equal."""
@@ -75,10 +95,10 @@ def apply_instruction(tether: np.ndarray, ins: Instruction, lo: float, hi: float
     if ins.kind == "merge":
         if ins.share == "weights":  # the tether is the model's own: it stays
             return tether.astype(tether.dtype, copy=True)
-        return maths.merge(tether, ins.partner_tether, ins.rate)
+        return merge(tether, ins.partner_tether, ins.rate)
     if ins.kind == "sync":
         return ins.partner_tether.astype(tether.dtype, copy=True)
-    return maths.drift(tether, ins.partner_tether, ins.rate, lo, hi)
+    return drift(tether, ins.partner_tether, ins.rate, lo, hi)
 
 
 @dataclass(frozen=True)

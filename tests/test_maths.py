@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from ensemble import protocol
 from ensemble.coordination import maths
 from ensemble.coordination.compat import COMPAT, TetherBank
 
@@ -93,14 +94,14 @@ vec = arrays(np.float32, 12, elements=st.floats(0, 2, width=32, allow_subnormal=
 @settings(max_examples=60, deadline=None)
 @given(vec, vec)
 def test_merge_at_half_moves_both_to_their_average(a, b):
-    np.testing.assert_allclose(maths.merge(a, b, 0.5), (a + b) / 2, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(maths.merge(a, b, 0.5), maths.merge(b, a, 0.5))
+    np.testing.assert_allclose(protocol.merge(a, b, 0.5), (a + b) / 2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(protocol.merge(a, b, 0.5), protocol.merge(b, a, 0.5))
 
 
 @settings(max_examples=60, deadline=None)
 @given(vec, vec, st.floats(0.01, 1.0))
 def test_drift_increases_distance_within_clip_range(a, b, eta):
-    a2, b2 = maths.drift(a, b, eta, 0.0, 2.0), maths.drift(b, a, eta, 0.0, 2.0)
+    a2, b2 = protocol.drift(a, b, eta, 0.0, 2.0), protocol.drift(b, a, eta, 0.0, 2.0)
     assert np.all((a2 >= 0) & (a2 <= 2) & (b2 >= 0) & (b2 <= 2))
     assert np.linalg.norm(a2 - b2) >= np.linalg.norm(a - b) - 1e-5
     inside = (a + eta * (a - b) >= 0) & (a + eta * (a - b) <= 2)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ensemble import protocol
 from ensemble.config import load_config
 from ensemble.coordination import align, maths
 from ensemble.errors import ConfigError
@@ -74,14 +75,14 @@ def test_merge_weights_moves_the_tethered_weights_by_the_difference(alpha, seed)
     w, t_old, pw = (rng.normal(size=(4, 3)) for _ in range(3))
     t_old = 1.0 + 0.1 * t_old
     t_new = 1.0 + 0.1 * rng.normal(size=(4, 3))
-    got = maths.merge_weights(w, t_old, t_new, pw - w * t_old, alpha)  # nothing trained since
+    got = protocol.merge_weights(w, t_old, t_new, pw - w * t_old, alpha)  # nothing trained since
     np.testing.assert_allclose(got * t_new, (1 - alpha) * w * t_old + alpha * pw, rtol=1e-9)
 
 
 def test_merge_weights_keeps_w_where_the_tether_is_zero():
     w = np.ones((2, 2))
     t_new = np.array([[0.0, 1.0], [1.0, 1.0]])
-    got = maths.merge_weights(w, np.ones((2, 2)), t_new, np.full((2, 2), 2.0), 0.5)  # to 3
+    got = protocol.merge_weights(w, np.ones((2, 2)), t_new, np.full((2, 2), 2.0), 0.5)  # to 3
     assert got[0, 0] == 1.0 and got[0, 1] == 2.0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +38,21 @@ from ensemble.protocol import (
     StackReport,
     apply_instruction,
 )
-from ensemble.runtime.procs import peak_rss_mb
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM), in MB. Not ru_maxrss:
+    Linux carries that across fork and exec, so a spawned process reports its parent's
+    peak when that was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Coordinator:

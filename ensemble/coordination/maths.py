@@ -84,16 +84,6 @@ def zscore_offdiag(
     return out
 
 
-def merge(ti: np.ndarray, tj: np.ndarray, alpha: float) -> np.ndarray:
-    """T_i <- (1 - alpha) T_i + alpha T_j; alpha = 0.5 is the seed's average."""
-    return ((1.0 - alpha) * ti + alpha * tj).astype(ti.dtype, copy=False)
-
-
-def drift(ti: np.ndarray, tj: np.ndarray, eta: float, lo: float, hi: float) -> np.ndarray:
-    """Push T_i away from T_j, then clip into the tether range [lo, hi]."""
-    return np.clip(ti + eta * (ti - tj), lo, hi).astype(ti.dtype, copy=False)
-
-
 def centered_gram(x: np.ndarray) -> np.ndarray:
     """(n, H) activations on a probe batch -> (n, n) Gram of the centred activations.
 
@@ -118,15 +108,3 @@ def rbf_repulsion(x: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray
     np.fill_diagonal(kern, 0.0)
     r = kern.sum(axis=1, keepdims=True) * x - kern @ x
     return r / max(m - 1, 1), kern
-
-
-def merge_weights(
-    w: np.ndarray, t_old: np.ndarray, t_new: np.ndarray, delta_eff: np.ndarray, alpha: float
-) -> np.ndarray:
-    """Weight merge of tethered weights: the new W such that
-    W * t_new = W * t_old + alpha * delta_eff, delta_eff the partner's W * T minus this
-    model's (as reported). Where a merged tether is (near) zero the layer's output ignores W,
-    so W is kept."""
-    eff = w * t_old + alpha * delta_eff
-    ok = np.abs(t_new) > 1e-3
-    return np.where(ok, eff / np.where(ok, t_new, 1.0), w).astype(w.dtype, copy=False)

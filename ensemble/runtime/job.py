@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 from ensemble.config import Config, dump_config, load_config
 from ensemble.coordination.compat import COMPAT
 from ensemble.coordination.coordinator import Coordinator
-from ensemble.coordination.policies import resolve
+from ensemble.coordination.policies import resolve, traits
 from ensemble.data.datasets import DATASETS, Dataset, load_dataset, load_peer_tethers
 from ensemble.data.groups import Shift, group_of, make_shift, pooled, true_groups
 from ensemble.data.partitions import Partition, partition
@@ -164,6 +164,7 @@ def make_trainer(
         checkpoint_dir,
         resumed,
         val_rows=val,
+        traits=traits(prep.cfg),
     )
 
 

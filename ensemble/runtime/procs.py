@@ -110,18 +110,3 @@ if __name__ == "__main__":  # python -m ensemble.runtime.procs reap PID TAG
     if len(sys.argv) != 4 or sys.argv[1] != "reap":
         sys.exit("usage: python -m ensemble.runtime.procs reap DRIVER_PID TAG")
     reap(int(sys.argv[2]), sys.argv[3])
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started (VmHWM), in MB. Not ru_maxrss:
-    Linux carries that across fork and exec, so a spawned process reports its parent's
-    peak when that was larger."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -20,8 +20,6 @@ import numpy as np
 import torch
 
 from ensemble.config import Config
-from ensemble.coordination import maths
-from ensemble.coordination.policies import traits
 from ensemble.data.datasets import Dataset
 from ensemble.outputs.evaluation import score
 from ensemble.protocol import (
@@ -34,6 +32,7 @@ from ensemble.protocol import (
     Reply,
     StackReport,
     apply_instruction,
+    merge_weights,
 )
 from ensemble.training import checkpoint
 from ensemble.training.batches import Batches
@@ -41,6 +40,8 @@ from ensemble.training.dynamics import SurgeCollapse, activation_entropy
 from ensemble.training.model import build_member, member_seed
 from ensemble.training.stack import Stack, cross_entropy
 from ensemble.training.triggers import Triggers
+
+TRAITS = ("coordinates", "guard", "weights", "compat", "outputs")  # policies' traits()
 
 
 class Trainer:
@@ -55,10 +56,13 @@ class Trainer:
         checkpoint_dir: Path | None = None,
         resumed: bool = False,
         val_rows: list[np.ndarray] | None = None,
+        traits: dict[str, bool] | None = None,
     ):
         """ids: the models of this stack; rows: each one's training rows (indices into
         data.x_train); steps_per_epoch: the job's, the same for every model; val_rows:
         each one's validation rows (indices into data.x_val), None: all of them.
+        traits: what the job's policy needs of a worker (its `traits`: coordinates,
+        compat, outputs, weights, guard); None: nothing, models train alone.
         checkpoint_dir: where the stack checkpoints at each epoch start; an existing
         checkpoint there is loaded and the stack rejoins ('resumed' or 'restarted')."""
         if not ids or len(set(ids)) != len(ids) or len(rows) != len(ids):
@@ -97,7 +101,9 @@ class Trainer:
         self.window = torch.zeros((cfg.trigger.poll_steps, self.k), device=dev)  # losses
         self.extra = torch.zeros((2, self.k), device=dev)  # the window's last step: norm, acc
         self.running = np.zeros((4, self.k))  # this epoch's: loss, accuracy, windows, steps
-        self.traits = traits(cfg)  # what the policy needs: coordinates, weights, guard
+        self.traits = traits or dict.fromkeys(
+            TRAITS, False
+        )  # what the policy needs: coordinates, weights, guard
         self.coordinated = self.traits["coordinates"]  # else: no features, weights
         self.filled = 0  # steps of the window trained since the last boundary
         self.last = np.full((2, self.k), np.nan)  # latest loss and gradient norm
@@ -266,7 +272,7 @@ class Trainer:
                     torch.as_tensor(np.array(d), device=w.device) for d in ins.partner_weights
                 )
                 if ins.share == "both":  # W * T moves by rate * (partner's - own)
-                    merged = maths.merge_weights(
+                    merged = merge_weights(
                         w.cpu().numpy(), old, new, ins.partner_weights[0], ins.rate
                     )
                     w.copy_(torch.from_numpy(merged))
