@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import PLAIN, case, layered
-from ensemble.runtime.procs import peak_rss_mb
+from ensemble.coordination.coordinator import peak_rss_mb
 
 SIZES = {
     "tiny": {"jobs": [(8, 8, "default")], "epochs": 1, "grid": [4, 8], "rounds": 2},
