@@ -64,40 +64,80 @@ def test_the_finder_sees_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
+def package(module: str) -> str:
+    """ensemble.training.trainer -> ensemble.training; top-level modules are their own."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def crossings(graph: dict[str, set[str]], src: str, banned: tuple[str, ...]) -> list[str]:
+    """Each import by which a module of `src` (a package or module) reaches one of `banned`,
+    named as the chain of imports that gets there: [] when the layer keeps to itself."""
+    found = []
+    for start in sorted(m for m in graph if m == src or m.startswith(src + ".")):
+        seen, todo = {start: [start]}, [start]
+        while todo:
+            m = todo.pop()
+            for d in sorted(graph[m]):
+                if d in seen:
+                    continue
+                seen[d] = seen[m] + [d]
+                if any(d == b or d.startswith(b + ".") for b in banned):
+                    found.append(" -> ".join(seen[d]))
+                else:
+                    todo.append(d)
+    return found
+
+
+LAYERS = [  # (who, what it must never import, even through another module)
+    ("ensemble.training", ("ensemble.coordination", "ensemble.runtime")),
+    ("ensemble.coordination", ("ensemble.runtime",)),
+    ("ensemble.data", ("ensemble.coordination", "ensemble.runtime", "ensemble.outputs")),
+    ("ensemble.protocol", ("ensemble.training", "ensemble.coordination", "ensemble.runtime")),
+    ("ensemble.runtime.job", ("ensemble.runtime.service", "ensemble.runtime.driver")),  # no Ray
+    # config stores names only: it imports no registry
+    ("ensemble.config", ("ensemble.data", "ensemble.coordination", "ensemble.training")),
+]
+
+
 def test_layers_keep_to_themselves():
     g = import_graph()
+    for src, banned in LAYERS:
+        assert crossings(g, src, banned) == [], f"{src} must not import {banned}"
 
-    def reach(m, seen=None):
-        seen = set() if seen is None else seen
-        for d in g[m]:
-            if d not in seen:
-                seen.add(d)
-                reach(d, seen)
-        return seen
 
-    history = {m for m in g if m.startswith("ensemble.history")}
-    for m in history:  # the history is a leaf: no Ray, no training, no coordinator
-        assert reach(m) <= history | {"ensemble.errors"}, m
-    for registry in (
-        "ensemble.data",
-        "ensemble.coordination.policies",
-        "ensemble.coordination.compat",
-        "ensemble.training.model",
-    ):
-        assert registry not in reach("ensemble.config")  # config stores names only
-    for core in (
-        "ensemble.coordination.coordinator",
-        "ensemble.training.trainer",
-        "ensemble.runtime.job",
+def test_the_history_imports_nothing_of_ours_but_the_error_types():
+    g = import_graph()
+    ours = {package(m) for m in g} - {"ensemble", "ensemble.history", "ensemble.errors"}
+    ours = tuple(sorted(ours))
+    assert crossings(g, "ensemble.history", ours) == []
+
+
+def test_a_crossing_is_named_by_its_chain_of_imports():
+    g = {
+        "ensemble.training.trainer": {"ensemble.outputs.score"},
+        "ensemble.outputs.score": {"ensemble.runtime.job"},
+        "ensemble.runtime.job": set(),
+    }
+    assert crossings(g, "ensemble.training", ("ensemble.runtime",)) == [
+        "ensemble.training.trainer -> ensemble.outputs.score -> ensemble.runtime.job"
+    ]
+    assert crossings(g, "ensemble.training", ("ensemble.coordination",)) == []
+
+
+def test_every_module_is_in_a_layer_package():
+    """Besides the package's entry points (api, config, errors, protocol), every module sits
+    in a subpackage: the folder tree shows the layers."""
+    top = {
+        m for m in import_graph() if m.count(".") == 1 and not (ROOT / m.replace(".", "/")).is_dir()
+    }
+    assert top <= {
+        "ensemble.api",
+        "ensemble.config",
+        "ensemble.errors",
         "ensemble.protocol",
-    ):
-        assert not any(
-            d in ("ensemble.runtime.service", "ensemble.runtime.driver") for d in reach(core)
-        ), core
-    trainer_side = reach("ensemble.training.trainer") | {"ensemble.training.trainer"}
-    assert (
-        "ensemble.coordination.coordinator" not in trainer_side
-    )  # workers never import the coordinator
+        "ensemble.__main__",
+    }, top
 
 
 def test_one_trainer_class():
