@@ -4,9 +4,7 @@ from a running job's coordinator with --address."""
 from __future__ import annotations
 
 import csv
-import io
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,13 +24,6 @@ Address = Annotated[
     typer.Option(help="Ask the running job's coordinator on this Ray cluster (host:port)"),
 ]
 ModelOpt = Annotated[int, typer.Option("--model", help="Model id")]
-TrustCode = Annotated[
-    bool,
-    typer.Option(
-        help="Import the factory code the run's config names even if this machine did not "
-        "train the run with that very code (a run directory from elsewhere is data)"
-    ),
-]
 
 
 def open_history(source: str, address: str | None):
@@ -98,19 +89,24 @@ def history(
     except EnsembleError as e:
         fail(str(e))
 
-    def outcome(d) -> str:
-        """A merge is kept, or rejected (undone by the guard) on one side or both."""
-        if d.kind != "merge":
-            return ""
-        sides = [m for m in (d.model, d.partner) if (m, d.layer, d.round) in undone]
-        if not sides:
-            return "kept"
-        if d.partner is None or len(sides) == 2:
-            return "rejected"
-        return f"rejected by {sides[0]}"
-
     if fmt != "table":
-        return emit([{**d.as_dict(), "outcome": outcome(d)} for d in decisions], fmt)
+        return emit([{**d.as_dict(), "outcome": outcome(d, undone)} for d in decisions], fmt)
+    console.print(decisions_table(job, decisions, undone))
+
+
+def outcome(d, undone: set) -> str:
+    """A merge is kept, or rejected (undone by the guard) on one side or both."""
+    if d.kind != "merge":
+        return ""
+    sides = [m for m in (d.model, d.partner) if (m, d.layer, d.round) in undone]
+    if not sides:
+        return "kept"
+    if d.partner is None or len(sides) == 2:
+        return "rejected"
+    return f"rejected by {sides[0]}"
+
+
+def decisions_table(job: str, decisions: list, undone: set) -> Table:
     t = Table(title=f"job {job}: {len(decisions)} decisions", title_justify="left")
     cols = ("id", "round", "kind", "models", "layer", "compat", "step", "epoch", "outcome", "why")
     for col in cols:
@@ -125,10 +121,10 @@ def history(
             f"{d.compat:.4f}",
             str(d.step),
             str(d.epoch + 1),
-            outcome(d),
+            outcome(d, undone),
             d.rule,
         )
-    console.print(t)
+    return t
 
 
 def show_groups(h, fmt: str) -> None:
@@ -180,35 +176,13 @@ def show_rejected(h, model, layer, since_step, limit, fmt: str) -> None:
 
 
 def show_explanation(x, fmt: str) -> None:
-    from ensemble.history.records import members_text
-
+    """`history --explain ID`: every input of one decision."""
     if fmt == "json":
         sys.stdout.write(json.dumps(x.as_dict(), indent=1) + "\n")
         return
     d = x.decision
-    if d.partner is not None:
-        whom = f"with {d.partner}"
-    elif d.kind == "drift":
-        whom = f"away from {d.target()}"
-    else:
-        whom = f"toward the {'weighted ' if d.weights else ''}mean of {d.target()}"
-    console.print(
-        f"[bold]instruction {d.id}[/]: {d.kind} model {d.model} {whom} "
-        f"on {d.layer}, round {d.round}, step {d.step}, epoch {d.epoch + 1}"
-    )
-    console.print(f"rule fired: {x.rule}")
-    if x.policy:
-        settings = ", ".join(f"{k} {v}" for k, v in x.policy.items() if k != "name")
-        console.print(f"policy {x.policy.get('name')}: {settings or 'no settings'}")
-    if d.weights:
-        pairs = ", ".join(f"{m}: {w:.3f}" for m, w in zip(d.group, d.weights, strict=True))
-        console.print(f"weights of the group's members: {pairs}")
-    if x.round_groups:
-        mine = next((g for g in x.round_groups if d.model in g), None)
-        console.print(
-            f"groups in round {d.round}: {len(x.round_groups)}"
-            + (f"; model {d.model}'s: {members_text(mine)}" if mine else "")
-        )
+    for line in decision_lines(x):
+        console.print(line)
     if d.partner is None and d.kind == "drift":
         console.print(
             f"rate (eta) {d.rate}; compat {d.compat:.4f} is the model's mean compatibility "
@@ -238,6 +212,43 @@ def show_explanation(x, fmt: str) -> None:
             f"policy computes none; the decision's own compat is {d.compat:.4f}"
         )
         return
+    console.print(compat_table(x))
+
+
+def decision_lines(x) -> list[str]:
+    """The decision `--explain` explains: what, with whom, by which rule and policy."""
+    from ensemble.history.records import members_text
+
+    d = x.decision
+    lines = []
+    if d.partner is not None:
+        whom = f"with {d.partner}"
+    elif d.kind == "drift":
+        whom = f"away from {d.target()}"
+    else:
+        whom = f"toward the {'weighted ' if d.weights else ''}mean of {d.target()}"
+    lines.append(
+        f"[bold]instruction {d.id}[/]: {d.kind} model {d.model} {whom} "
+        f"on {d.layer}, round {d.round}, step {d.step}, epoch {d.epoch + 1}"
+    )
+    lines.append(f"rule fired: {x.rule}")
+    if x.policy:
+        settings = ", ".join(f"{k} {v}" for k, v in x.policy.items() if k != "name")
+        lines.append(f"policy {x.policy.get('name')}: {settings or 'no settings'}")
+    if d.weights:
+        pairs = ", ".join(f"{m}: {w:.3f}" for m, w in zip(d.group, d.weights, strict=True))
+        lines.append(f"weights of the group's members: {pairs}")
+    if x.round_groups:
+        mine = next((g for g in x.round_groups if d.model in g), None)
+        lines.append(
+            f"groups in round {d.round}: {len(x.round_groups)}"
+            + (f"; model {d.model}'s: {members_text(mine)}" if mine else "")
+        )
+    return lines
+
+
+def compat_table(x) -> Table:
+    d = x.decision
     t = Table(
         title=f"compat of model {d.model} on {d.layer} in round {d.round}", title_justify="left"
     )
@@ -249,7 +260,7 @@ def show_explanation(x, fmt: str) -> None:
             "  <- partner" if other == d.partner else "  <- in its group" if other in group else ""
         )
         t.add_row(str(other), f"{v:.4f}{mark}")
-    console.print(t)
+    return t
 
 
 @app.command()
@@ -413,204 +424,3 @@ def running_table(jobs: list[dict], address: str) -> Table:
             j["run_dir"],
         )
     return t
-
-
-@app.command()
-def plot(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/<job>")],
-    animate: Annotated[bool, typer.Option(help="Also write the orbit plot as a GIF")] = False,
-) -> None:
-    """Draw the job's pictures from its history into RUN_DIR/plots/."""
-    from ensemble.api import History
-    from ensemble.outputs.plots import plot_all
-
-    try:
-        h = History.open(run_dir)
-        made = plot_all(h, Path(run_dir) / "plots", animate=animate)
-    except EnsembleError as e:
-        fail(str(e))
-    for p in made:
-        console.print(f"wrote {p}")
-
-
-@app.command(name="eval")
-def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-    trust_code: TrustCode = False,
-) -> None:
-    """Score members and ensemble on the test split: accuracy, NLL, ECE, diversity."""
-    from ensemble.outputs.inference import Ensemble
-    from ensemble.runtime.rundir import open_run_dir
-
-    try:
-        report = Ensemble.load(open_run_dir(run_dir), trust_code).evaluate()
-    except EnsembleError as e:
-        fail(str(e))
-    if as_json:
-        sys.stdout.write(json.dumps(report, indent=1) + "\n")
-        return
-    t = Table(
-        title=f"{run_dir}: {report['test_samples']} global test samples", title_justify="left"
-    )
-    personal = any(
-        m["personal_nll"] != m["nll"] or m["personal_accuracy"] != m["accuracy"]
-        for m in report["members"]
-    )
-    cols = ["member", "accuracy", "NLL", "ECE"]
-    if personal:
-        cols += ["personal accuracy", "personal NLL"]
-    for col in cols:
-        t.add_column(col, justify="right")
-    for m in report["members"]:
-        own = [f"{m['personal_accuracy']:.4f}", f"{m['personal_nll']:.4f}"] if personal else []
-        t.add_row(
-            str(m["model"]), f"{m['accuracy']:.4f}", f"{m['nll']:.4f}", f"{m['ece']:.4f}", *own
-        )
-    e = report["ensemble"]
-    t.add_section()
-    p = report["personal"]
-    t.add_row(
-        "[bold]ensemble",
-        f"[bold]{e['accuracy']:.4f}",
-        f"[bold]{e['nll']:.4f}",
-        f"[bold]{e['ece']:.4f}",
-        *([f"[bold]{p['accuracy']:.4f}", f"[bold]{p['nll']:.4f}"] if personal else []),
-    )
-    t.caption = (
-        f"diversity: mean pairwise disagreement {report['disagreement']:.4f}, "
-        f"mean pairwise KL {report['pairwise_kl']:.4f}"
-        + (
-            "\nglobal: on the whole test split (every group's view); personal: each member on "
-            "its own test rows, seen through its group's shift (the ensemble's: their mean)"
-            if personal
-            else ""
-        )
-    )
-    console.print(t)
-
-
-@app.command()
-def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
-    input: Annotated[Path, typer.Option("--input", help="x.npy, x.csv or x.txt, a row each")],
-    output: Annotated[Path, typer.Option("--output", help="CSV: p0..pC-1 and label")],
-    member: Annotated[
-        int | None,
-        typer.Option(
-            help="As this member's group sees the inputs (its data.shift applied), through "
-            "the ensemble of the group the policy found it in"
-        ),
-    ] = None,
-    group: Annotated[
-        int | None, typer.Option(help="Through the ensemble of this found group (summary.json)")
-    ] = None,
-    alone: Annotated[
-        bool, typer.Option(help="With --member: that member by itself, not its group")
-    ] = False,
-    trust_code: TrustCode = False,
-) -> None:
-    """Class probabilities and labels for new inputs (raw features, as in the dataset). With
-    no --member or --group: the whole ensemble, on the inputs as given."""
-    from ensemble.outputs.inference import Ensemble, read_inputs
-    from ensemble.runtime.rundir import open_run_dir, write_atomic
-
-    output_path(output, "predictions")
-    try:
-        ens = Ensemble.load(open_run_dir(run_dir), trust_code)
-        x = read_inputs(input, ens.cfg.data.label_column)
-        probs = ens.predict_proba(x, str(input), member=member, group=group, alone=alone)
-    except EnsembleError as e:
-        fail(str(e))
-    text = io.StringIO()
-    w = csv.writer(text)
-    names = ens.class_names  # the data's own class names, when its labels were names
-    w.writerow([*(f"p{c}" for c in range(probs.shape[1])), "label", *(["name"] if names else [])])
-    for row in probs:
-        c = int(row.argmax())
-        w.writerow([*(f"{v:.6g}" for v in row), c, *([names[c]] if names else [])])
-    write_atomic(output, text.getvalue())  # all of it or nothing
-    which = (
-        f" of member {member}" + ("" if alone else "'s group")
-        if member is not None
-        else f" of group {group}"
-        if group is not None
-        else ""
-    )
-    console.print(f"wrote {len(probs)} predictions{which} to {output}")
-
-
-@app.command()
-def export(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory")],
-    out: Annotated[Path, typer.Option("--out", help="Directory to write into")],
-    soup_: Annotated[
-        bool,
-        typer.Option(
-            "--soup",
-            help="One model instead of the members: their aligned average, each member "
-            "joining only if the validation accuracy does not drop nor the NLL rise (greedy soup)",
-        ),
-    ] = False,
-    trust_code: TrustCode = False,
-) -> None:
-    """Members for plain PyTorch: each member's state_dict with its tethers folded in
-    (W ⊙ T under the weight's own key), as safetensors, beside manifest.json (the layers and
-    a loading snippet) and preprocess.safetensors (the input standardisation): no import of
-    this package is needed to use them."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
-
-    from ensemble.config import load_config
-    from ensemble.data.datasets import load_dataset
-    from ensemble.outputs.export import folded, manifest, soup
-    from ensemble.outputs.inference import migrate_member, saved_members
-    from ensemble.runtime import trust
-    from ensemble.runtime.rundir import open_run_dir
-
-    try:
-        rd = open_run_dir(run_dir)
-        files, pre = saved_members(rd)  # the run's own files, no symlink out of it
-        if out.exists() and not out.is_dir():
-            fail(f"{out}: exists and is not a directory")
-        states = {int(f.stem.split("_")[1]): migrate_member(load_file(str(f))) for f in files}
-        cfg = load_config(rd / "config.yaml", saved=True)
-        if soup_:  # the soup builds the model and reads the data: the run's code
-            trust.check(cfg, rd, trust_code)
-        data = load_dataset(cfg.data, cfg.seed) if soup_ else None  # the soup validates on it
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(pre, out / "preprocess.safetensors")
-        with safe_open(str(pre), "np") as f:
-            meta = f.metadata() or {}
-        shape = int(meta["features"]), int(meta["classes"])
-
-        def described(names: list[str]) -> None:
-            text = json.dumps(manifest(cfg, *shape, names), indent=1)
-            (out / "manifest.json").write_text(text + "\n")
-
-        if soup_:
-            s = soup(cfg, data, states)
-            save_file(
-                s.weights,
-                str(out / "soup.safetensors"),
-                metadata={"members": ",".join(map(str, s.members))},
-            )
-            (out / "soup.json").write_text(json.dumps(s.report, indent=1))
-            described(["soup.safetensors"])
-            r = s.report
-            console.print(
-                f"soup of members {s.members} -> {out / 'soup.safetensors'}: test accuracy "
-                f"{r['soup']['test']['accuracy']:.4f} (best member "
-                f"{r['best_member']['test']['accuracy']:.4f}, ensemble "
-                f"{r['ensemble']['test']['accuracy']:.4f})"
-            )
-            return
-        for m, state in states.items():
-            save_file(folded(state), str(out / f"model_{m}.safetensors"))
-        described([f"model_{m}.safetensors" for m in sorted(states)])
-        console.print(
-            f"{len(states)} members -> {out}/model_<i>.safetensors (tethers folded); "
-            "manifest.json says how to load them in plain PyTorch"
-        )
-    except EnsembleError as e:
-        fail(str(e))
