@@ -112,13 +112,20 @@ def summary_table(s: dict) -> Table:
         ),
         "",
     )
+    t.caption = summary_caption(s, differ, bool(galaxy))
+    return t
+
+
+def summary_caption(s: dict, differ: bool, galaxy: bool) -> str:
+    """Under the summary table: failures, counts, the groups found, and what global and
+    personal mean."""
     groups = s.get("groups") or {}
     found = groups.get("found")
     failed = "".join(  # not in the ensemble: say so, and why, at the table's full width
         f"[red]member {f['model']} failed: {escape(f['reason'][:200])}[/]\n"
         for f in s.get("failed", [])
     )
-    t.caption = failed + (
+    return failed + (
         f"merges kept {s['merges']} of {s['merges_attempted']}"
         + (f" ({s['rejected']} rejected)" if s.get("rejected") else "")
         + f"   drifts {s['drifts']}   rounds {s['rounds']}   "
@@ -137,7 +144,6 @@ def summary_table(s: dict) -> Table:
             else ""
         )
     )
-    return t
 
 
 @app.command()
@@ -179,59 +185,14 @@ def run(
     Exit status: 0 when every member finished; 3 when the job finished but some members
     failed (the table and summary.json `failed` name them and why; the ensemble is the
     rest); 2 for bad input or a job that could not run; 130 when interrupted."""
-    from ensemble.runtime import trust
     from ensemble.runtime.cluster import ray_env
-    from ensemble.runtime.job import load as load_config
-    from ensemble.runtime.rundir import open_run_dir, resolve_job
 
-    try:
-        if resume is not None:
-            if config is not None or set_ or run_dir is not None:
-                fail(
-                    "--resume takes the job's own config from the run directory; "
-                    "drop CONFIG, --set and --run-dir"
-                )
-            cfg = load_config(open_run_dir(resume) / "config.yaml", saved=True)
-            trust.check(cfg, resume, trust_code)
-        else:
-            if trust_code:
-                fail("--trust-code is for --resume (a new job runs the code you give it)")
-            cfg = resolve_job(load_config(config or default_config(set_ or []), set_ or []))
-    except EnsembleError as e:
-        fail(str(e))
+    cfg = job_config(config, set_, resume, run_dir, trust_code)
     ray_env(address)  # before Ray is imported
-    from functools import partial
-
-    from ensemble.runtime.driver import run_job
-
     target = resume or run_dir or Path("runs") / cfg.job
-    run_job = partial(run_job, resume=resume is not None)
-    interrupt = OneInterrupt()
     try:
-        with interrupt, ray_log(target, cfg.job, quiet):  # Ray's lines: <run dir>/driver.log
-            if quiet:
-                summary = run_job(cfg, target, address)
-            elif not console.is_terminal:  # a pipe or a file: plain lines, as they happen
-                lines = PlainProgress(cfg.job, cfg.train.epochs)
-                summary = run_job(
-                    cfg, target, address, on_progress=lines.progress, on_status=lines.status
-                )
-            else:
-                with Live(console=console, refresh_per_second=4, transient=True) as live:
-                    shown: dict = {"status": "", "table": None}
-
-                    def show(**kw):
-                        shown.update(kw)
-                        table = [shown["table"]] if shown["table"] is not None else []
-                        live.update(Group(Spinner("dots", text=shown["status"]), *table))
-
-                    summary = run_job(
-                        cfg,
-                        target,
-                        address,
-                        on_progress=lambda p: show(table=progress_table(p, cfg.train.epochs)),
-                        on_status=lambda message: show(status=f"{cfg.job}: {message}"),
-                    )
+        with OneInterrupt(), ray_log(target, cfg.job, quiet):  # Ray's lines: <run dir>/driver.log
+            summary = train(cfg, target, address, quiet, resume is not None)
     except EnsembleError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -254,6 +215,57 @@ def run(
             highlight=False,
         )
         raise typer.Exit(3)
+
+
+def job_config(config, set_, resume, run_dir, trust_code):
+    """The job's config: the run directory's own (--resume, its code checked), or CONFIG
+    (the default job when omitted) with --set applied."""
+    from ensemble.runtime import trust
+    from ensemble.runtime.job import load as load_config
+    from ensemble.runtime.rundir import open_run_dir, resolve_job
+
+    try:
+        if resume is not None:
+            if config is not None or set_ or run_dir is not None:
+                fail(
+                    "--resume takes the job's own config from the run directory; "
+                    "drop CONFIG, --set and --run-dir"
+                )
+            cfg = load_config(open_run_dir(resume) / "config.yaml", saved=True)
+            trust.check(cfg, resume, trust_code)
+            return cfg
+        if trust_code:
+            fail("--trust-code is for --resume (a new job runs the code you give it)")
+        return resolve_job(load_config(config or default_config(set_ or []), set_ or []))
+    except EnsembleError as e:
+        fail(str(e))
+
+
+def train(cfg, target: Path, address: str | None, quiet: bool, resume: bool) -> dict:
+    """Run the job, showing its progress: a live table on a terminal, plain lines on a pipe
+    or file, nothing with --quiet. Returns the summary."""
+    from functools import partial
+
+    from ensemble.runtime.driver import run_job
+
+    run_job = partial(run_job, cfg, target, address, resume=resume)
+    if quiet:
+        return run_job()
+    if not console.is_terminal:  # a pipe or a file: plain lines, as they happen
+        lines = PlainProgress(cfg.job, cfg.train.epochs)
+        return run_job(on_progress=lines.progress, on_status=lines.status)
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+        shown: dict = {"status": "", "table": None}
+
+        def show(**kw):
+            shown.update(kw)
+            table = [shown["table"]] if shown["table"] is not None else []
+            live.update(Group(Spinner("dots", text=shown["status"]), *table))
+
+        return run_job(
+            on_progress=lambda p: show(table=progress_table(p, cfg.train.epochs)),
+            on_status=lambda message: show(status=f"{cfg.job}: {message}"),
+        )
 
 
 class OneInterrupt:
