@@ -123,3 +123,8 @@ def unpack_upper(ids_blob: bytes, upper_blob: bytes) -> tuple[list[int], np.ndar
     mat[_upper(k)] = np.frombuffer(upper_blob, dtype=np.float32)
     mat.T[_upper(k)] = mat[_upper(k)]  # the mirror: (j, i) <- (i, j), pair by pair
     return ids.tolist(), mat
+
+
+def eq(sql: str, value) -> tuple[str, tuple] | None:
+    """A one-placeholder filter, or None when the value is not given."""
+    return None if value is None or value == "" else (sql, (value,))
