@@ -164,22 +164,7 @@ class HistoryWriter:
                     "INSERT INTO compat VALUES (?, ?, ?, ?)",
                     [(rid, layer, *pack_upper(ids, mat)) for layer, (ids, mat) in compat.items()],
                 )
-            sets: dict[tuple[int, ...], int] = {}
-            same: dict[int, int] = {}  # id of a group object -> its set (one hash per object)
-            rows = []
-            for ins, step, epoch, merges in records:
-                partner, member_set = ins.partner, None
-                if partner is None:
-                    member_set = same.get(id(ins.group))
-                    if member_set is None:
-                        member_set = same[id(ins.group)] = sets.setdefault(ins.group, len(sets))
-                weights = None
-                if ins.weights is not None and len(ins.weights) <= WEIGHTS_KEPT:
-                    weights = np.asarray(ins.weights, dtype=np.float32).tobytes()
-                rows.append(
-                    (rid, ins.kind, ins.model, partner, member_set, weights, ins.layer, ins.rate)
-                    + (ins.compat, ins.rule, step, epoch, merges, now)
-                )
+            sets, rows = instruction_rows(rid, records, now)
             self.conn.executemany(
                 "INSERT INTO member_sets VALUES (?, ?, ?)",
                 [(rid, k, np.asarray(g, np.int32).tobytes()) for g, k in sets.items()],
@@ -230,28 +215,18 @@ class HistoryWriter:
         rel = str(Path("generations") / f"{name}.safetensors")
         target = self.run_dir / rel
         tmp = target.with_suffix(".tmp")
-        tensors, keys = {}, []
-        stored: dict[tuple, list] = {}  # fingerprint -> [(key, arrays)] stored under it
-        for m, _, _, _, tethers in rows:
-            arrays = {k: np.ascontiguousarray(v) for k, v in tethers.items()}
-            fp = _fingerprint(arrays)
-            same = (
-                key
-                for key, other in stored.get(fp, [])
-                if all(np.array_equal(arrays[k], other[k]) for k in arrays)
-            )
-            key = next(same, None)
-            if key is None:  # new tethers: stored under this model's key
-                key = f"model_{m}"
-                tensors |= {f"{key}/{k}": v for k, v in arrays.items()}
-                stored.setdefault(fp, []).append((key, arrays))
-            keys.append(key)
+        tensors, keys = deduplicated(rows)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(tmp))
             os.replace(tmp, target)  # atomic: a reader never sees half a file
         except (OSError, SafetensorError) as e:
             raise HistoryFullError(f"{target}: cannot write the history ({e})") from None
+        self._retain(rows, rel, keys)
+
+    def _retain(self, rows: list[tuple], rel: str, keys: list[str]) -> None:
+        """Record the generations written to `rel`, drop what the retention rule lets go,
+        and delete a file once no kept generation is in it."""
         now = time.time()
         drops = [
             (m, d)
@@ -369,3 +344,47 @@ def take_lock(path: Path, timeout: float) -> int:
                     f" waited {timeout:g}s"
                 ) from None
             time.sleep(0.2)
+
+
+def instruction_rows(rid: int, records: list[tuple], now: float) -> tuple[dict, list[tuple]]:
+    """A round's instructions as rows, and its distinct target groups (group -> its number
+    in the round): each stored once however many instructions name it."""
+    sets: dict[tuple[int, ...], int] = {}
+    same: dict[int, int] = {}  # id of a group object -> its set (one hash per object)
+    rows = []
+    for ins, step, epoch, merges in records:
+        partner, member_set = ins.partner, None
+        if partner is None:
+            member_set = same.get(id(ins.group))
+            if member_set is None:
+                member_set = same[id(ins.group)] = sets.setdefault(ins.group, len(sets))
+        weights = None
+        if ins.weights is not None and len(ins.weights) <= WEIGHTS_KEPT:
+            weights = np.asarray(ins.weights, dtype=np.float32).tobytes()
+        rows.append(
+            (rid, ins.kind, ins.model, partner, member_set, weights, ins.layer, ins.rate)
+            + (ins.compat, ins.rule, step, epoch, merges, now)
+        )
+    return sets, rows
+
+
+def deduplicated(rows: list[tuple]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The tensors to store for rows of (model, generation, round, step, tethers), and
+    each row's key: models whose tethers are identical share the first one's."""
+    tensors, keys = {}, []
+    stored: dict[tuple, list] = {}  # fingerprint -> [(key, arrays)] stored under it
+    for m, _, _, _, tethers in rows:
+        arrays = {k: np.ascontiguousarray(v) for k, v in tethers.items()}
+        fp = _fingerprint(arrays)
+        same = (
+            key
+            for key, other in stored.get(fp, [])
+            if all(np.array_equal(arrays[k], other[k]) for k in arrays)
+        )
+        key = next(same, None)
+        if key is None:  # new tethers: stored under this model's key
+            key = f"model_{m}"
+            tensors |= {f"{key}/{k}": v for k, v in arrays.items()}
+            stored.setdefault(fp, []).append((key, arrays))
+        keys.append(key)
+    return tensors, keys
