@@ -275,15 +275,15 @@ class PolicyConfig(BaseModel):
     """`policy.name` and the chosen policy's own settings, as given.
 
     Each policy declares its settings, their defaults and checks in its own pydantic model
-    (ensemble.coordination.policies); the config stores names only and never imports the registry, so the
+    (coordination.policies); the config stores names only and never imports the registry, so the
     settings are validated against the policy named by `ensemble.runtime.job.check`, before any
     work starts: a key the policy does not take is an error naming it and the keys it
-    takes. config.yaml holds them complete (`ensemble.coordination.policies.resolve`).
+    takes. config.yaml holds them complete (`coordination.policies.resolve`).
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    # registry name, see ensemble.coordination.policies.POLICIES: fedavg, fedamp, threshold, mean, seed,
-    # none; auto: the default policy (ensemble.coordination.policies.DEFAULT)
+    # registry name, see coordination.policies.POLICIES: fedavg, fedamp, threshold, mean, seed,
+    # none; auto: the default policy (coordination.policies.DEFAULT)
     name: str = "auto"
 
     @model_validator(mode="before")
@@ -446,7 +446,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _across(self) -> Config:
         # Names (model.preset, data.name, compat.fn, policy.name) are looked up in their
-        # registries by ensemble.runtime.job.check before any work starts; config never imports them.
+        # registries by runtime.job.check before any work starts; config never imports them.
         if self.compat.fn == "cka" and self.peers:
             raise ValueError(
                 "compat.fn: cka compares models by their outputs on a probe batch, and fixed "

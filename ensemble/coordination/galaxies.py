@@ -1,4 +1,4 @@
-"""The maths of gravity (ensemble.coordination.policies.GravityPolicy) as free functions: who may share
+"""The maths of gravity (coordination.policies.GravityPolicy) as free functions: who may share
 (galaxies, from what members compute), and how much (attention, from how they learn).
 
 - `function_distance`: members' class probabilities on one shared probe batch -> (k, k)

@@ -56,7 +56,7 @@ class Pool:
 
 
 def pairs(instructions: list[Instruction], r, s, aligned: dict) -> list[Instruction]:
-    """Each instruction of a pair policy with its target. r: the ensemble.coordination.policies.Round;
+    """Each instruction of a pair policy with its target. r: the coordination.policies.Round;
     s: the policy's settings (share, align); aligned: pair -> last alignment (warm starts,
     updated here)."""
     forces: dict[str, dict[int, np.ndarray]] = {}
@@ -73,7 +73,7 @@ def pairs(instructions: list[Instruction], r, s, aligned: dict) -> list[Instruct
 
 def _repulsed(ins: Instruction, r, forces: dict) -> Instruction:
     """The virtual partner T - f of a repulsive drift, f the RBF-kernel repulsion on the
-    member from all the others on the layer (ensemble.coordination.maths.rbf_repulsion)."""
+    member from all the others on the layer (coordination.maths.rbf_repulsion)."""
     if ins.layer not in forces:
         v = r.views[ins.layer]
         f, _ = maths.rbf_repulsion(r.pool.bank.buffers[ins.layer][v.models], v.sq_dist)

@@ -143,33 +143,9 @@ def _start_and_train(
         actors = time.perf_counter()
         if not resume:
             write_atomic(run_dir / "config.yaml", dump_config(cfg))
-        here = ray.get_runtime_context().get_node_id()
-        coordinator = CoordinatorActor.options(
-            name=cfg.job,
-            namespace=NAMESPACE,
-            num_cpus=0,
-            max_restarts=cfg.faults.max_restarts,  # rebuilds its state from the history
-            max_task_retries=cfg.faults.max_restarts,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-        ).remote(prep.coordinator_part(), str(run_dir.resolve()))
-        on_status("starting the coordinator")
-        handles = JobHandles(coordinator, [], p.groups)
+        handles = spawn(cfg, prep, p, pg, run_dir, resume, on_status)
+        coordinator = handles.coordinator
         ready = coordinator.progress.remote()  # its __init__ runs while the workers start
-        prep_ref = ray.put(prep)
-        on_status(f"starting {len(p.groups)} workers for {cfg.models.count} models")
-        retries = cfg.faults.max_restarts  # a restarted worker resumes from its checkpoint
-        handles.workers = [
-            Worker.options(
-                name=f"{cfg.job}/worker-{w}",  # findable, e.g. by fault-injection tests
-                namespace=NAMESPACE,
-                num_cpus=p.cpus,
-                num_gpus=p.gpus[w],
-                scheduling_strategy=placement.strategy(pg, w),
-                max_restarts=retries,
-                max_task_retries=retries,
-            ).remote(group, prep_ref, coordinator, str(run_dir.resolve()), resume)
-            for w, group in enumerate(p.groups)
-        ]
         # Barrier: the coordinator and every worker constructed before any trains, so they
         # overlap in time; the coordinator's own errors (its __init__) surface first.
         unwrap(lambda: ray.get(ready))
@@ -201,6 +177,37 @@ def _start_and_train(
                 stop_ray(tag)  # stops an instance we started; only disconnects from a joined one
         if failed_start:  # once nothing of the job runs: remove what it created, no more
             claim.undo()
+
+
+def spawn(cfg, prep, p, pg, run_dir: Path, resume: bool, on_status) -> JobHandles:
+    """The coordinator actor (on this node: it holds the history file) and the worker
+    actors of placement plan `p` in placement group `pg`, started at once."""
+    here = ray.get_runtime_context().get_node_id()
+    coordinator = CoordinatorActor.options(
+        name=cfg.job,
+        namespace=NAMESPACE,
+        num_cpus=0,
+        max_restarts=cfg.faults.max_restarts,  # rebuilds its state from the history
+        max_task_retries=cfg.faults.max_restarts,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    ).remote(prep.coordinator_part(), str(run_dir.resolve()))
+    on_status("starting the coordinator")
+    prep_ref = ray.put(prep)
+    on_status(f"starting {len(p.groups)} workers for {cfg.models.count} models")
+    retries = cfg.faults.max_restarts  # a restarted worker resumes from its checkpoint
+    workers = [
+        Worker.options(
+            name=f"{cfg.job}/worker-{w}",  # findable, e.g. by fault-injection tests
+            namespace=NAMESPACE,
+            num_cpus=p.cpus,
+            num_gpus=p.gpus[w],
+            scheduling_strategy=placement.strategy(pg, w),
+            max_restarts=retries,
+            max_task_retries=retries,
+        ).remote(group, prep_ref, coordinator, str(run_dir.resolve()), resume)
+        for w, group in enumerate(p.groups)
+    ]
+    return JobHandles(coordinator, workers, p.groups)
 
 
 def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:

@@ -1,6 +1,6 @@
 """The coordinator as a named Ray actor, and how other processes find and ask it.
 
-The actor is a thin asynchronous shell around `ensemble.coordination.coordinator.Coordinator`: workers'
+The actor is a thin asynchronous shell around `coordination.coordinator.Coordinator`: workers'
 calls run one at a time on its event loop. In sync mode an exchange waits (without blocking
 the loop) until every model still training has reported up to its step, and the round of
 that boundary has run. Queries run in their own thread against a read-only connection
