@@ -1,4 +1,5 @@
-"""Using a trained ensemble: load a run directory, predict, evaluate.
+"""Using a trained ensemble: the members' files a finished job saves (save_members), loading
+a run directory, predicting, evaluating.
 
 ens = Ensemble.load("runs/<job>")
 ens.predict_proba(x)        # (N, C), the mean of the members' probabilities; raw inputs
@@ -9,19 +10,21 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from ensemble.config import Config, load_config
-from ensemble.data.datasets import _is_float
+from ensemble.data.datasets import Dataset, _is_float
 from ensemble.data.groups import Shift, group_of, make_shift
 from ensemble.data.userdata import read_npy
 from ensemble.errors import DataError, RunDirError
 from ensemble.outputs import evaluation
+from ensemble.protocol import MemberResult
 from ensemble.runtime import trust
 from ensemble.runtime.rundir import inside
 from ensemble.training.model import attach_tethers, build_member
@@ -274,3 +277,28 @@ def _read_text_table(path: Path, delimiter: str | None, label_column: str | None
         return np.loadtxt(io.StringIO("\n".join(lines)), delimiter=delimiter, ndmin=2, usecols=keep)
     except ValueError as e:
         raise DataError(f"{path}: not a numeric table ({str(e) or type(e).__name__})") from None
+
+
+def save_members(run_dir: Path, results: list[MemberResult], data: Dataset) -> None:
+    """models/model_<i>.safetensors per member (its module's keys, and tether.<layer>), and
+    preprocess.safetensors: the input standardisation (empty when the data is used raw),
+    so predictions take raw inputs."""
+    out = run_dir / "models"
+    tmp = run_dir / "models.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for r in results:
+        save_file(r.weights, str(tmp / f"model_{r.model}.safetensors"))
+    pre = {} if data.mean is None else {"mean": data.mean, "std": data.std}
+    save_file(
+        pre,
+        str(tmp / "preprocess.safetensors"),
+        metadata={
+            "features": str(data.features),
+            "classes": str(data.classes),
+            **({"class_names": json.dumps(data.class_names)} if data.class_names else {}),
+            **({"image_shape": json.dumps(list(data.image_shape))} if data.image_shape else {}),
+        },
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

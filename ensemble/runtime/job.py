@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 from ensemble.config import Config, dump_config, load_config
 from ensemble.coordination.compat import COMPAT
@@ -34,6 +33,7 @@ from ensemble.data.partitions import Partition, partition
 from ensemble.errors import ConfigError, EnsembleError
 from ensemble.history import HistoryReader, HistoryWriter
 from ensemble.outputs.evaluation import ari, population
+from ensemble.outputs.inference import save_members
 from ensemble.protocol import MemberResult
 from ensemble.runtime import trust
 from ensemble.runtime.placement import groups_of
@@ -311,38 +311,11 @@ def summarise(
     non-finite loss with on_poison=stop, a worker that died, test predictions that are not
     finite) are listed with the reason, not scored."""
     cfg, data = prep.cfg, prep.data
-    reasons = dict(reasons or {})
-    for r in results:
-        if not r.failed and not np.isfinite(r.test_probs).all():
-            reasons[r.model] = "its test predictions are not finite (NaN or Inf)"
-    ok = {r.model for r in results if not r.failed and r.model not in reasons}
-    failed = [
-        {"model": m, "reason": reasons.get(m, "no result")}
-        for m in range(cfg.models.count)
-        if m not in ok
-    ]
-    results = sorted((r for r in results if r.model in ok), key=lambda r: r.model)
-    if not results:
-        first = failed[0] if failed else {"model": None, "reason": "no result"}
-        raise EnsembleError(
-            f"every model failed; model {first['model']}: {first['reason']} (the history's "
-            "`failed` and `quarantined` events have them all)"
-        )
+    results, failed = scoreable(results, reasons, cfg.models.count)
     own = {r.model: prep.parts.test[r.model] for r in results}
     found = progress.get("groups")
     scored = population({r.model: r.test_probs for r in results}, data.y_test, own, groups=found)
-    by_id = {r.model: r for r in results}
-    for m in scored["members"]:
-        r = by_id[m["model"]]
-        if prep.shift.groups > 1:
-            m["group"] = group_of(r.model, cfg.data.groups, cfg.models.count)
-        if prep.parts.clients is not None:
-            m["clients"] = prep.parts.clients[r.model]
-        m |= {
-            "steps": r.steps,
-            "blocked_fraction": r.blocked_seconds / max(r.train_seconds, 1e-9),
-            "train_seconds": round(r.train_seconds, 3),
-        }
+    describe_members(prep, scored["members"], results)
     truth = true_groups(cfg.models.count, cfg.data.groups)
     return {
         "job": cfg.job,
@@ -377,32 +350,45 @@ def summarise(
     }
 
 
+def scoreable(results: list[MemberResult], reasons: dict | None, count: int):
+    """The results to score (by model id), and the members that failed, each with why;
+    none to score is an error naming the first failure."""
+    reasons = dict(reasons or {})
+    for r in results:
+        if not r.failed and not np.isfinite(r.test_probs).all():
+            reasons[r.model] = "its test predictions are not finite (NaN or Inf)"
+    ok = {r.model for r in results if not r.failed and r.model not in reasons}
+    failed = [
+        {"model": m, "reason": reasons.get(m, "no result")} for m in range(count) if m not in ok
+    ]
+    results = sorted((r for r in results if r.model in ok), key=lambda r: r.model)
+    if not results:
+        first = failed[0] if failed else {"model": None, "reason": "no result"}
+        raise EnsembleError(
+            f"every model failed; model {first['model']}: {first['reason']} (the history's "
+            "`failed` and `quarantined` events have them all)"
+        )
+    return results, failed
+
+
+def describe_members(prep: Prepared, rows: list[dict], results: list[MemberResult]) -> None:
+    """Each member's row of the summary gets its group, clients, steps and timing."""
+    cfg = prep.cfg
+    by_id = {r.model: r for r in results}
+    for m in rows:
+        r = by_id[m["model"]]
+        if prep.shift.groups > 1:
+            m["group"] = group_of(r.model, cfg.data.groups, cfg.models.count)
+        if prep.parts.clients is not None:
+            m["clients"] = prep.parts.clients[r.model]
+        m |= {
+            "steps": r.steps,
+            "blocked_fraction": r.blocked_seconds / max(r.train_seconds, 1e-9),
+            "train_seconds": round(r.train_seconds, 3),
+        }
+
+
 def differ(prep: Prepared) -> bool:
     """Whether members' data differ (own shares or group views): personal scores then
     differ from global ones, and tables show both."""
     return prep.shift.views > 1 or prep.cfg.data.partition != "iid"
-
-
-def save_members(run_dir: Path, results: list[MemberResult], data: Dataset) -> None:
-    """models/model_<i>.safetensors per member (its module's keys, and tether.<layer>), and
-    preprocess.safetensors: the input standardisation (empty when the data is used raw),
-    so predictions take raw inputs."""
-    out = run_dir / "models"
-    tmp = run_dir / "models.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for r in results:
-        save_file(r.weights, str(tmp / f"model_{r.model}.safetensors"))
-    pre = {} if data.mean is None else {"mean": data.mean, "std": data.std}
-    save_file(
-        pre,
-        str(tmp / "preprocess.safetensors"),
-        metadata={
-            "features": str(data.features),
-            "classes": str(data.classes),
-            **({"class_names": json.dumps(data.class_names)} if data.class_names else {}),
-            **({"image_shape": json.dumps(list(data.image_shape))} if data.image_shape else {}),
-        },
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
