@@ -195,6 +195,8 @@ def start(
     num_gpus: int | None = None,
     ready_timeout: float = 60.0,
 ) -> dict:
+    """Start a local Ray head on loopback (token auth on unless the user turned it off),
+    wait until it answers, and record it in the state file `status` reads."""
     current = status()
     if current and current["alive"]:
         raise EnsembleError(
@@ -211,27 +213,7 @@ def start(
     temp_dir = f"{private}/r"
     tag = f"cluster-{port}-{secrets.token_hex(4)}"
     agent = free_port()
-    cmd = [
-        _ray_cli(),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}",
-        f"--dashboard-agent-listen-port={agent}",  # chosen free: a clash kills the agent
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
-    if num_gpus is not None:
-        cmd.append(f"--num-gpus={num_gpus}")
+    cmd = head_command(port, dashboard_port, agent, temp_dir, num_cpus, num_gpus)
     off = auth_off()  # the user's explicit choice, honoured, and said aloud
     token, fixed = (None, []) if off else ensure_token()
     env = {
@@ -269,6 +251,32 @@ def start(
     home().mkdir(parents=True, exist_ok=True)
     state_file().write_text(json.dumps(st, indent=1))
     return st
+
+
+def head_command(port, dashboard_port, agent, temp_dir, num_cpus, num_gpus) -> list[str]:
+    """`ray start --head` on loopback, every port of its own chosen and free."""
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={agent}",  # chosen free: a clash kills the agent
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    return cmd
 
 
 def wait_ready(st: dict, timeout: float) -> None:
