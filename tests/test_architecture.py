@@ -148,3 +148,12 @@ def test_one_trainer_class():
         if isinstance(n, ast.ClassDef) and n.name.endswith("Trainer")
     ]
     assert trainers == ["Trainer"]
+
+
+def test_the_readme_imports_still_work():
+    from ensemble import Ensemble, History, Job
+    from ensemble.api import History as ApiHistory
+    from ensemble.api import Job as ApiJob
+    from ensemble.outputs.inference import Ensemble as Loaded
+
+    assert (Job, History, Ensemble) == (ApiJob, ApiHistory, Loaded)
