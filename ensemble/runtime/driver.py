@@ -36,6 +36,8 @@ class JobHandles:
     coordinator: object
     workers: list
     groups: list[list[int]]  # model ids per worker
+    prepared: object = None  # the workers' ray.put(prep): held while the job lives, so a
+    # worker Ray restarts (its node lost) still finds its constructor's argument
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> str | None:
@@ -207,7 +209,7 @@ def spawn(cfg, prep, p, pg, run_dir: Path, resume: bool, on_status) -> JobHandle
         ).remote(group, prep_ref, coordinator, str(run_dir.resolve()), resume)
         for w, group in enumerate(p.groups)
     ]
-    return JobHandles(coordinator, workers, p.groups)
+    return JobHandles(coordinator, workers, p.groups, prep_ref)
 
 
 def _wait_for(cfg: Config, h: JobHandles, on_progress, poll_seconds: float) -> list[MemberResult]:
