@@ -101,3 +101,33 @@ class TetherBank:
         if normalize == "zscore":
             c = maths.zscore_offdiag(c, same=same, out=c)
         return c.astype(dtype, copy=False), sq
+
+
+def peer_bank(count: int, shapes: dict, peers: dict) -> tuple[TetherBank, dict[str, list[int]]]:
+    """The bank of `count` models and the fixed peers after them, and each layer's peer rows."""
+    bank = TetherBank(count + len(peers), shapes)
+    rows: dict[str, list[int]] = {}
+    for k, (layer, tether) in enumerate(peers.values()):
+        bank.write(count + k, {layer: tether})
+        rows.setdefault(layer, []).append(count + k)
+    return bank, rows
+
+
+def layer_compat(
+    bank: TetherBank, features: TetherBank | None, cc, layer: str, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Compatibility (`cc`: the compat settings) and squared tether distances among `rows`,
+    each (k, k); in function space (cka) from the probe-batch `features`, once there are any.
+
+    Computed in float64, kept as float32: the history stores float32, so decisions are
+    taken on the very values `--explain` shows, and a round's matrices take half the
+    memory (67 MB each per layer at M = 4,096). The policy only tests distances against
+    SAME_TOL, and repulsion upcasts them again."""
+    if features is None or cc.fn != "cka":
+        return bank.compat(layer, cc.fn, rows, cc.normalize, dtype=np.float32)
+    g = bank.gram(layer)[np.ix_(rows, rows)].astype(np.float64)
+    sq = maths.sq_dist_from_gram(g)
+    c = features.compat(layer, "cosine", rows)[0]  # linear CKA
+    if cc.normalize == "zscore":
+        c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
+    return c.astype(np.float32), sq.astype(np.float32)

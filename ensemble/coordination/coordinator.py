@@ -19,8 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ensemble.config import Config
-from ensemble.coordination import maths
-from ensemble.coordination.compat import SAME_TOL, TetherBank
+from ensemble.coordination.compat import TetherBank, layer_compat, peer_bank
 from ensemble.coordination.dispatch import Dispatch
 from ensemble.coordination.policies import LayerView, Population, Round, make_policy, settings_of
 from ensemble.coordination.recording import Recorder
@@ -366,36 +365,6 @@ class Coordinator:
 
     def tethers(self, model: int) -> dict[str, np.ndarray]:
         return self.bank.tethers(model)
-
-
-def peer_bank(count: int, shapes: dict, peers: dict) -> tuple[TetherBank, dict[str, list[int]]]:
-    """The bank of `count` models and the fixed peers after them, and each layer's peer rows."""
-    bank = TetherBank(count + len(peers), shapes)
-    rows: dict[str, list[int]] = {}
-    for k, (layer, tether) in enumerate(peers.values()):
-        bank.write(count + k, {layer: tether})
-        rows.setdefault(layer, []).append(count + k)
-    return bank, rows
-
-
-def layer_compat(
-    bank: TetherBank, features: TetherBank | None, cc, layer: str, rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Compatibility (`cc`: the compat settings) and squared tether distances among `rows`,
-    each (k, k); in function space (cka) from the probe-batch `features`, once there are any.
-
-    Computed in float64, kept as float32: the history stores float32, so decisions are
-    taken on the very values `--explain` shows, and a round's matrices take half the
-    memory (67 MB each per layer at M = 4,096). The policy only tests distances against
-    SAME_TOL, and repulsion upcasts them again."""
-    if features is None or cc.fn != "cka":
-        return bank.compat(layer, cc.fn, rows, cc.normalize, dtype=np.float32)
-    g = bank.gram(layer)[np.ix_(rows, rows)].astype(np.float64)
-    sq = maths.sq_dist_from_gram(g)
-    c = features.compat(layer, "cosine", rows)[0]  # linear CKA
-    if cc.normalize == "zscore":
-        c = maths.zscore_offdiag(c, same=sq <= SAME_TOL)
-    return c.astype(np.float32), sq.astype(np.float32)
 
 
 def components(models: np.ndarray, given: list[Instruction]) -> list[list[int]]:
