@@ -198,3 +198,13 @@ def test_status_without_a_cluster_answers_at_once(tmp_path):
         timeout=60,
     )
     assert dead.returncode == 2 and "nothing answers" in dead.stderr
+
+
+def test_a_shipped_package_is_the_whole_ensemble_package_worker_included(tmp_path):
+    from ensemble.runtime.submit import job_env
+
+    assert job_env(tmp_path, False) == {"working_dir": str(tmp_path)}
+    shipped = job_env(tmp_path, True)
+    (package,) = map(Path, shipped["py_modules"])
+    assert package.name == "ensemble" and (package / "runtime" / "worker.py").is_file()
+    assert (package / "__init__.py").is_file()

@@ -20,10 +20,7 @@ def submit(cfg: Config, address: str, run_dir: Path, ship_package: bool = False)
     """Submit the job; returns its submission id (the job name)."""
     work = Path(tempfile.mkdtemp(prefix="ensemble-submit-"))
     (work / "config.yaml").write_text(dump_config(cfg))
-    runtime_env: dict = {"working_dir": str(work)}
-    if ship_package:
-        package = Path(__file__).resolve().parent  # ensemble/, and workers/ beside it
-        runtime_env["py_modules"] = [str(package), str(package.parent / "workers")]
+    runtime_env = job_env(work, ship_package)
     entrypoint = (
         f"ensemble run config.yaml --address auto --quiet --run-dir {shlex.quote(str(run_dir))}"
     )
@@ -37,6 +34,15 @@ def submit(cfg: Config, address: str, run_dir: Path, ship_package: bool = False)
         )
     except Exception as e:
         raise EnsembleError(f"the Jobs API refused job {cfg.job!r}: {e}") from None
+
+
+def job_env(work: Path, ship_package: bool) -> dict:
+    """The job's Ray runtime env: its working dir, and with `ship_package` this package's
+    own source (ensemble/, the worker actor included) for a cluster that lacks it."""
+    env: dict = {"working_dir": str(work)}
+    if ship_package:
+        env["py_modules"] = [str(Path(__file__).resolve().parents[1])]
+    return env
 
 
 def jobs(address: str) -> list[dict]:

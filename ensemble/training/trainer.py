@@ -210,7 +210,8 @@ class Pending(Protocol):
 
 
 class Link(Protocol):
-    """How a trainer reaches the coordinator; Ray's lives in workers/, in-process below."""
+    """How a trainer reaches the coordinator; Ray's is the worker actor's
+    (runtime.worker), in-process below."""
 
     blocked: float  # seconds spent waiting on the coordinator
 
