@@ -1,4 +1,4 @@
-"""Query commands: history, lineage, tethers, status. Offline from a run directory, or live
+"""Query commands: history, lineage, tethers. Offline from a run directory, or live
 from a running job's coordinator with --address."""
 
 from __future__ import annotations
@@ -348,79 +348,3 @@ def tethers(
     if arrays:
         for k, v in arrays.items():
             console.print(f"{k}: shape {v.shape} mean {v.mean():.4f} std {v.std():.4f}")
-
-
-@app.command()
-def status(
-    address: Annotated[
-        str | None,
-        typer.Option(
-            envvar="RAY_ADDRESS",
-            help="host:port (GCS: running coordinators) or http://host:8265 (Jobs API: submitted "
-            "jobs); default $RAY_ADDRESS, else the cluster `ensemble cluster start` started",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Jobs on a cluster: submitted jobs' states, and running jobs' models, steps, merges."""
-    from ensemble.cli.jobs import jobs_table
-    from ensemble.runtime.cluster import default_address
-
-    gcs = dashboard = None
-    if address and address.startswith("http"):
-        dashboard = address
-    elif address:
-        gcs = address
-    else:
-        gcs, dashboard = default_address("gcs"), default_address("dashboard")
-    if gcs or dashboard:
-        from ensemble.runtime.cluster import ray_env
-
-        ray_env(gcs or dashboard)  # before Ray is imported
-    if not gcs and not dashboard:
-        fail(
-            "no cluster given: pass --address HOST:PORT, set RAY_ADDRESS, or run "
-            "`ensemble cluster start`"
-        )
-    from ensemble.runtime.service import list_jobs  # Ray: only now, after ray_env
-    from ensemble.runtime.submit import jobs as submitted
-
-    try:
-        running = list_jobs(gcs) if gcs else []
-        queued = submitted(dashboard) if dashboard else []
-    except EnsembleError as e:
-        fail(str(e))
-    if as_json:
-        sys.stdout.write(
-            json.dumps(
-                running if not dashboard else {"running": running, "submitted": queued}, indent=1
-            )
-            + "\n"
-        )
-        return
-    if dashboard:
-        console.print(jobs_table(queued, dashboard))
-    if gcs:
-        console.print(running_table(running, gcs))
-
-
-def running_table(jobs: list[dict], address: str) -> Table:
-    t = Table(title=f"{len(jobs)} running jobs at {address}", title_justify="left")
-    for col in ("job", "state", "models", "min step", "rounds", "merges", "drifts", "run dir"):
-        t.add_column(col)
-    for j in jobs:
-        if "error" in j:
-            t.add_row(j["job"], f"unreachable ({j['error']})", *[""] * 6)
-            continue
-        active = sum(m["active"] for m in j["models"])
-        t.add_row(
-            j["job"],
-            f"running ({active} training)" if active else "finishing",
-            str(len(j["models"])),
-            str(min(m["step"] for m in j["models"])),
-            str(j["rounds"]),
-            str(j["merges"]),
-            str(j["drifts"]),
-            j["run_dir"],
-        )
-    return t
