@@ -112,7 +112,7 @@ def test_killed_worker_restarts_from_its_checkpoint(tiny_cfg, tmp_path, cluster)
 
 
 def test_a_worker_dead_for_good_is_a_failed_member_with_its_reason(tiny_cfg, tmp_path, cluster):
-    cfg = longer(tiny_cfg, epochs=12, max_restarts=0)
+    cfg = longer(tiny_cfg, epochs=120, max_restarts=0)
     run_dir = tmp_path / "run"
     t, out = run_in_thread(cfg, run_dir, cluster.address)
     assert wait_for(lambda: History.open(run_dir).count("metrics") >= 8)
